@@ -1,0 +1,78 @@
+// Input checks shared by every multi-tensor optimizer op, on every device. They run before any
+// tensor is touched, so a failed check leaves params and state as they were.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+namespace fastopt {
+
+using NamedTensorList = std::pair<const char*, at::TensorList>;
+
+inline bool is_supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// `params` and each list in `companions` (grads and per-element state) are checked element by
+// element: same device, dtype, shape and memory layout as the param, dense storage, supported
+// dtype. `steps` holds one float32 step counter per param on the params' device.
+inline void check_optimizer_tensors(const char* op, at::TensorList params,
+                                    std::initializer_list<NamedTensorList> companions,
+                                    at::TensorList steps, c10::DeviceType device_type) {
+  for (const auto& [name, list] : companions) {
+    TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(),
+                " tensors but params has ", params.size());
+  }
+  TORCH_CHECK(steps.size() == params.size(), op, ": steps has ", steps.size(),
+              " tensors but params has ", params.size());
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.type() == device_type, op, ": params are on ", device, ", expected ",
+              c10::DeviceTypeName(device_type));
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device, "; one call takes tensors of one device");
+    TORCH_CHECK(is_supported_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
+                p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
+    TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(), op, ": params[",
+                i, "] is not stored densely (a strided view?); make it contiguous first");
+    for (const auto& [name, list] : companions) {
+      const at::Tensor& t = list[i];
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] has layout ",
+                  t.layout(), "; only dense (strided) tensors are supported");
+      TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
+                  " but params are on ", device);
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
+                  " but params[", i, "] has ", p.sizes());
+      TORCH_CHECK(t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ",
+                  t.strides(), " but params[", i, "] has ", p.strides(),
+                  "; give it the param's memory layout");
+    }
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op,
+                ": steps[", i, "] must be a one-element float32 tensor on ", device, ", got ",
+                s.scalar_type(), " ", s.sizes(), " on ", s.device());
+  }
+}
+
+// A one-element float tensor such as lr, grad_scale or found_inf, on `device` (or also on the CPU,
+// where `cpu_allowed`: a value the host reads without waiting for the device).
+inline void check_scalar_tensor(const char* op, const char* name,
+                                const std::optional<at::Tensor>& t, at::Device device,
+                                bool cpu_allowed = false) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device || (cpu_allowed && t->device().is_cpu()), op, ": ", name,
+              " is on ", t->device(), ", expected ", device);
+}
+
+}  // namespace fastopt

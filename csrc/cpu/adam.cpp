@@ -1,0 +1,158 @@
+// fastopt::adam_step_ on the CPU: every tensor of the call in one parallel region, one pass over
+// memory, the per-element loop compiled per instruction set.
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/adam_math.h"
+#include "common/optimizer_checks.h"
+#include "cpu/dtype_switch.h"
+#include "cpu/isa.h"
+#include "cpu/multi_tensor.h"
+
+namespace fastopt::cpu {
+namespace {
+
+// One contiguous element range of one param and its state.
+struct AdamPiece {
+  c10::ScalarType dtype;
+  bool amsgrad;
+  bool unscale;  // divide grads by grad_scale and store them back unscaled, as torch's fused does
+  void* param;
+  void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  int64_t begin;
+  int64_t end;
+  double grad_scale;
+  const AdamCoefficients<float>* coefficients_float;
+  const AdamCoefficients<double>* coefficients_double;
+};
+
+template <typename C>
+FASTOPT_INLINE const AdamCoefficients<C>& coefficients_of(const AdamPiece& a);
+template <>
+FASTOPT_INLINE const AdamCoefficients<float>& coefficients_of<float>(const AdamPiece& a) {
+  return *a.coefficients_float;
+}
+template <>
+FASTOPT_INLINE const AdamCoefficients<double>& coefficients_of<double>(const AdamPiece& a) {
+  return *a.coefficients_double;
+}
+
+template <bool AMSGRAD, bool UNSCALE>
+struct AdamLoop {
+  template <typename S>
+  FASTOPT_INLINE static void run(const AdamPiece& a) {
+    using C = at::opmath_type<S>;
+    const AdamCoefficients<C> k = coefficients_of<C>(a);
+    const C grad_scale = C(a.grad_scale);
+    S* __restrict__ param = static_cast<S*>(a.param);
+    S* __restrict__ grad = static_cast<S*>(a.grad);
+    S* __restrict__ exp_avg = static_cast<S*>(a.exp_avg);
+    S* __restrict__ exp_avg_sq = static_cast<S*>(a.exp_avg_sq);
+    S* __restrict__ max_exp_avg_sq = static_cast<S*>(a.max_exp_avg_sq);
+    for (int64_t i = a.begin; i < a.end; ++i) {
+      C p = C(param[i]);
+      C g = C(grad[i]);
+      C m = C(exp_avg[i]);
+      C v = C(exp_avg_sq[i]);
+      C v_max = AMSGRAD ? C(max_exp_avg_sq[i]) : C(0);
+      if (UNSCALE) {
+        g = g / grad_scale;
+        grad[i] = S(g);
+      }
+      adam_update<AMSGRAD>(p, g, m, v, v_max, k);
+      param[i] = S(p);
+      exp_avg[i] = S(m);
+      exp_avg_sq[i] = S(v);
+      if (AMSGRAD) max_exp_avg_sq[i] = S(v_max);
+    }
+  }
+};
+
+FASTOPT_INLINE void adam_piece_body(const AdamPiece& a) {
+  if (a.amsgrad) {
+    a.unscale ? switch_param_dtype<AdamLoop<true, true>>(a.dtype, a)
+              : switch_param_dtype<AdamLoop<true, false>>(a.dtype, a);
+  } else {
+    a.unscale ? switch_param_dtype<AdamLoop<false, true>>(a.dtype, a)
+              : switch_param_dtype<AdamLoop<false, false>>(a.dtype, a);
+  }
+}
+
+FASTOPT_DISPATCH_BY_ISA(adam_piece, adam_piece_body, AdamPiece)
+
+constexpr const char* kOp = "fastopt::adam_step_";
+
+void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                   at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                   double beta1, double beta2, double eps, double weight_decay,
+                   bool decoupled_weight_decay, bool amsgrad, bool maximize,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
+              ": max_exp_avg_sqs must be empty when amsgrad=False");
+  if (amsgrad) {
+    check_optimizer_tensors(kOp, params,
+                            {{"grads", grads},
+                             {"exp_avgs", exp_avgs},
+                             {"exp_avg_sqs", exp_avg_sqs},
+                             {"max_exp_avg_sqs", max_exp_avg_sqs}},
+                            steps, c10::DeviceType::CPU);
+  } else {
+    check_optimizer_tensors(kOp, params,
+                            {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+                            steps, c10::DeviceType::CPU);
+  }
+  const at::Device cpu(c10::DeviceType::CPU);
+  check_scalar_tensor(kOp, "lr_tensor", lr_tensor, cpu);
+  check_scalar_tensor(kOp, "grad_scale", grad_scale, cpu);
+  check_scalar_tensor(kOp, "found_inf", found_inf, cpu);
+  // An inf/NaN gradient was found: the step is skipped entirely, step counts included.
+  if (found_inf.has_value() && found_inf->item<double>() != 0) return;
+  if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
+
+  const AdamOptions options{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize};
+  const size_t n = params.size();
+  std::vector<int64_t> numels(n);
+  std::vector<float> new_steps(n);
+  std::vector<AdamCoefficients<float>> coefficients_float(n);
+  std::vector<AdamCoefficients<double>> coefficients_double(n);
+  for (size_t i = 0; i < n; ++i) {
+    numels[i] = params[i].numel();
+    new_steps[i] = *steps[i].const_data_ptr<float>() + 1.0f;
+    coefficients_float[i] = adam_coefficients<float>(options, lr, new_steps[i]);
+    coefficients_double[i] = adam_coefficients<double>(options, lr, new_steps[i]);
+  }
+
+  const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
+  for_each_piece_in_parallel(numels, [&](size_t t, int64_t begin, int64_t end) {
+    AdamPiece piece{params[t].scalar_type(),
+                    amsgrad,
+                    grad_scale.has_value(),
+                    params[t].data_ptr(),
+                    grads[t].data_ptr(),
+                    exp_avgs[t].data_ptr(),
+                    exp_avg_sqs[t].data_ptr(),
+                    amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
+                    begin,
+                    end,
+                    scale,
+                    &coefficients_float[t],
+                    &coefficients_double[t]};
+    adam_piece(piece);
+  });
+  for (size_t i = 0; i < n; ++i) *steps[i].mutable_data_ptr<float>() = new_steps[i];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+
+}  // namespace fastopt::cpu

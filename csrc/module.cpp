@@ -1,0 +1,56 @@
+// The Python entry point of fastopt._C. Importing it runs the static registrations of the CPU
+// kernels with the dispatcher; the functions below only report and steer the instruction set
+// choice (python -m fastopt info, and tests that check every compiled variant).
+#include <Python.h>
+
+#include <c10/util/Exception.h>
+
+#include "cpu/isa.h"
+
+namespace {
+
+using fastopt::cpu::isa_name;
+
+// C++ errors (a bad FASTOPT_CPU_ISA, an unsupported instruction set) become ValueError.
+template <typename F>
+PyObject* returning_isa_name(const F& get_isa) {
+  try {
+    return PyUnicode_FromString(isa_name(get_isa()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* active_cpu_isa(PyObject*, PyObject*) {
+  return returning_isa_name([] { return fastopt::cpu::active_isa(); });
+}
+
+PyObject* best_cpu_isa(PyObject*, PyObject*) {
+  return returning_isa_name([] { return fastopt::cpu::best_supported_isa(); });
+}
+
+// set_cpu_isa(name) -> the name of the previous choice.
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  return returning_isa_name([name] {
+    const fastopt::cpu::Isa previous = fastopt::cpu::active_isa();
+    fastopt::cpu::set_active_isa(fastopt::cpu::parse_isa(name));
+    return previous;
+  });
+}
+
+PyMethodDef methods[] = {
+    {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
+    {"best_cpu_isa", best_cpu_isa, METH_NOARGS, "The widest instruction set this CPU supports."},
+    {"set_cpu_isa", set_cpu_isa, METH_O,
+     "Makes the CPU kernels use the named instruction set; returns the previous one."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastopt's CPU kernels.", -1, methods,
+                       nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

@@ -1,0 +1,17 @@
+"""fastopt: fused kernels for PyTorch's optimizer step, on CPU and CUDA.
+
+    opt = fastopt.FusedAdam(model.parameters(), lr=1e-3)   # was torch.optim.Adam
+
+Ops live under ``torch.ops.fastopt``; ``fastopt.functional`` wraps them with docstrings.
+"""
+
+from . import _library  # defines the ops before the kernels register for them
+from . import _extension
+
+_extension.load()
+
+from . import functional  # noqa: E402
+from .optim import FusedAdam, FusedAdamW  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["FusedAdam", "FusedAdamW", "functional"]

@@ -1,0 +1,175 @@
+"""What every fastopt optimizer shares: torch.optim compatibility and checked inputs.
+
+A subclass names its per-param state tensors, says how to create them, and implements
+`_group_step` with one call into `fastopt.functional`; everything else is here:
+- the state_dict has torch's format, so checkpoints move to and from torch.optim both ways;
+- `torch.amp.GradScaler` hands over `grad_scale` / `found_inf` (the contract torch's fused
+  optimizers use) and unscaling happens inside the kernel;
+- every param of every group is checked before anything (params, state, step counts) changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of fastopt's optimizers; see the module docstring."""
+
+    # GradScaler calls step() directly, with `grad_scale` and `found_inf` set on the optimizer.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"{type(self).__name__} does not support differentiable=True (its kernels do not "
+                "record autograd history); use the torch.optim optimizer for that"
+            )
+        _check_lr(defaults["lr"])
+        super().__init__(params, defaults)
+
+    # -- what a subclass provides -------------------------------------------------------------
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The per-element state tensors of a param in `group`, besides `step`."""
+        raise NotImplementedError
+
+    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+        """Updates `params` (all with a grad, all on one device) and their `states` in place."""
+        raise NotImplementedError
+
+    # -- the shared machinery ------------------------------------------------------------------
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A checkpoint may come from torch.optim with its step counts on the CPU (or, from old
+        # torch versions, as Python numbers); the kernels read them on the param's device.
+        for group in self.param_groups:
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state:
+                    p_state["step"] = _step_tensor(p_state["step"], p.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step over every param that has a grad.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        work = []
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            self._check_group(index, group, params, grads)
+            work.append((group, params, grads))
+        for group, params, grads in work:
+            if params:
+                states = [self._state_of(p, group) for p in params]
+                self._group_step(group, params, grads, states, grad_scale, found_inf)
+        return loss
+
+    def _check_group(self, index: int, group, params: list[Tensor], grads: list[Tensor]) -> None:
+        name = type(self).__name__
+        if not params:
+            return
+        device = params[0].device
+        _extension.require_kernels(device, name)
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            where = f"{name}: param {i} of param_groups[{index}] (shape {tuple(p.shape)})"
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(
+                    f"{where} has a sparse gradient, which {name} does not support; use "
+                    "torch.optim.SparseAdam, or a dense gradient (e.g. nn.Embedding(sparse=False))"
+                )
+            if p.is_complex():
+                raise RuntimeError(
+                    f"{where} is complex, which {name} does not support; optimize "
+                    "torch.view_as_real(param) instead"
+                )
+            if p.dtype not in _FLOAT_DTYPES:
+                raise RuntimeError(
+                    f"{where} has dtype {p.dtype}; supported are float32, float64, float16 and "
+                    "bfloat16"
+                )
+            if p.device != device:
+                raise RuntimeError(
+                    f"{where} is on {p.device} but param 0 of that group is on {device}; a "
+                    "fastopt param group holds params of one device: put the others in a group "
+                    "of their own"
+                )
+            if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(
+                    f"{where} has a grad of {g.dtype} {tuple(g.shape)} on {g.device}; it must "
+                    f"match the param: {p.dtype} {tuple(p.shape)} on {p.device}"
+                )
+            if not _is_dense(p):
+                raise RuntimeError(
+                    f"{where} is not stored densely (a strided view of a larger tensor?); "
+                    "fastopt's kernels need dense params: use `p.data = p.data.contiguous()`"
+                )
+            if g.stride() != p.stride():
+                raise RuntimeError(
+                    f"{where} has a grad with strides {g.stride()} but the param has "
+                    f"{p.stride()}; give the grad the param's memory layout"
+                )
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and not (lr.device.type == "cpu" or lr.device == device):
+            raise RuntimeError(
+                f"{name}: param_groups[{index}]['lr'] is a tensor on {lr.device} but the "
+                f"params are on {device}; keep it on the CPU or on {device}"
+            )
+
+    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The state of `p`, created as torch.optim creates it on first use."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Whether `t`'s elements fill its storage span exactly once, in any dimension order (what
+    the kernels need to treat it as a flat array)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _step_tensor(step, device: torch.device) -> Tensor:
+    if isinstance(step, Tensor):
+        return step.to(device=device, dtype=torch.float32)
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be a floating point tensor, got {lr.dtype}")
+    elif not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")

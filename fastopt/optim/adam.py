@@ -1,0 +1,156 @@
+"""FusedAdam and FusedAdamW: drop-in replacements for torch.optim.Adam and torch.optim.AdamW."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import functional
+from ._base import FusedOptimizer
+
+__all__ = ["FusedAdam", "FusedAdamW"]
+
+
+class FusedAdam(FusedOptimizer):
+    """``torch.optim.Adam`` computed by one fused kernel per param group and step.
+
+    Takes exactly ``torch.optim.Adam``'s arguments and produces the same results and the same
+    ``state_dict`` (so checkpoints move between the two in both directions), on CPU and CUDA
+    params of float32, float64, float16 and bfloat16 (state in the param's dtype, as torch keeps
+    it). Works with LR schedulers and ``torch.amp.GradScaler``, which unscales inside the kernel.
+
+    Args:
+        params: params or param groups, as for any torch optimizer.
+        lr: learning rate, a float or a one-element tensor (default 1e-3).
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator for numerical stability.
+        weight_decay: L2 penalty (decoupled, as AdamW, with ``decoupled_weight_decay=True``).
+        amsgrad: use the maximum of past squared-gradient averages (AMSGrad).
+        foreach, fused: accepted for compatibility and ignored: the step is always fused.
+        maximize: maximize the objective instead of minimizing it.
+        capturable: accepted; fastopt's CUDA step always reads its step counts (and a tensor lr)
+            from device memory, so it can be captured in a CUDA graph either way.
+        differentiable: must be False.
+        decoupled_weight_decay: apply weight decay as AdamW does.
+
+    Example::
+
+        opt = fastopt.FusedAdam(model.parameters(), lr=1e-3, weight_decay=0.01)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            # Recorded as torch records them, so a checkpoint loads into torch.optim.Adam.
+            "foreach": None,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": None,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        if group["amsgrad"]:
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        beta1, beta2 = group["betas"]
+        functional.adam_step_(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=amsgrad,
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+
+
+class FusedAdamW(FusedAdam):
+    """``torch.optim.AdamW`` computed by one fused kernel per param group and step.
+
+    ``FusedAdam`` with decoupled weight decay, taking exactly ``torch.optim.AdamW``'s arguments
+    (``weight_decay`` defaults to 0.01). See :class:`FusedAdam`.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )

@@ -1,0 +1,113 @@
+"""Builds fastopt's two extensions: `fastopt._C` (CPU kernels, always) and `fastopt._C_cuda`
+(CUDA kernels, whenever torch is a CUDA build and nvcc is found; no GPU is needed to compile).
+
+Environment:
+  FASTOPT_CUDA=0          skip the CUDA extension (quick CPU-only builds)
+  CUDA_HOME               the CUDA toolkit (default: /usr/local/cuda, else where nvcc is)
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0")
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root: an explicit CUDA_HOME, else /usr/local/cuda, else nvcc's parent.
+
+    nvcc may be a wrapper script outside the toolkit (as /usr/local/bin/nvcc is on our CI), so
+    /usr/local/cuda is tried before the location of the nvcc found on PATH.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    return str(Path(os.path.realpath(nvcc)).parent.parent) if nvcc else None
+
+
+cuda_home = find_cuda_home()
+if cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+WANT_CUDA = os.environ.get("FASTOPT_CUDA", "1") != "0"
+BUILD_CUDA = WANT_CUDA and torch.version.cuda is not None and cuda_home is not None
+
+COMMON_CXX_FLAGS = [
+    "-O3",
+    "-fopenmp",
+    # Lets sqrt vectorize: the kernels never rely on errno.
+    "-fno-math-errno",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unused-parameter",
+]
+
+
+def nvidia_pip_include_dirs() -> list[str]:
+    """Headers of the `nvidia-*` pip packages: torch's CUDA headers include cusparse.h and friends,
+    which live there rather than in the system toolkit."""
+    dirs = []
+    for site in sys.path:
+        dirs += glob.glob(os.path.join(site, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(site, "nvidia", "*", "include"))
+    return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def write_build_info() -> None:
+    """Records what was built, read by `fastopt._extension` before it loads the binaries."""
+    info = {
+        "TORCH_VERSION": torch.__version__,
+        "CUDA_BUILT": BUILD_CUDA,
+        "CUDA_VERSION": torch.version.cuda if BUILD_CUDA else None,
+        "CUDA_ARCHS": os.environ["TORCH_CUDA_ARCH_LIST"] if BUILD_CUDA else None,
+    }
+    lines = ['"""Written by setup.py at build time; do not edit."""', ""]
+    lines += [f"{key} = {value!r}" for key, value in info.items()]
+    (ROOT / "fastopt" / "_build_info.py").write_text("\n".join(lines) + "\n")
+
+
+def extensions():
+    cpu_sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    exts = [
+        CppExtension(
+            "fastopt._C",
+            cpu_sources,
+            include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={"cxx": COMMON_CXX_FLAGS},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    if BUILD_CUDA:
+        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        exts.append(
+            CUDAExtension(
+                "fastopt._C_cuda",
+                cuda_sources,
+                include_dirs=[str(ROOT / "csrc")] + nvidia_pip_include_dirs(),
+                extra_compile_args={
+                    "cxx": COMMON_CXX_FLAGS,
+                    "nvcc": ["-O3", "-lineinfo"],
+                },
+            )
+        )
+    return exts
+
+
+write_build_info()
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
