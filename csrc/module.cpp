@@ -2,7 +2,6 @@
 // kernels with the dispatcher; the functions below only report and steer the instruction set
 // choice (python -m fastopt info, and tests that check every compiled variant).
 #include <Python.h>
-
 #include <c10/util/Exception.h>
 
 #include "cpu/isa.h"
@@ -48,9 +47,18 @@ PyMethodDef methods[] = {
      "Makes the CPU kernels use the named instruction set; returns the previous one."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastopt's CPU kernels.", -1, methods,
-                       nullptr, nullptr, nullptr, nullptr};
+PyModuleDef module = {PyModuleDef_HEAD_INIT,
+                      "_C",
+                      "fastopt's CPU kernels.",
+                      -1,
+                      methods,
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      nullptr};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__C() {
+  return PyModule_Create(&module);
+}

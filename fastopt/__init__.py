@@ -5,8 +5,8 @@
 Ops live under ``torch.ops.fastopt``; ``fastopt.functional`` wraps them with docstrings.
 """
 
-from . import _library  # defines the ops before the kernels register for them
-from . import _extension
+# The ops must be defined before the kernels register for them.
+from . import _extension, _library  # noqa: F401
 
 _extension.load()
 

@@ -27,20 +27,20 @@ struct AdamOptions {
 // step count once per step, in double as the reference does in Python.
 template <typename C>
 struct AdamCoefficients {
-  C grad_sign;        // -1 to maximize
-  C grad_decay;       // weight_decay for Adam's L2 term, else 0
-  C param_decay;      // 1 - lr * weight_decay for AdamW, else 1
-  C exp_avg_weight;   // 1 - beta1, the lerp weight of exp_avg toward grad
+  C grad_sign;       // -1 to maximize
+  C grad_decay;      // weight_decay for Adam's L2 term, else 0
+  C param_decay;     // 1 - lr * weight_decay for AdamW, else 1
+  C exp_avg_weight;  // 1 - beta1, the lerp weight of exp_avg toward grad
   C beta2;
   C one_minus_beta2;
-  C step_size;        // lr / (1 - beta1^step)
+  C step_size;  // lr / (1 - beta1^step)
   C bias_correction2_sqrt;
   C eps;
 };
 
 template <typename C>
-FASTOPT_HOST_DEVICE inline AdamCoefficients<C> adam_coefficients(const AdamOptions& o,
-                                                                 double lr, double step) {
+FASTOPT_HOST_DEVICE inline AdamCoefficients<C> adam_coefficients(const AdamOptions& o, double lr,
+                                                                 double step) {
   const bool decoupled = o.decoupled_weight_decay;
   AdamCoefficients<C> k;
   k.grad_sign = o.maximize ? C(-1) : C(1);

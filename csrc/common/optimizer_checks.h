@@ -39,21 +39,20 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
                 " but params[0] is on ", device, "; one call takes tensors of one device");
     TORCH_CHECK(is_supported_param_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ",
                 p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
-    TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(), op, ": params[",
-                i, "] is not stored densely (a strided view?); make it contiguous first");
+    TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(), op, ": params[", i,
+                "] is not stored densely (a strided view?); make it contiguous first");
     for (const auto& [name, list] : companions) {
       const at::Tensor& t = list[i];
-      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] has layout ",
-                  t.layout(), "; only dense (strided) tensors are supported");
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] has layout ", t.layout(),
+                  "; only dense (strided) tensors are supported");
       TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
                   " but params are on ", device);
       TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ",
                   t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has ", p.sizes());
-      TORCH_CHECK(t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ",
-                  t.strides(), " but params[", i, "] has ", p.strides(),
-                  "; give it the param's memory layout");
+      TORCH_CHECK(t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ", t.strides(),
+                  " but params[", i, "] has ", p.strides(), "; give it the param's memory layout");
     }
     const at::Tensor& s = steps[i];
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op,

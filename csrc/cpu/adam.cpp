@@ -90,11 +90,10 @@ FASTOPT_DISPATCH_BY_ISA(adam_piece, adam_piece_body, AdamPiece)
 constexpr const char* kOp = "fastopt::adam_step_";
 
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                   at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
-                   double beta1, double beta2, double eps, double weight_decay,
-                   bool decoupled_weight_decay, bool amsgrad, bool maximize,
-                   const std::optional<at::Tensor>& grad_scale,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                   double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
+                   double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                   bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
               ": max_exp_avg_sqs must be empty when amsgrad=False");
@@ -106,9 +105,9 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
                              {"max_exp_avg_sqs", max_exp_avg_sqs}},
                             steps, c10::DeviceType::CPU);
   } else {
-    check_optimizer_tensors(kOp, params,
-                            {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                            steps, c10::DeviceType::CPU);
+    check_optimizer_tensors(
+        kOp, params, {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
+        steps, c10::DeviceType::CPU);
   }
   const at::Device cpu(c10::DeviceType::CPU);
   check_scalar_tensor(kOp, "lr_tensor", lr_tensor, cpu);
@@ -153,6 +152,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastopt, CPU, m) { m.impl("adam_step_", &adam_step_cpu); }
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("adam_step_", &adam_step_cpu);
+}
 
 }  // namespace fastopt::cpu

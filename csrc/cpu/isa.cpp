@@ -47,7 +47,9 @@ Isa best_supported_isa() {
   return Isa::kBaseline;
 }
 
-Isa active_isa() { return active().load(std::memory_order_relaxed); }
+Isa active_isa() {
+  return active().load(std::memory_order_relaxed);
+}
 
 void set_active_isa(Isa isa) {
   TORCH_CHECK(cpu_supports(isa), "this CPU cannot run ", isa_name(isa),

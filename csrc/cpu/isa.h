@@ -32,17 +32,23 @@ Isa parse_isa(const std::string& name);
 
 // Defines `static void name(const Args&)`, which runs `body(args)` compiled for the active
 // instruction set. `body` must be always-inline so that each variant gets its own vector code.
-#define FASTOPT_DISPATCH_BY_ISA(name, body, Args)                                   \
-  FASTOPT_TARGET_AVX512 static void name##_avx512(const Args& args) { body(args); } \
-  FASTOPT_TARGET_AVX2 static void name##_avx2(const Args& args) { body(args); }     \
-  static void name##_baseline(const Args& args) { body(args); }                     \
-  static void name(const Args& args) {                                              \
-    switch (::fastopt::cpu::active_isa()) {                                         \
-      case ::fastopt::cpu::Isa::kAvx512:                                            \
-        return name##_avx512(args);                                                 \
-      case ::fastopt::cpu::Isa::kAvx2:                                              \
-        return name##_avx2(args);                                                   \
-      default:                                                                      \
-        return name##_baseline(args);                                               \
-    }                                                                               \
+#define FASTOPT_DISPATCH_BY_ISA(name, body, Args)                     \
+  FASTOPT_TARGET_AVX512 static void name##_avx512(const Args& args) { \
+    body(args);                                                       \
+  }                                                                   \
+  FASTOPT_TARGET_AVX2 static void name##_avx2(const Args& args) {     \
+    body(args);                                                       \
+  }                                                                   \
+  static void name##_baseline(const Args& args) {                     \
+    body(args);                                                       \
+  }                                                                   \
+  static void name(const Args& args) {                                \
+    switch (::fastopt::cpu::active_isa()) {                           \
+      case ::fastopt::cpu::Isa::kAvx512:                              \
+        return name##_avx512(args);                                   \
+      case ::fastopt::cpu::Isa::kAvx2:                                \
+        return name##_avx2(args);                                     \
+      default:                                                        \
+        return name##_baseline(args);                                 \
+    }                                                                 \
   }

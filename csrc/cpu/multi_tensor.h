@@ -28,19 +28,18 @@ void for_each_piece_in_parallel(const std::vector<int64_t>& numels, const PieceF
   if (total == 0) return;
 
   const int64_t units = (total + kShareAlignment - 1) / kShareAlignment;
-  at::parallel_for(0, units, kMinElementsPerThread / kShareAlignment,
-                   [&](int64_t unit_begin, int64_t unit_end) {
-                     int64_t begin = unit_begin * kShareAlignment;
-                     const int64_t end = std::min(total, unit_end * kShareAlignment);
-                     // The last tensor whose range starts at or before `begin`.
-                     size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) -
-                                offsets.begin() - 1;
-                     for (; begin < end; ++t) {
-                       const int64_t piece_end = std::min(end, offsets[t + 1]);
-                       if (piece_end > begin) piece(t, begin - offsets[t], piece_end - offsets[t]);
-                       begin = piece_end;
-                     }
-                   });
+  at::parallel_for(
+      0, units, kMinElementsPerThread / kShareAlignment, [&](int64_t unit_begin, int64_t unit_end) {
+        int64_t begin = unit_begin * kShareAlignment;
+        const int64_t end = std::min(total, unit_end * kShareAlignment);
+        // The last tensor whose range starts at or before `begin`.
+        size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+        for (; begin < end; ++t) {
+          const int64_t piece_end = std::min(end, offsets[t + 1]);
+          if (piece_end > begin) piece(t, begin - offsets[t], piece_end - offsets[t]);
+          begin = piece_end;
+        }
+      });
 }
 
 }  // namespace fastopt::cpu

@@ -45,9 +45,9 @@ void adam_traffic_probe_cpu(at::Tensor& param, const at::Tensor& grad, at::Tenso
                             at::Tensor& exp_avg_sq) {
   const std::array<const at::Tensor*, 4> tensors{&param, &grad, &exp_avg, &exp_avg_sq};
   for (const at::Tensor* t : tensors) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->numel() == param.numel(),
-                "fastopt::adam_traffic_probe_: expects four contiguous float32 tensors of one size");
+    TORCH_CHECK(
+        t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == param.numel(),
+        "fastopt::adam_traffic_probe_: expects four contiguous float32 tensors of one size");
   }
   for_each_piece_in_parallel({param.numel()}, [&](size_t, int64_t begin, int64_t end) {
     probe_piece(ProbePiece{param.data_ptr<float>(), grad.const_data_ptr<float>(),
@@ -57,6 +57,8 @@ void adam_traffic_probe_cpu(at::Tensor& param, const at::Tensor& grad, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastopt, CPU, m) { m.impl("adam_traffic_probe_", &adam_traffic_probe_cpu); }
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("adam_traffic_probe_", &adam_traffic_probe_cpu);
+}
 
 }  // namespace fastopt::cpu
