@@ -4,7 +4,7 @@
 Environment:
   FASTOPT_CUDA=0          skip the CUDA extension (quick CPU-only builds)
   CUDA_HOME               the CUDA toolkit (default: /usr/local/cuda, else where nvcc is)
-  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0+PTX")
   MAX_JOBS                parallel compile jobs (ninja)
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # PTX lets newer GPUs JIT-compile the sm_90 code
 
 
 def find_cuda_home() -> str | None:

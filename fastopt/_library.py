@@ -66,6 +66,10 @@ def _adam_step_fake(
         )
     _check_same_length("params", lists)
     for i, p in enumerate(params):
+        torch._check(
+            p.device == params[0].device,
+            lambda i=i, p=p: f"params[{i}] is on {p.device} but params[0] is on {params[0].device}",
+        )
         for name in ("grads", "exp_avgs", "exp_avg_sqs"):
             t = lists[name][i]
             torch._check(
