@@ -80,7 +80,8 @@ def write_build_info() -> None:
 
 
 def extensions():
-    cpu_sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Device-independent sources (Python entry, dispatch glue) sit in csrc/ itself.
+    cpu_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     exts = [
         CppExtension(
             "fastopt._C",

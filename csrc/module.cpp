@@ -1,10 +1,12 @@
 // The Python entry point of fastopt._C. Importing it runs the static registrations of the CPU
-// kernels with the dispatcher; the functions below only report and steer the instruction set
-// choice (python -m fastopt info, and tests that check every compiled variant).
+// kernels with the dispatcher. Its functions report and steer the instruction set choice
+// (python -m fastopt info, and tests that check every compiled variant), and call the
+// multi-tensor ops on the fast eager path of eager_calls.cpp.
 #include <Python.h>
 #include <c10/util/Exception.h>
 
 #include "cpu/isa.h"
+#include "eager_calls.h"
 
 namespace {
 
@@ -45,6 +47,8 @@ PyMethodDef methods[] = {
     {"best_cpu_isa", best_cpu_isa, METH_NOARGS, "The widest instruction set this CPU supports."},
     {"set_cpu_isa", set_cpu_isa, METH_O,
      "Makes the CPU kernels use the named instruction set; returns the previous one."},
+    {"adam_step_eager", fastopt::adam_step_eager, METH_VARARGS,
+     "torch.ops.fastopt.adam_step_ without per-tensor boxing, or NotImplemented."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT,

@@ -78,6 +78,11 @@ def cpu_module():
     return _loaded["cpu"]
 
 
+def eager_calls():
+    """The module with the ops' fast eager entry points (fastopt._C, csrc/eager_calls.cpp)."""
+    return _loaded["cpu"]
+
+
 def build_info() -> dict[str, object]:
     """What setup.py recorded about the build, or {} for an unbuilt checkout."""
     if _build_info is None:

@@ -57,7 +57,7 @@ def adam_step_(
     if params:
         _extension.require_kernels(params[0].device, "fastopt.functional.adam_step_")
     lr_tensor = lr if isinstance(lr, Tensor) else None
-    torch.ops.fastopt.adam_step_(
+    args = (
         params,
         grads,
         exp_avgs,
@@ -76,3 +76,12 @@ def adam_step_(
         grad_scale,
         found_inf,
     )
+    if _use_eager_fast_path() and _extension.eager_calls().adam_step_eager(*args) is None:
+        return
+    torch.ops.fastopt.adam_step_(*args)
+
+
+def _use_eager_fast_path() -> bool:
+    """Whether to call the ops without per-tensor boxing (see csrc/eager_calls.cpp); never while
+    torch.compile traces, which must see torch.ops calls."""
+    return _extension.has_kernels("cpu") and not torch.compiler.is_compiling()

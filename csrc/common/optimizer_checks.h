@@ -44,7 +44,8 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
     for (const auto& [name, list] : companions) {
       const at::Tensor& t = list[i];
       TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] has layout ", t.layout(),
-                  "; only dense (strided) tensors are supported");
+                  "; only dense (strided) tensors are supported (for a sparse gradient use "
+                  "torch.optim.SparseAdam, or make the gradient dense)");
       TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
                   " but params are on ", device);
       TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ",

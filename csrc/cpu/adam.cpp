@@ -56,21 +56,32 @@ struct AdamLoop {
     S* __restrict__ exp_avg = static_cast<S*>(a.exp_avg);
     S* __restrict__ exp_avg_sq = static_cast<S*>(a.exp_avg_sq);
     S* __restrict__ max_exp_avg_sq = static_cast<S*>(a.max_exp_avg_sq);
-    for (int64_t i = a.begin; i < a.end; ++i) {
-      C p = C(param[i]);
-      C g = C(grad[i]);
-      C m = C(exp_avg[i]);
-      C v = C(exp_avg_sq[i]);
-      C v_max = AMSGRAD ? C(max_exp_avg_sq[i]) : C(0);
-      if (UNSCALE) {
-        g = g / grad_scale;
-        grad[i] = S(g);
+    constexpr int64_t kBlock = 64;
+    constexpr int64_t kAhead = 1024;
+    for (int64_t b = a.begin; b < a.end; b += kBlock) {
+      const int64_t e = std::min(b + kBlock, a.end);
+      for (int64_t l = 0; l < kBlock; l += 64 / int64_t(sizeof(S))) {
+        __builtin_prefetch(param + b + kAhead + l, 1);
+        __builtin_prefetch(grad + b + kAhead + l, 0);
+        __builtin_prefetch(exp_avg + b + kAhead + l, 1);
+        __builtin_prefetch(exp_avg_sq + b + kAhead + l, 1);
       }
-      adam_update<AMSGRAD>(p, g, m, v, v_max, k);
-      param[i] = S(p);
-      exp_avg[i] = S(m);
-      exp_avg_sq[i] = S(v);
-      if (AMSGRAD) max_exp_avg_sq[i] = S(v_max);
+      for (int64_t i = b; i < e; ++i) {
+        C p = C(param[i]);
+        C g = C(grad[i]);
+        C m = C(exp_avg[i]);
+        C v = C(exp_avg_sq[i]);
+        C v_max = AMSGRAD ? C(max_exp_avg_sq[i]) : C(0);
+        if (UNSCALE) {
+          g = g / grad_scale;
+          grad[i] = S(g);
+        }
+        adam_update<AMSGRAD>(p, g, m, v, v_max, k);
+        param[i] = S(p);
+        exp_avg[i] = S(m);
+        exp_avg_sq[i] = S(v);
+        if (AMSGRAD) max_exp_avg_sq[i] = S(v_max);
+      }
     }
   }
 };
@@ -126,8 +137,13 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   for (size_t i = 0; i < n; ++i) {
     numels[i] = params[i].numel();
     new_steps[i] = *steps[i].const_data_ptr<float>() + 1.0f;
-    coefficients_float[i] = adam_coefficients<float>(options, lr, new_steps[i]);
-    coefficients_double[i] = adam_coefficients<double>(options, lr, new_steps[i]);
+    if (i > 0 && new_steps[i] == new_steps[i - 1]) {  // the usual case: one count for all
+      coefficients_float[i] = coefficients_float[i - 1];
+      coefficients_double[i] = coefficients_double[i - 1];
+    } else {
+      coefficients_float[i] = adam_coefficients<float>(options, lr, new_steps[i]);
+      coefficients_double[i] = adam_coefficients<double>(options, lr, new_steps[i]);
+    }
   }
 
   const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;

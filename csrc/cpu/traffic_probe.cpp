@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 
 #include "common/macros.h"
@@ -29,13 +30,22 @@ FASTOPT_INLINE void probe_body(const ProbePiece& a) {
   const float* __restrict__ grad = a.grad;
   float* __restrict__ exp_avg = a.exp_avg;
   float* __restrict__ exp_avg_sq = a.exp_avg_sq;
-  for (int64_t i = a.begin; i < a.end; ++i) {
-    const float g = grad[i];
-    const float m = exp_avg[i] * 0.9f + g;
-    const float v = exp_avg_sq[i] * 0.999f + g;
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    param[i] = param[i] + m * -1e-3f + v * 1e-6f;
+  for (int64_t b = a.begin; b < a.end; b += 64) {
+    const int64_t e = std::min(b + 64, a.end);
+    for (int64_t l = 0; l < 64; l += 16) {
+      __builtin_prefetch(param + b + 1024 + l, 1);
+      __builtin_prefetch(grad + b + 1024 + l, 0);
+      __builtin_prefetch(exp_avg + b + 1024 + l, 1);
+      __builtin_prefetch(exp_avg_sq + b + 1024 + l, 1);
+    }
+    for (int64_t i = b; i < e; ++i) {
+      const float g = grad[i];
+      const float m = exp_avg[i] * 0.9f + g;
+      const float v = exp_avg_sq[i] * 0.999f + g;
+      exp_avg[i] = m;
+      exp_avg_sq[i] = v;
+      param[i] = param[i] + m * -1e-3f + v * 1e-6f;
+    }
   }
 }
 

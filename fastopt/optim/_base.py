@@ -81,13 +81,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for index, group, params, grads in work[1:]:
             self._check_group(index, group, params, grads)
         for index, group, params, grads in work:
-            created = [p for p in params if p not in self.state]
+            states, created = self._states_of(params, group)
             try:
-                states = [self._state_of(p, group) for p in params]
                 self._group_step(group, params, grads, states, grad_scale, found_inf)
             except RuntimeError:
                 for p in created:  # leave no trace of a failed step
-                    self.state.pop(p, None)
+                    del self.state[p]
                 # Re-raise with the param group and index named, and the fix, where the check
                 # below finds the cause; otherwise the op's own message.
                 self._check_group(index, group, params, grads)
@@ -145,15 +144,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"params are on {device}; keep it on the CPU or on {device}"
             )
 
-    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """The state of `p`, created as torch.optim creates it on first use."""
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for key in self._state_keys(group):
-            if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    def _states_of(self, params: list[Tensor], group: dict[str, Any]):
+        """The state of each param, created as torch.optim creates it on first use, and the
+        params whose state was created now."""
+        keys = self._state_keys(group)
+        states, created = [], []
+        for p in params:
+            state = self.state[p]
+            if len(state) != len(keys) + 1:  # new, or amsgrad switched on since
+                if not state:
+                    created.append(p)
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for key in keys:
+                    if key not in state:
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(state)
+        return states, created
 
 
 def _is_dense(t: Tensor) -> bool:
