@@ -65,6 +65,11 @@ def _adam_step_fake(
             len(max_exp_avg_sqs) == 0, lambda: "max_exp_avg_sqs must be empty when amsgrad=False"
         )
     _check_same_length("params", lists)
+    if lr_tensor is not None and params:
+        torch._check(
+            lr_tensor.device.type == "cpu" or lr_tensor.device == params[0].device,
+            lambda: f"lr_tensor is on {lr_tensor.device} but params are on {params[0].device}",
+        )
     for i, p in enumerate(params):
         torch._check(
             p.device == params[0].device,

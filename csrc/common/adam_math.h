@@ -63,7 +63,8 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE void adam_update(C& param, C grad, C& exp_avg
                                                     const AdamCoefficients<C>& k) {
   grad = grad * k.grad_sign;
   param = param * k.param_decay;
-  grad = grad + k.grad_decay * param;
+  // Skipped without an L2 term, as in torch: 0 * inf would turn an infinite param into NaN.
+  if (k.grad_decay != C(0)) grad = grad + k.grad_decay * param;
   exp_avg = lerp(exp_avg, grad, k.exp_avg_weight);
   exp_avg_sq = exp_avg_sq * k.beta2 + k.one_minus_beta2 * grad * grad;
   C second_moment = exp_avg_sq;

@@ -13,6 +13,18 @@ namespace fastopt {
 
 using NamedTensorList = std::pair<const char*, at::TensorList>;
 
+// Whether t's elements sit at the same memory offsets as p's, both of one shape: strides must
+// agree except in dimensions of size 1, where they never matter (autograd may set them apart).
+inline bool same_element_offsets(const at::Tensor& t, const at::Tensor& p) {
+  const auto t_strides = t.strides();
+  const auto p_strides = p.strides();
+  const auto sizes = p.sizes();
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] > 1 && t_strides[d] != p_strides[d]) return false;
+  }
+  return true;
+}
+
 inline bool is_supported_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -52,7 +64,7 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
                   t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has ", p.sizes());
-      TORCH_CHECK(t.strides() == p.strides(), op, ": ", name, "[", i, "] has strides ", t.strides(),
+      TORCH_CHECK(same_element_offsets(t, p), op, ": ", name, "[", i, "] has strides ", t.strides(),
                   " but params[", i, "] has ", p.strides(), "; give it the param's memory layout");
     }
     const at::Tensor& s = steps[i];

@@ -50,12 +50,23 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # A checkpoint may come from torch.optim with its step counts on the CPU (or, from old
-        # torch versions, as Python numbers); the kernels read them on the param's device.
+        # torch versions, as Python numbers), and from a model whose params had another memory
+        # layout (contiguous, then channels_last); the kernels read the counts on the param's
+        # device and walk each state tensor in its param's layout.
         for group in self.param_groups:
             for p in group["params"]:
                 p_state = self.state.get(p)
-                if p_state and "step" in p_state:
-                    p_state["step"] = _step_tensor(p_state["step"], p.device)
+                if not p_state:
+                    continue
+                for key, value in p_state.items():
+                    if key == "step":
+                        p_state[key] = _step_tensor(value, p.device)
+                    elif (
+                        isinstance(value, Tensor)
+                        and value.shape == p.shape
+                        and not _same_element_offsets(value, p)
+                    ):
+                        p_state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,7 +143,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{where} is not stored densely (a strided view of a larger tensor?); "
                     "fastopt's kernels need dense params: use `p.data = p.data.contiguous()`"
                 )
-            if g.stride() != p.stride():
+            if not _same_element_offsets(g, p):
                 raise RuntimeError(
                     f"{where} has a grad with strides {g.stride()} but the param has "
                     f"{p.stride()}; give the grad the param's memory layout"
@@ -177,6 +188,14 @@ def _is_dense(t: Tensor) -> bool:
     return True
 
 
+def _same_element_offsets(t: Tensor, p: Tensor) -> bool:
+    """Whether `t`'s elements sit at the same offsets as `p`'s (same shape): strides must agree
+    except in dimensions of size 1, where they never matter."""
+    return all(
+        size == 1 or a == b for size, a, b in zip(p.shape, t.stride(), p.stride(), strict=True)
+    )
+
+
 def _step_tensor(step, device: torch.device) -> Tensor:
     if isinstance(step, Tensor):
         return step.to(device=device, dtype=torch.float32)
@@ -184,10 +203,7 @@ def _step_tensor(step, device: torch.device) -> Tensor:
 
 
 def _check_lr(lr) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if not lr.is_floating_point():
-            raise ValueError(f"Tensor lr must be a floating point tensor, got {lr.dtype}")
-    elif not 0.0 <= lr:
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")

@@ -58,7 +58,14 @@ class FusedAdam(FusedOptimizer):
     ) -> None:
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (
+            all(isinstance(beta, float) for beta in betas)
+            or all(isinstance(beta, Tensor) for beta in betas)
+        ):
+            raise ValueError("betas must be either both floats or both Tensors")
         for index, beta in enumerate(betas):
+            if isinstance(beta, Tensor) and beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
         if not 0.0 <= weight_decay:
