@@ -1,0 +1,120 @@
+"""The compiled extension: loading checks, `python -m fastopt`, the benchmark helpers, and the
+two ways into the ops (the unboxed eager entry and torch.ops) giving the same result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import generator
+
+import fastopt
+from fastopt import _extension, benchmarking, functional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_extension_built_for_another_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(_extension._build_info, "TORCH_VERSION", "1.0.0")
+    with pytest.raises(ImportError, match=r"built against torch 1\.0\.0.*--force-reinstall"):
+        _extension._check_torch_version()
+
+
+def test_build_info_names_this_torch():
+    assert _extension.build_info()["TORCH_VERSION"] == torch.__version__
+
+
+def test_python_m_fastopt_info():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastopt", "info"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    isa = _extension.cpu_module().active_cpu_isa()
+    assert f"torch {torch.__version__}" in out
+    assert f"CPU kernels: {isa} in use" in out
+    assert "CUDA kernels:" in out and "Triton" in out
+
+
+def test_benchmark_case_runs_and_formats():
+    case = benchmarking.Case("t", "two tiny tensors", (100, 7))
+    rows = benchmarking.run_case(case, "cpu", repeats=1)
+    assert [r.optimizer for r in rows] == list(benchmarking.OPTIMIZERS)
+    assert all(r.ms > 0 and r.roofline_ms > 0 for r in rows)
+    table = benchmarking.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "fastopt.FusedAdam" in table
+
+
+def test_mixed_sizes_sum_to_the_total():
+    sizes = benchmarking.mixed_sizes(1_000_003, 37, seed=3)
+    assert len(sizes) == 37 and sum(sizes) == 1_000_003 and min(sizes) >= 1
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass: the eager entry declines it and torch.ops takes over."""
+
+
+def _adam_inputs(seed: int, wrap=lambda t: t):
+    gen = generator(seed)
+    shapes = [(5,), (3, 4), (4097,)]
+    params = [wrap(torch.randn(s, generator=gen)) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    exp_avgs = [torch.zeros(s) for s in shapes]
+    exp_avg_sqs = [torch.zeros(s) for s in shapes]
+    steps = [torch.zeros(()) for _ in shapes]
+    return params, grads, exp_avgs, exp_avg_sqs, [], steps
+
+
+@pytest.mark.parametrize("route", ["eager entry", "torch.ops", "subclass", "function mode"])
+def test_both_routes_into_the_op_agree(route):
+    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    expected = _adam_inputs(0)
+    torch.ops.fastopt.adam_step_(
+        *expected, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+    )
+    if route == "eager entry":
+        inputs = _adam_inputs(0)
+        assert _extension.eager_calls().adam_step_eager(
+            *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+        ) is None  # fmt: skip
+    elif route == "torch.ops":
+        inputs = _adam_inputs(0)
+        functional.adam_step_(*inputs, **kwargs)
+    elif route == "subclass":
+        inputs = _adam_inputs(0, wrap=lambda t: t.as_subclass(_Subclass))
+        assert (
+            _extension.eager_calls().adam_step_eager(
+                *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+            )
+            is NotImplemented
+        )
+        functional.adam_step_(*inputs, **kwargs)
+    else:
+        inputs = _adam_inputs(0)
+
+        class Mode(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Mode():
+            assert (
+                _extension.eager_calls().adam_step_eager(
+                    *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+                )
+                is NotImplemented
+            )
+            functional.adam_step_(*inputs, **kwargs)
+    for got_list, want_list in zip(inputs, expected, strict=True):
+        for got, want in zip(got_list, want_list, strict=True):
+            torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=0, atol=0)
+
+
+def test_fastopt_exports():
+    assert fastopt.FusedAdam.__module__ == "fastopt.optim.adam"
+    assert set(fastopt.__all__) >= {"FusedAdam", "FusedAdamW", "functional"}
