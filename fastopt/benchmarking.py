@@ -69,31 +69,59 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
     return params
 
 
-def median_ms(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of `fn` in milliseconds, with the device synchronized around each call."""
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Returns time_ms(fn): one call's wall time, the device synchronized around it."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+
+    def time_ms(fn: Callable[[], object]) -> float:
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        return (time.perf_counter() - start) * 1e3
+
+    return time_ms
+
+
+def interleaved_medians(
+    contenders: dict[str, Callable[[], object]], device: str, repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median ms per call of each contender, timed in rounds that call each once, so that the
+    machine's drift (a neighbour's load, memory bandwidth) reaches all of them alike."""
+    time_ms = _timer(device)
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(time_ms(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def median_ms(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of `fn` in milliseconds, with the device synchronized around each call."""
+    return interleaved_medians({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+ROOFLINE = "roofline"
+
+
+def roofline(numel: int, device: str) -> tuple[Callable[[], object], float]:
+    """(fn, bytes_per_call) of the roofline for an fp32 Adam step of `numel` params: on the CPU
+    the traffic probe over `numel` elements, on CUDA a copy of a buffer larger than any cache."""
+    if device == "cpu":
+        buffers = [torch.randn(numel) for _ in range(4)]
+        return (lambda: torch.ops.fastopt.adam_traffic_probe_(*buffers)), BYTES_PER_PARAM * numel
+    src = torch.empty(64 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
 def roofline_ms(numel: int, device: str) -> float:
     """The time the roofline takes to move an fp32 Adam step's bytes for `numel` params."""
-    if device == "cpu":
-        buffers = [torch.randn(numel) for _ in range(4)]
-        return median_ms(lambda: torch.ops.fastopt.adam_traffic_probe_(*buffers), device)
-    # A copy moves 2 bytes per byte copied; 256 MiB is far beyond any GPU cache.
-    src = torch.empty(64 * 2**20, device=device)
-    dst = torch.empty_like(src)
-    copy_bytes_per_ms = 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src), device)
-    return BYTES_PER_PARAM * numel / copy_bytes_per_ms
+    fn, nbytes = roofline(numel, device)
+    return median_ms(fn, device) * BYTES_PER_PARAM * numel / nbytes
 
 
 @dataclass
@@ -118,12 +146,13 @@ class Row:
 
 
 def run_case(case: Case, device: str, repeats: int = 10) -> list[Row]:
-    """Times every optimizer of OPTIMIZERS on the same params, and the roofline."""
+    """Times every optimizer of OPTIMIZERS and the roofline, interleaved, on the same params."""
     params = make_params(case, device)
-    times = {
-        name: median_ms(make(params).step, device, repeats) for name, make in OPTIMIZERS.items()
-    }
-    roof = roofline_ms(case.numel, device)
+    contenders = {name: make(params).step for name, make in OPTIMIZERS.items()}
+    roof_fn, roof_bytes = roofline(case.numel, device)
+    contenders[ROOFLINE] = roof_fn
+    times = interleaved_medians(contenders, device, repeats)
+    roof = times.pop(ROOFLINE) * BYTES_PER_PARAM * case.numel / roof_bytes
     fused = times["torch Adam(fused=True)"]
     return [Row(case, name, ms, roof, fused) for name, ms in times.items()]
 

@@ -9,6 +9,8 @@
 #include <optional>
 #include <utility>
 
+#include "common/metadata_prefetch.h"
+
 namespace fastopt {
 
 using NamedTensorList = std::pair<const char*, at::TensorList>;
@@ -46,6 +48,10 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
   TORCH_CHECK(device.type() == device_type, op, ": params are on ", device, ", expected ",
               c10::DeviceTypeName(device_type));
   for (size_t i = 0; i < params.size(); ++i) {
+    const size_t ahead = i + kMetadataPrefetchDistance;
+    prefetch_tensor_metadata(params, ahead);
+    prefetch_tensor_metadata(steps, ahead);
+    for (const auto& [name, list] : companions) prefetch_tensor_metadata(list, ahead);
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; one call takes tensors of one device");

@@ -16,32 +16,38 @@
 namespace fastopt::cpu {
 namespace {
 
-// One contiguous element range of one param and its state.
-struct AdamPiece {
+// Where one param and its state live, gathered before the parallel region: the threads then
+// read one compact array instead of each tensor's metadata, which is cold after backward().
+struct AdamTensor {
   c10::ScalarType dtype;
-  bool amsgrad;
-  bool unscale;  // divide grads by grad_scale and store them back unscaled, as torch's fused does
   void* param;
   void* grad;
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
+  AdamCoefficients<float> coefficients_float;
+  AdamCoefficients<double> coefficients_double;
+};
+
+// One contiguous element range of one param and its state.
+struct AdamPiece {
+  const AdamTensor* tensor;
+  bool amsgrad;
+  bool unscale;  // divide grads by grad_scale and store them back unscaled, as torch's fused does
+  double grad_scale;
   int64_t begin;
   int64_t end;
-  double grad_scale;
-  const AdamCoefficients<float>* coefficients_float;
-  const AdamCoefficients<double>* coefficients_double;
 };
 
 template <typename C>
-FASTOPT_INLINE const AdamCoefficients<C>& coefficients_of(const AdamPiece& a);
+FASTOPT_INLINE const AdamCoefficients<C>& coefficients_of(const AdamTensor& t);
 template <>
-FASTOPT_INLINE const AdamCoefficients<float>& coefficients_of<float>(const AdamPiece& a) {
-  return *a.coefficients_float;
+FASTOPT_INLINE const AdamCoefficients<float>& coefficients_of<float>(const AdamTensor& t) {
+  return t.coefficients_float;
 }
 template <>
-FASTOPT_INLINE const AdamCoefficients<double>& coefficients_of<double>(const AdamPiece& a) {
-  return *a.coefficients_double;
+FASTOPT_INLINE const AdamCoefficients<double>& coefficients_of<double>(const AdamTensor& t) {
+  return t.coefficients_double;
 }
 
 template <bool AMSGRAD, bool UNSCALE>
@@ -49,13 +55,14 @@ struct AdamLoop {
   template <typename S>
   FASTOPT_INLINE static void run(const AdamPiece& a) {
     using C = at::opmath_type<S>;
-    const AdamCoefficients<C> k = coefficients_of<C>(a);
+    const AdamTensor& t = *a.tensor;
+    const AdamCoefficients<C> k = coefficients_of<C>(t);
     const C grad_scale = C(a.grad_scale);
-    S* __restrict__ param = static_cast<S*>(a.param);
-    S* __restrict__ grad = static_cast<S*>(a.grad);
-    S* __restrict__ exp_avg = static_cast<S*>(a.exp_avg);
-    S* __restrict__ exp_avg_sq = static_cast<S*>(a.exp_avg_sq);
-    S* __restrict__ max_exp_avg_sq = static_cast<S*>(a.max_exp_avg_sq);
+    S* __restrict__ param = static_cast<S*>(t.param);
+    S* __restrict__ grad = static_cast<S*>(t.grad);
+    S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
+    S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
+    S* __restrict__ max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
     constexpr int64_t kBlock = 64;
     constexpr int64_t kAhead = 1024;
     for (int64_t b = a.begin; b < a.end; b += kBlock) {
@@ -88,11 +95,11 @@ struct AdamLoop {
 
 FASTOPT_INLINE void adam_piece_body(const AdamPiece& a) {
   if (a.amsgrad) {
-    a.unscale ? switch_param_dtype<AdamLoop<true, true>>(a.dtype, a)
-              : switch_param_dtype<AdamLoop<true, false>>(a.dtype, a);
+    a.unscale ? switch_param_dtype<AdamLoop<true, true>>(a.tensor->dtype, a)
+              : switch_param_dtype<AdamLoop<true, false>>(a.tensor->dtype, a);
   } else {
-    a.unscale ? switch_param_dtype<AdamLoop<false, true>>(a.dtype, a)
-              : switch_param_dtype<AdamLoop<false, false>>(a.dtype, a);
+    a.unscale ? switch_param_dtype<AdamLoop<false, true>>(a.tensor->dtype, a)
+              : switch_param_dtype<AdamLoop<false, false>>(a.tensor->dtype, a);
   }
 }
 
@@ -132,36 +139,29 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   const size_t n = params.size();
   std::vector<int64_t> numels(n);
   std::vector<float> new_steps(n);
-  std::vector<AdamCoefficients<float>> coefficients_float(n);
-  std::vector<AdamCoefficients<double>> coefficients_double(n);
+  std::vector<AdamTensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
+    AdamTensor& t = tensors[i];
     numels[i] = params[i].numel();
     new_steps[i] = *steps[i].const_data_ptr<float>() + 1.0f;
+    t.dtype = params[i].scalar_type();
+    t.param = params[i].data_ptr();
+    t.grad = grads[i].data_ptr();
+    t.exp_avg = exp_avgs[i].data_ptr();
+    t.exp_avg_sq = exp_avg_sqs[i].data_ptr();
+    t.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr;
     if (i > 0 && new_steps[i] == new_steps[i - 1]) {  // the usual case: one count for all
-      coefficients_float[i] = coefficients_float[i - 1];
-      coefficients_double[i] = coefficients_double[i - 1];
+      t.coefficients_float = tensors[i - 1].coefficients_float;
+      t.coefficients_double = tensors[i - 1].coefficients_double;
     } else {
-      coefficients_float[i] = adam_coefficients<float>(options, lr, new_steps[i]);
-      coefficients_double[i] = adam_coefficients<double>(options, lr, new_steps[i]);
+      t.coefficients_float = adam_coefficients<float>(options, lr, new_steps[i]);
+      t.coefficients_double = adam_coefficients<double>(options, lr, new_steps[i]);
     }
   }
 
   const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
   for_each_piece_in_parallel(numels, [&](size_t t, int64_t begin, int64_t end) {
-    AdamPiece piece{params[t].scalar_type(),
-                    amsgrad,
-                    grad_scale.has_value(),
-                    params[t].data_ptr(),
-                    grads[t].data_ptr(),
-                    exp_avgs[t].data_ptr(),
-                    exp_avg_sqs[t].data_ptr(),
-                    amsgrad ? max_exp_avg_sqs[t].data_ptr() : nullptr,
-                    begin,
-                    end,
-                    scale,
-                    &coefficients_float[t],
-                    &coefficients_double[t]};
-    adam_piece(piece);
+    adam_piece(AdamPiece{&tensors[t], amsgrad, grad_scale.has_value(), scale, begin, end});
   });
   for (size_t i = 0; i < n; ++i) *steps[i].mutable_data_ptr<float>() = new_steps[i];
 }

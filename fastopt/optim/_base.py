@@ -10,6 +10,7 @@ A subclass names its per-param state tensors, says how to create them, and imple
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -42,7 +43,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
-        """Updates `params` (all with a grad, all on one device) and their `states` in place."""
+        """Updates `params` (all with a grad, all on one device) and their state in place;
+        `states[key]` holds the params' state tensors of that key, in the params' order."""
         raise NotImplementedError
 
     # -- the shared machinery ------------------------------------------------------------------
@@ -83,9 +85,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         work = []
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = group["params"]
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                params = [p for p, g in zip(params, grads, strict=True) if g is not None]
+                grads = [g for g in grads if g is not None]
             if params:
-                work.append((index, group, params, [p.grad for p in params]))
+                work.append((index, group, params, grads))
         # The op checks all of its inputs before it changes anything, so a bad first group fails
         # cleanly. A bad later group would fail after earlier groups had stepped: those groups are
         # checked here first (this costs ~1 us per param, which one group does not pay).
@@ -156,10 +162,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
 
     def _states_of(self, params: list[Tensor], group: dict[str, Any]):
-        """The state of each param, created as torch.optim creates it on first use, and the
-        params whose state was created now."""
+        """The state of the params as one tuple of tensors per key ("step" and the keys of
+        `_state_keys`), created as torch.optim creates it on first use; and the params whose
+        state was created now."""
         keys = self._state_keys(group)
-        states, created = [], []
+        columns = operator.itemgetter("step", *keys)
+        rows, created = [], []
         for p in params:
             state = self.state[p]
             if len(state) != len(keys) + 1:  # new, or amsgrad switched on since
@@ -169,8 +177,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for key in keys:
                     if key not in state:
                         state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            states.append(state)
-        return states, created
+            rows.append(columns(state))
+        return dict(zip(("step", *keys), zip(*rows, strict=True), strict=True)), created
 
 
 def _is_dense(t: Tensor) -> bool:
