@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-_lib = torch.library.Library("fastopt", "DEF")  # noqa: TOR901 - the namespace's one definition
+_lib = torch.library.Library("fastopt", "DEF")  # the namespace's one definition
 
 _lib.define(
     "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "

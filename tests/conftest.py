@@ -26,6 +26,9 @@ TOLERANCES = {
     torch.float64: (1e-12, 1e-12),
 }
 
+# The fp32 tolerances as keyword arguments, for the tests that compare fp32 runs only.
+FP32 = dict(zip(("rtol", "atol"), TOLERANCES[torch.float32], strict=True))
+
 _ISA_ORDER = ("baseline", "avx2", "avx512")
 
 

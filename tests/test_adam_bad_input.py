@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from conftest import (
+    FP32,
     assert_matches_reference,
     assert_unchanged,
     generator,
@@ -21,8 +22,6 @@ from torch import nn
 
 import fastopt
 from fastopt import _extension
-
-FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:

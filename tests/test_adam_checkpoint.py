@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 from conftest import (
+    FP32,
     SHAPES,
     assert_matches_reference,
     assert_matches_reference_flat,
@@ -20,8 +21,6 @@ from conftest import (
 )
 
 import fastopt
-
-FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
 def _one_step_state_dicts(name, **kwargs):

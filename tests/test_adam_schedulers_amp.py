@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import (
+    FP32,
     SHAPES,
     assert_matches_reference,
     assert_unchanged,
@@ -24,8 +25,6 @@ from conftest import (
 from torch import nn
 
 import fastopt
-
-FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])

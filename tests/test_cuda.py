@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 from conftest import (
+    FP32,
     SHAPES,
     TOLERANCES,
     assert_matches_reference,
@@ -35,7 +36,6 @@ pytestmark = [
 ]
 
 CUDA = "cuda"
-FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@
 #include <optional>
 #include <vector>
 
+#include "common/adam_checks.h"
 #include "common/adam_math.h"
-#include "common/optimizer_checks.h"
 #include "cpu/dtype_switch.h"
 #include "cpu/isa.h"
 #include "cpu/multi_tensor.h"
@@ -105,32 +105,18 @@ FASTOPT_INLINE void adam_piece_body(const AdamPiece& a) {
 
 FASTOPT_DISPATCH_BY_ISA(adam_piece, adam_piece_body, AdamPiece)
 
-constexpr const char* kOp = "fastopt::adam_step_";
-
 void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                    double lr, const std::optional<at::Tensor>& lr_tensor, double beta1,
                    double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
                    bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
-              ": max_exp_avg_sqs must be empty when amsgrad=False");
-  if (amsgrad) {
-    check_optimizer_tensors(kOp, params,
-                            {{"grads", grads},
-                             {"exp_avgs", exp_avgs},
-                             {"exp_avg_sqs", exp_avg_sqs},
-                             {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                            steps, c10::DeviceType::CPU);
-  } else {
-    check_optimizer_tensors(
-        kOp, params, {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-        steps, c10::DeviceType::CPU);
-  }
+  check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
+                     c10::DeviceType::CPU);
   const at::Device cpu(c10::DeviceType::CPU);
-  check_scalar_tensor(kOp, "lr_tensor", lr_tensor, cpu);
-  check_scalar_tensor(kOp, "grad_scale", grad_scale, cpu);
-  check_scalar_tensor(kOp, "found_inf", found_inf, cpu);
+  check_scalar_tensor(kAdamStepName, "lr_tensor", lr_tensor, cpu);
+  check_scalar_tensor(kAdamStepName, "grad_scale", grad_scale, cpu);
+  check_scalar_tensor(kAdamStepName, "found_inf", found_inf, cpu);
   // An inf/NaN gradient was found: the step is skipped entirely, step counts included.
   if (found_inf.has_value() && found_inf->item<double>() != 0) return;
   if (lr_tensor.has_value()) lr = lr_tensor->item<double>();

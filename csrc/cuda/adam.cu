@@ -12,8 +12,8 @@
 #include <optional>
 #include <vector>
 
+#include "common/adam_checks.h"
 #include "common/adam_math.h"
-#include "common/optimizer_checks.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/step_counts.cuh"
 #include "cuda/vector_access.cuh"
@@ -110,12 +110,10 @@ void launch_adam(const std::array<std::vector<at::Tensor>, kDepth>& lists,
   }
 }
 
-constexpr const char* kOp = "fastopt::adam_step_";
-
 const float* float_pointer(const char* name, const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat, kOp, ": ", name, " must be float32 on CUDA, got ",
-              t->scalar_type());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, kAdamStepName, ": ", name,
+              " must be float32 on CUDA, got ", t->scalar_type());
   return t->const_data_ptr<float>();
 }
 
@@ -126,25 +124,13 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool decoupled_weight_decay, bool amsgrad, bool maximize,
                     const std::optional<at::Tensor>& grad_scale,
                     const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), kOp,
-              ": max_exp_avg_sqs must be empty when amsgrad=False");
-  if (amsgrad) {
-    check_optimizer_tensors(kOp, params,
-                            {{"grads", grads},
-                             {"exp_avgs", exp_avgs},
-                             {"exp_avg_sqs", exp_avg_sqs},
-                             {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                            steps, c10::DeviceType::CUDA);
-  } else {
-    check_optimizer_tensors(
-        kOp, params, {{"grads", grads}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-        steps, c10::DeviceType::CUDA);
-  }
+  check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
+                     c10::DeviceType::CUDA);
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  check_scalar_tensor(kOp, "lr_tensor", lr_tensor, device, /*cpu_allowed=*/true);
-  check_scalar_tensor(kOp, "grad_scale", grad_scale, device);
-  check_scalar_tensor(kOp, "found_inf", found_inf, device);
+  check_scalar_tensor(kAdamStepName, "lr_tensor", lr_tensor, device, /*cpu_allowed=*/true);
+  check_scalar_tensor(kAdamStepName, "grad_scale", grad_scale, device);
+  check_scalar_tensor(kAdamStepName, "found_inf", found_inf, device);
   const c10::cuda::CUDAGuard guard(device);
 
   AdamArgs args{{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
