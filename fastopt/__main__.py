@@ -53,7 +53,7 @@ def bench(device: str, cases: list[str], repeats: int) -> None:
 def demo(device: str) -> None:
     """Trains a small MLP with torch.optim.AdamW and fastopt.FusedAdamW from the same start."""
     torch.manual_seed(0)
-    x = torch.randn(4096, 64, device=device)
+    x = torch.randn(2048, 64, device=device)
     y = torch.sin(x.sum(dim=1, keepdim=True))
 
     def train(make_opt):
