@@ -6,8 +6,10 @@ Helpers are imported by the test files with ``from conftest import ...``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -48,6 +50,48 @@ def cpu_isa(request) -> str:
         yield request.param
     finally:
         module.set_cpu_isa(previous)
+
+
+# The marks of a CUDA test (or of a test's CUDA case): selected by `-m cuda`, and skipped, with
+# the reason said, where there is no GPU.
+ON_CUDA = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@contextlib.contextmanager
+def checked_cuda() -> Iterator[None]:
+    """Around a test on CUDA. On a GPU machine the CUDA kernels must be there: a missing build
+    is a failure, not a skip. Synchronizes after, so that an asynchronous CUDA error is blamed
+    on the test that caused it."""
+    if not _extension.has_kernels("cuda"):
+        pytest.fail(f"fastopt's CUDA kernels are not loaded: {_extension._load_errors.get('cuda')}")
+    yield
+    torch.cuda.synchronize()
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def device(request) -> Iterator[str]:
+    """Runs the test on the CPU and on CUDA (the CUDA case skipped without a GPU)."""
+    if request.param == "cuda":
+        with checked_cuda():
+            yield request.param
+    else:
+        yield request.param
+
+
+# Every combination of the options that take different paths through the kernels (`tensor_lr`
+# is an option of `run_against_torch`, not of the optimizers).
+ADAM_OPTIONS = [
+    pytest.param(
+        dict(amsgrad=amsgrad, maximize=maximize, weight_decay=wd, tensor_lr=tensor_lr),
+        id=f"ams{int(amsgrad)}-max{int(maximize)}-wd{wd}-{'tlr' if tensor_lr else 'flr'}",
+    )
+    for amsgrad, maximize, wd, tensor_lr in itertools.product(
+        [False, True], [False, True], [0.0, 0.1], [False, True]
+    )
+]
 
 
 def generator(seed: int) -> torch.Generator:
@@ -107,14 +151,26 @@ def assert_state_format(opt: torch.optim.Optimizer, p: Tensor, amsgrad: bool) ->
             assert t.stride() == p.stride(), key
 
 
-def _scale(tensors: Sequence[Tensor]) -> float:
-    """The largest finite magnitude among `tensors` (0 if there is none)."""
+def _shrunk_atol(atol: float, tensors: Sequence[Tensor]) -> float:
+    """`atol` scaled by the largest finite magnitude among `tensors` when that is below 1, so
+    that it only guards elements near zero; never grown (and kept as is where all are 0)."""
     scale = 0.0
     for t in tensors:
         finite = t[t.isfinite()]
         if finite.numel():
             scale = max(scale, finite.abs().max().item())
-    return scale
+    return atol * min(1.0, scale) if scale > 0 else atol
+
+
+def _assert_same_steps(entries: Sequence[tuple[int, Tensor, Tensor]], where: str) -> None:
+    """fastopt's step counts are float32 0-dim tensors equal to torch's. Gathered on the CPU in
+    one comparison: thousands of per-param `.item()` calls would dominate a large test."""
+    for i, _, f in entries:
+        assert f.dtype == torch.float32 and f.dim() == 0, f"{where} param {i}: step"
+    ref_steps = torch.stack([r.to("cpu", torch.float64) for _, r, _ in entries])
+    fast_steps = torch.stack([f.to("cpu", torch.float64) for _, _, f in entries])
+    differing = (fast_steps != ref_steps).nonzero().flatten().tolist()
+    assert not differing, f"{where}: step of params {[entries[i][0] for i in differing]}"
 
 
 def assert_matches_reference(
@@ -125,87 +181,71 @@ def assert_matches_reference(
     rtol: float,
     atol: float,
     where: str = "",
+    *,
+    flat: bool = False,
 ) -> None:
-    """Params and every state tensor (and the exact step count) agree with the reference.
+    """Params (dtype, shape, strides and values), which params have state and with which keys,
+    every state tensor, and the exact step counts agree with the reference.
 
     `atol` only guards elements near zero (where cancellation, e.g. in exp_avg's lerp, leaves
     an absolute error of the operands' rounding): it is shrunk by the largest magnitude of that
     quantity over all params (exp_avg_sq is ~1e-3 * grad**2), never grown.
+
+    `flat` compares the values of each quantity once, over all params concatenated, instead of
+    param by param: for thousands of params, where one comparison per tensor would dominate.
     """
-    ref_states = [ref_opt.state.get(r, {}) for r in ref_params]
-    atols = {}
-    for key in ("param", *{k for state in ref_states for k in state if k != "step"}):
-        values = (
-            [r.detach() for r in ref_params]
-            if key == "param"
-            else [state[key] for state in ref_states if key in state]
-        )
-        scale = _scale(values)
-        atols[key] = atol * min(1.0, scale) if scale > 0 else atol
+    # Per quantity ("param", "exp_avg", ...): (index of the param, torch's value, fastopt's).
+    entries: dict[str, list[tuple[int, Tensor, Tensor]]] = {"param": []}
     for i, (r, f) in enumerate(zip(ref_params, fast_params, strict=True)):
-        msg = f"{where} param {i} {tuple(r.shape)}"
-        assert f.dtype == r.dtype and f.shape == r.shape and f.stride() == r.stride(), msg
-        torch.testing.assert_close(
-            f.detach(),
-            r.detach(),
-            rtol=rtol,
-            atol=atols["param"],
-            msg=lambda m, msg=msg: f"{msg}: {m}",
-        )
-        r_state, f_state = ref_states[i], fast_opt.state.get(f, {})
-        assert set(f_state) == set(r_state), msg
+        label = f"{where} param {i} {tuple(r.shape)}"
+        assert f.dtype == r.dtype and f.shape == r.shape and f.stride() == r.stride(), label
+        entries["param"].append((i, r.detach(), f.detach()))
+        assert (f in fast_opt.state) == (r in ref_opt.state), label
+        r_state, f_state = ref_opt.state.get(r, {}), fast_opt.state.get(f, {})
+        assert set(f_state) == set(r_state), label
         for key, r_value in r_state.items():
-            f_value = f_state[key]
-            if key == "step":
-                assert f_value.dtype == torch.float32 and f_value.dim() == 0, msg
-                assert f_value.item() == r_value.item(), f"{msg}: step"
-            else:
-                assert f_value.dtype == r_value.dtype, f"{msg}: {key}"
-                torch.testing.assert_close(
-                    f_value,
-                    r_value,
-                    rtol=rtol,
-                    atol=atols[key],
-                    msg=lambda m, k=key, msg=msg: f"{msg}: {k}: {m}",
-                )
+            # (fastopt's step is float32 whatever torch's is: `_assert_same_steps` checks it.)
+            assert key == "step" or f_state[key].dtype == r_value.dtype, f"{label}: {key}"
+            entries.setdefault(key, []).append((i, r_value, f_state[key]))
+    for key, values in entries.items():
+        if key == "step":
+            _assert_same_steps(values, where)
+            continue
+        key_atol = _shrunk_atol(atol, [r for _, r, _ in values])
+        if flat:
+            ref_flat = torch.cat([r.flatten() for _, r, _ in values])
+            fast_flat = torch.cat([f.flatten() for _, _, f in values])
+            compared = [(f"{where}: {key}", ref_flat, fast_flat)]
+        else:
+            compared = [(f"{where} param {i} {tuple(r.shape)}: {key}", r, f) for i, r, f in values]
+        for label, r, f in compared:
+            torch.testing.assert_close(
+                f, r, rtol=rtol, atol=key_atol, msg=lambda m, label=label: f"{label}: {m}"
+            )
 
 
-def assert_matches_reference_flat(
+def step_and_compare(
     ref_opt: torch.optim.Optimizer,
     fast_opt: torch.optim.Optimizer,
     ref_params: Sequence[Tensor],
     fast_params: Sequence[Tensor],
-    rtol: float,
-    atol: float,
-    where: str = "",
+    gen: torch.Generator,
+    steps: int,
+    *,
+    first: int = 0,
+    flat: bool = False,
+    rtol: float = FP32["rtol"],
+    atol: float = FP32["atol"],
 ) -> None:
-    """`assert_matches_reference` for thousands of params: each quantity is compared once, over
-    all params concatenated (the params that have state, for the state tensors)."""
-    stepped = [(r, f) for r, f in zip(ref_params, fast_params, strict=True) if r in ref_opt.state]
-    assert [f in fast_opt.state for f in fast_params] == [r in ref_opt.state for r in ref_params]
-    keys = {k for r, _ in stepped for k in ref_opt.state[r]}
-    assert all(set(fast_opt.state[f]) == set(ref_opt.state[r]) for r, f in stepped), where
-    for key in ("param", *sorted(keys)):
-        if key == "param":
-            pairs = [(r.detach(), f.detach()) for r, f in zip(ref_params, fast_params, strict=True)]
-        else:
-            pairs = [(ref_opt.state[r][key], fast_opt.state[f][key]) for r, f in stepped]
-        if key == "step":
-            ref_steps = torch.stack([r.to("cpu", torch.float32) for r, _ in pairs])
-            fast_steps = torch.stack([f.cpu() for _, f in pairs])
-            assert all(f.dtype == torch.float32 and f.dim() == 0 for _, f in pairs), where
-            assert torch.equal(fast_steps, ref_steps), f"{where}: step"
-            continue
-        ref_flat = torch.cat([r.flatten() for r, _ in pairs])
-        fast_flat = torch.cat([f.flatten() for _, f in pairs])
-        assert fast_flat.dtype == ref_flat.dtype, f"{where}: {key}"
-        scale = _scale([ref_flat])
-        torch.testing.assert_close(
-            fast_flat,
-            ref_flat,
-            rtol=rtol,
-            atol=atol * min(1.0, scale) if scale > 0 else atol,
-            msg=lambda m, key=key: f"{where}: {key}: {m}",
+    """`steps` steps of both optimizers, each after giving every param the same fresh grad,
+    compared with `assert_matches_reference` after every step (numbered from `first`)."""
+    for step in range(first, first + steps):
+        set_grads(gen, ref_params, fast_params)
+        ref_opt.step()
+        fast_opt.step()
+        where = f"step {step}"
+        assert_matches_reference(
+            ref_opt, fast_opt, ref_params, fast_params, rtol, atol, where, flat=flat
         )
 
 
@@ -272,24 +312,29 @@ def run_against_torch(
     device: str | torch.device = "cpu",
 ) -> None:
     """`steps` steps of torch.optim.`name`(foreach=False) and fastopt.Fused`name` on the same
-    params and grads, compared (params and every state tensor) after every step.
+    params and grads in `dtype`, judged after every step: in fp32 / fp64 fastopt must match
+    torch to rounding (`_judge_exact`), in bf16 / fp16 be as accurate as torch
+    (`_judge_low_precision`).
 
-    `options` holds amsgrad, maximize, weight_decay and tensor_lr (a Tensor lr on `device`, in
-    the params' precision: torch computes lr / bias_correction in the lr's dtype, so an fp32 lr
-    would round torch's fp64 step sizes to fp32).
+    `options` holds amsgrad, maximize and weight_decay, and in fp32 / fp64 tensor_lr.
     """
-    options = dict(options)
-    tensor_lr = options.pop("tensor_lr")
-    lr = torch.tensor(0.01, dtype=dtype, device=device) if tensor_lr else 0.01
     ref_params, fast_params = make_param_pairs(shapes, dtype, device=device, seed=seed)
+    judge = _judge_exact if dtype in TOLERANCES else _judge_low_precision
+    judge(name, dict(options), ref_params, fast_params, generator(seed + 1), steps)
+
+
+def _judge_exact(name, options, ref_params, fast_params, gen, steps) -> None:
+    """Params and every state tensor within TOLERANCES of torch's after every step.
+
+    `options["tensor_lr"]`: a Tensor lr on the params' device, in their precision (torch
+    computes lr / bias_correction in the lr's dtype, so an fp32 lr would round torch's fp64
+    step sizes to fp32).
+    """
+    dtype, device = fast_params[0].dtype, fast_params[0].device
+    lr = torch.tensor(0.01, dtype=dtype, device=device) if options.pop("tensor_lr") else 0.01
     ref, fast = optimizer_pair(name, ref_params, fast_params, lr=lr, **options)
     rtol, atol = TOLERANCES[dtype]
-    gen = generator(seed + 1)
-    for step in range(steps):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, rtol, atol, f"step {step}")
+    step_and_compare(ref, fast, ref_params, fast_params, gen, steps, rtol=rtol, atol=atol)
     for p in fast_params:
         assert_state_format(fast, p, options.get("amsgrad", False))
 
@@ -303,30 +348,21 @@ def _max_error(values: Sequence[Tensor], references: Sequence[Tensor]) -> float:
     return worst
 
 
-def run_low_precision_against_torch(
-    name: str,
-    dtype: torch.dtype,
-    options: dict,
-    seed: int,
-    steps: int = 10,
-    shapes: Sequence[tuple[int, ...]] = SHAPES,
-    device: str | torch.device = "cpu",
-) -> None:
-    """fastopt in `dtype` (bf16/fp16) against torch in `dtype`, both measured against torch in
-    fp32 from the same (upcast) start with the same grads: after every step, fastopt's largest
-    error on the params and on every state tensor is at most 2x torch's, plus one ulp of the
-    values' magnitude."""
+def _judge_low_precision(name, options, low, fast, gen, steps) -> None:
+    """fastopt and torch in the params' precision (bf16 / fp16) are both measured against torch
+    in fp32 from the same (upcast) start with the same grads: after every step, fastopt's
+    largest error on the params and on every state tensor is at most 2x torch's, plus one ulp
+    of the values' magnitude."""
+    dtype = fast[0].dtype
     # fp16 cannot hold eps=1e-8 (it rounds to 0, and torch divides 0 by 0 where a tiny grad's
     # square underflows); 1e-3 keeps the plain torch fp16 run finite, a fair yardstick.
     eps = 1e-3 if dtype == torch.float16 else 1e-8
     kwargs = dict(lr=1e-2, eps=eps, **options)
-    low, fast = make_param_pairs(shapes, dtype, device=device, seed=seed)
     high = [p.detach().float().requires_grad_() for p in low]
     low_opt, fast_opt = optimizer_pair(name, low, fast, **kwargs)
     high_opt = getattr(torch.optim, name)(high, foreach=False, **kwargs)
     keys = ["param", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if options["amsgrad"] else [])
     ulp = torch.finfo(dtype).eps
-    gen = generator(seed + 1)
     for step in range(steps):
         grads = set_grads(gen, low, fast)
         for h, g in zip(high, grads, strict=True):

@@ -12,12 +12,12 @@ from conftest import (
     FP32,
     SHAPES,
     assert_matches_reference,
-    assert_matches_reference_flat,
     assert_state_format,
     generator,
     make_param_pairs,
     optimizer_pair,
     set_grads,
+    step_and_compare,
 )
 
 import fastopt
@@ -94,9 +94,12 @@ def _through_bytes(state_dict):
 @pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
 @pytest.mark.parametrize("via_bytes", [False, True], ids=["in-memory", "torch.save"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_checkpoint_round_trip_continues_torchs_trajectory(name, direction, via_bytes, amsgrad):
+def test_checkpoint_round_trip_continues_torchs_trajectory(
+    device, name, direction, via_bytes, amsgrad
+):
     """N steps with one optimizer, its state_dict loaded into the other, M more steps: the same
-    as an uninterrupted torch run, after every step."""
+    as an uninterrupted torch run, after every step. On CUDA torch keeps `step` on the CPU
+    (capturable=False) and fastopt on the GPU: each must load the other's."""
     kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=amsgrad, betas=(0.85, 0.995))
     torch_cls = getattr(torch.optim, name)
     fast_cls = getattr(fastopt, f"Fused{name}")
@@ -104,15 +107,11 @@ def test_checkpoint_round_trip_continues_torchs_trajectory(name, direction, via_
         (torch_cls, fast_cls) if direction == "torch->fastopt" else (fast_cls, torch_cls)
     )
     extra = lambda cls: dict(foreach=False) if cls is torch_cls else {}  # noqa: E731
-    uninterrupted, params = make_param_pairs(SHAPES, seed=3)
+    uninterrupted, params = make_param_pairs(SHAPES, device=device, seed=3)
     reference = torch_cls(uninterrupted, foreach=False, **kwargs)
     first = first_cls(params, **kwargs, **extra(first_cls))
     gen = generator(4)
-    for step in range(4):
-        set_grads(gen, uninterrupted, params)
-        reference.step()
-        first.step()
-        assert_matches_reference(reference, first, uninterrupted, params, **FP32, where=f"{step}")
+    step_and_compare(reference, first, uninterrupted, params, gen, 4)
 
     state_dict = first.state_dict()
     if via_bytes:
@@ -124,14 +123,11 @@ def test_checkpoint_round_trip_continues_torchs_trajectory(name, direction, via_
     assert second.param_groups[0]["betas"] == (0.85, 0.995)
     for p in params:
         assert second.state[p]["step"].item() == 4.0
-    for step in range(4, 8):
-        set_grads(gen, uninterrupted, params)
-        reference.step()
-        second.step()
-        assert_matches_reference(reference, second, uninterrupted, params, **FP32, where=f"{step}")
+    step_and_compare(reference, second, uninterrupted, params, gen, 4, first=4)
     if second_cls is fast_cls:
         for p in params:
             assert_state_format(second, p, amsgrad)
+            assert second.state[p]["step"].device == p.device
 
 
 def test_tensor_lr_survives_the_round_trip():
@@ -145,11 +141,7 @@ def test_tensor_lr_survives_the_round_trip():
     loaded.load_state_dict(_through_bytes(fast.state_dict()))
     lr = loaded.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.item() == pytest.approx(0.02)
-    for _ in range(3):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        loaded.step()
-    assert_matches_reference(ref, loaded, ref_params, fast_params, **FP32)
+    step_and_compare(ref, loaded, ref_params, fast_params, gen, 3, first=1)
 
 
 def test_old_checkpoint_with_python_number_steps():
@@ -171,12 +163,7 @@ def test_old_checkpoint_with_python_number_steps():
     for p in fast_params:
         step = fast.state[p]["step"]
         assert isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.item() == 1
-    gen = generator(9)
-    for step in range(3):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_params, fast_params, generator(9), 3)
 
 
 def test_checkpoint_of_a_contiguous_model_loads_into_its_channels_last_copy():
@@ -196,11 +183,7 @@ def test_checkpoint_of_a_contiguous_model_loads_into_its_channels_last_copy():
     fast = fastopt.FusedAdam(fast_params)
     ref.load_state_dict(copy.deepcopy(checkpoint))
     fast.load_state_dict(copy.deepcopy(checkpoint))
-    for step in range(3):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_params, fast_params, gen, 3)
 
 
 def test_add_param_group_midway():
@@ -208,18 +191,12 @@ def test_add_param_group_midway():
     ref_b, fast_b = make_param_pairs([(1,), (4097,), (0,)], seed=13)
     ref, fast = optimizer_pair("Adam", ref_a, fast_a, lr=0.01)
     gen = generator(14)
-    for step in range(6):
-        if step == 3:
-            group = dict(lr=0.05, betas=(0.7, 0.9), weight_decay=0.2, amsgrad=True)
-            ref.add_param_group(dict(params=ref_b, **group))
-            fast.add_param_group(dict(params=fast_b, **group))
-            assert fast.param_groups[1].keys() == ref.param_groups[1].keys()
-        ref_params = ref_a + (ref_b if step >= 3 else [])
-        fast_params = fast_a + (fast_b if step >= 3 else [])
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_a, fast_a, gen, 3)
+    group = dict(lr=0.05, betas=(0.7, 0.9), weight_decay=0.2, amsgrad=True)
+    ref.add_param_group(dict(params=ref_b, **group))
+    fast.add_param_group(dict(params=fast_b, **group))
+    assert fast.param_groups[1].keys() == ref.param_groups[1].keys()
+    step_and_compare(ref, fast, ref_a + ref_b, fast_a + fast_b, gen, 3, first=3)
     assert fast.state[fast_b[1]]["step"].item() == 3 and fast.state[fast_a[0]]["step"].item() == 6
 
 
@@ -243,12 +220,7 @@ def test_param_groups_with_different_hyperparameters():
 
     ref = torch.optim.Adam(param_groups(ref_params), foreach=False)
     fast = fastopt.FusedAdam(param_groups(fast_params))
-    gen = generator(16)
-    for step in range(6):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_params, fast_params, generator(16), 6)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
@@ -285,11 +257,7 @@ def test_params_without_grad_are_skipped():
         assert p not in fast.state  # no state created for a param that never had a grad
         assert torch.equal(p.detach(), before)
     # They join later: their own step count starts at 1.
-    for step in range(3, 5):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_params, fast_params, gen, 2, first=3)
     assert fast.state[fast_params[1]]["step"].item() == 2
     assert fast.state[fast_params[0]]["step"].item() == 5
 
@@ -304,9 +272,6 @@ def test_a_model_of_1200_small_params():
         "AdamW", ref_params, fast_params, lr=0.01, weight_decay=0.1, amsgrad=True
     )
     for step in range(4):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference_flat(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+        step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step, flat=True)
         steps = torch.stack([fast.state[p]["step"] for p in fast_params])
         assert torch.all(steps == step + 1)

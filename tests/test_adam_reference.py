@@ -17,6 +17,7 @@ import zlib
 import pytest
 import torch
 from conftest import (
+    ADAM_OPTIONS,
     TOLERANCES,
     assert_matches_reference,
     assert_state_format,
@@ -24,8 +25,8 @@ from conftest import (
     make_param_pairs,
     optimizer_pair,
     run_against_torch,
-    run_low_precision_against_torch,
     set_grads,
+    step_and_compare,
     supported_cpu_isas,
 )
 
@@ -34,19 +35,9 @@ from fastopt import _extension
 
 STEPS = 10
 
-OPTIONS = [
-    pytest.param(
-        dict(amsgrad=amsgrad, maximize=maximize, weight_decay=wd, tensor_lr=tensor_lr),
-        id=f"ams{int(amsgrad)}-max{int(maximize)}-wd{wd}-{'tlr' if tensor_lr else 'flr'}",
-    )
-    for amsgrad, maximize, wd, tensor_lr in itertools.product(
-        [False, True], [False, True], [0.0, 0.1], [False, True]
-    )
-]
-
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("options", ADAM_OPTIONS)
 def test_fp32_matches_torch_under_every_isa(cpu_isa, name, options):
     run_against_torch(
         name,
@@ -58,7 +49,7 @@ def test_fp32_matches_torch_under_every_isa(cpu_isa, name, options):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("options", ADAM_OPTIONS)
 def test_fp64_matches_torch(name, options):
     run_against_torch(name, torch.float64, options, seed=7, steps=STEPS)
 
@@ -145,11 +136,7 @@ def test_betas_eps_and_params_at_offsets():
     assert fast_params[0].storage_offset() == 1
     kwargs = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, amsgrad=True)
     ref, fast = optimizer_pair("AdamW", ref_params, fast_params, **kwargs)
-    for step in range(6):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, 1e-5, 1e-6, f"step {step}")
+    step_and_compare(ref, fast, ref_params, fast_params, gen, 6)
 
 
 def test_nan_and_inf_grads_propagate_like_torch():
@@ -184,11 +171,8 @@ def test_infinite_param_without_l2_term_stays_as_torch_leaves_it(name, weight_de
     ref, fast = optimizer_pair(name, ref_params, fast_params, lr=0.01, weight_decay=weight_decay)
     gen = generator(10)
     for step in range(3):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
+        step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step)
         assert ref_params[0][1] == float("-inf") and ref_params[0][3] == float("inf")
-        assert_matches_reference(ref, fast, ref_params, fast_params, 1e-5, 1e-6, f"step {step}")
 
 
 def test_closure_is_called_and_its_loss_returned():
@@ -252,12 +236,7 @@ def test_accepted_arguments_do_not_change_the_result(kwargs):
         betas=tuple(float(b) for b in kwargs.get("betas", (0.9, 0.999))),
     )
     fast = fastopt.FusedAdam(fast_params, **{"lr": 0.01, **kwargs})
-    gen = generator(13)
-    for step in range(3):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, 1e-5, 1e-6, f"step {step}")
+    step_and_compare(ref, fast, ref_params, fast_params, generator(13), 3)
 
 
 # -- low precision ---------------------------------------------------------------------------
@@ -273,16 +252,19 @@ LOW_PRECISION_OPTIONS = [
 @pytest.mark.parametrize("options", LOW_PRECISION_OPTIONS)
 def test_low_precision_error_is_within_torchs(dtype, name, options):
     """fastopt in bf16/fp16 is at most ~2x as far from an fp32 reference as torch in bf16/fp16."""
-    run_low_precision_against_torch(name, dtype, options, seed=21)
+    run_against_torch(name, dtype, options, seed=21)
 
 
-def test_mixed_dtypes_in_one_group():
+def test_mixed_dtypes_in_one_group(device):
     """One group (so one kernel call) holding fp32, fp64, bf16 and fp16 params: each dtype is
     computed as it is alone, with state in the param's dtype."""
     gen = generator(31)
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]
     shapes = [(7,), (4097,), (33, 65), (4097,), (0,)]
-    starts = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+    starts = [
+        torch.randn(s, generator=gen).to(dtype=d, device=device)
+        for s, d in zip(shapes, dtypes, strict=True)
+    ]
     fast = [s.clone().requires_grad_() for s in starts]
     # The reference: torch in the same dtype for fp32/fp64, fp32 for the low-precision ones.
     ref = [s.clone().requires_grad_() for s in starts[:2]] + [starts[4].clone().requires_grad_()]
@@ -311,6 +293,7 @@ def test_mixed_dtypes_in_one_group():
             assert fast_error <= 2 * torch_error + slack, f"step {step} {f.dtype}"
     for p in fast:
         assert_state_format(fast_opt, p, amsgrad=True)
+        assert fast_opt.state[p]["step"].item() == 5
 
 
 def _ulp(t: torch.Tensor) -> torch.Tensor:

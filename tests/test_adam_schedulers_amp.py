@@ -8,6 +8,7 @@ back unscaled, and skips the whole step (step counts included) when an inf/NaN w
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -71,20 +72,59 @@ def test_one_cycle_lr_changes_lr_and_betas(name):
 # -- GradScaler ------------------------------------------------------------------------------
 
 
-def _model_pair(seed):
+@dataclasses.dataclass
+class _ScaledRun:
+    """A small model with its optimizer and its GradScaler. A test trains a torch run and a
+    fastopt run side by side, from equal models on the same batches."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.model.parameters())
+
+    def backward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """zero_grad, then the backward of the scaled loss on `batch`."""
+        self.opt.zero_grad()
+        x, y = batch
+        self.scaler.scale(nn.functional.mse_loss(self.model(x), y)).backward()
+
+    def step(self) -> None:
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+def _scaled_runs(name, device, seed, scaler_kwargs=None, **kwargs) -> tuple[_ScaledRun, _ScaledRun]:
+    """A torch.optim.`name`(foreach=False) run and a fastopt.Fused`name` run on `device`, of equal
+    models, with optimizer arguments `kwargs` and GradScaler arguments `scaler_kwargs`."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(13, 33), nn.Tanh(), nn.Linear(33, 7))
-    return model, copy.deepcopy(model)
+    ref_model = nn.Sequential(nn.Linear(13, 33), nn.Tanh(), nn.Linear(33, 7)).to(device)
+    fast_model = copy.deepcopy(ref_model)
+    ref_opt, fast_opt = optimizer_pair(
+        name, ref_model.parameters(), fast_model.parameters(), **kwargs
+    )
+    ref_scaler, fast_scaler = (
+        torch.amp.GradScaler(device, **(scaler_kwargs or {})) for _ in range(2)
+    )
+    return _ScaledRun(ref_model, ref_opt, ref_scaler), _ScaledRun(fast_model, fast_opt, fast_scaler)
 
 
-def _scaled_backward(model, scaler, x, y):
-    loss = nn.functional.mse_loss(model(x), y)
-    scaler.scale(loss).backward()
+def _batch(gen, device):
+    """Inputs and targets for the models of `_scaled_runs`, drawn on the CPU."""
+    return torch.randn(5, 13, generator=gen).to(device), torch.randn(5, 7, generator=gen).to(device)
 
 
-def _assert_models_match(ref_opt, fast_opt, ref_model, fast_model, where):
-    ref_params, fast_params = list(ref_model.parameters()), list(fast_model.parameters())
-    assert_matches_reference(ref_opt, fast_opt, ref_params, fast_params, **FP32, where=where)
+def _assert_runs_match(ref: _ScaledRun, fast: _ScaledRun, where: str) -> None:
+    assert fast.scaler.get_scale() == ref.scaler.get_scale(), where
+    assert_matches_reference(ref.opt, fast.opt, ref.params, fast.params, **FP32, where=where)
+
+
+def _assert_stored_back_unscaled(params, scaled_grads, scale) -> None:
+    """Like torch's fused optimizers, fastopt stores the grads back unscaled (exactly)."""
+    for p, g in zip(params, scaled_grads, strict=True):
+        torch.testing.assert_close(p.grad, g / scale, rtol=0, atol=0)
 
 
 def test_fastopt_takes_the_fused_amp_path():
@@ -92,90 +132,62 @@ def test_fastopt_takes_the_fused_amp_path():
     assert fastopt.FusedAdamW._step_supports_amp_scaling is True
 
 
-def test_grad_scaler_steps_match_torch():
-    ref_model, fast_model = _model_pair(5)
-    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01, foreach=False)
-    fast_opt = fastopt.FusedAdam(fast_model.parameters(), lr=0.01)
-    kwargs = dict(init_scale=2.0**12, growth_interval=2)  # the scale grows during the test
-    ref_scaler, fast_scaler = (
-        torch.amp.GradScaler("cpu", **kwargs),
-        torch.amp.GradScaler("cpu", **kwargs),
-    )
+def test_grad_scaler_steps_match_torch(device):
+    # growth_interval=2: the scale grows during the test.
+    scaler_kwargs = dict(init_scale=2.0**12, growth_interval=2)
+    ref, fast = _scaled_runs("Adam", device, seed=5, scaler_kwargs=scaler_kwargs, lr=0.01)
     gen = generator(6)
-    fast_params = list(fast_model.parameters())
     for step in range(6):
-        x, y = torch.randn(5, 13, generator=gen), torch.randn(5, 7, generator=gen)
-        for model, opt, scaler in (
-            (ref_model, ref_opt, ref_scaler),
-            (fast_model, fast_opt, fast_scaler),
-        ):
-            opt.zero_grad()
-            _scaled_backward(model, scaler, x, y)
-            if opt is fast_opt:
-                scaled = [p.grad.clone() for p in fast_params]
-                scale = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-        assert fast_scaler.get_scale() == ref_scaler.get_scale()
-        assert not hasattr(fast_opt, "grad_scale") and not hasattr(fast_opt, "found_inf")
-        _assert_models_match(ref_opt, fast_opt, ref_model, fast_model, f"step {step}")
-        # Like torch's fused optimizers, fastopt stores the grads back unscaled.
-        for p, g in zip(fast_params, scaled, strict=True):
-            torch.testing.assert_close(p.grad, g / scale, rtol=0, atol=0)
-    assert fast_scaler.get_scale() > 2.0**12
+        batch = _batch(gen, device)
+        for run in (ref, fast):
+            run.backward(batch)
+        scaled, scale = [p.grad.clone() for p in fast.params], fast.scaler.get_scale()
+        for run in (ref, fast):
+            run.step()
+        assert not hasattr(fast.opt, "grad_scale") and not hasattr(fast.opt, "found_inf")
+        _assert_runs_match(ref, fast, f"step {step}")
+        _assert_stored_back_unscaled(fast.params, scaled, scale)
+    assert fast.scaler.get_scale() > 2.0**12
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_grad_scaler_skips_a_step_with_a_non_finite_grad(bad):
-    ref_model, fast_model = _model_pair(7)
-    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=0.01, amsgrad=True, foreach=False)
-    fast_opt = fastopt.FusedAdamW(fast_model.parameters(), lr=0.01, amsgrad=True)
-    ref_scaler, fast_scaler = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+def test_grad_scaler_skips_a_step_with_a_non_finite_grad(device, name, bad):
+    ref, fast = _scaled_runs(name, device, seed=7, lr=0.01, amsgrad=True)
     gen = generator(8)
-    fast_params = list(fast_model.parameters())
     for step in range(5):
-        x, y = torch.randn(5, 13, generator=gen), torch.randn(5, 7, generator=gen)
-        for model, opt, scaler in (
-            (ref_model, ref_opt, ref_scaler),
-            (fast_model, fast_opt, fast_scaler),
-        ):
-            opt.zero_grad()
-            _scaled_backward(model, scaler, x, y)
+        batch = _batch(gen, device)
+        for run in (ref, fast):
+            run.backward(batch)
             if step == 2:
-                model[2].weight.grad[3, 4] = bad
-            if opt is fast_opt:
-                before, scale_before = snapshot(opt, fast_params), scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
+                run.model[2].weight.grad[3, 4] = bad
+        before, scale_before = snapshot(fast.opt, fast.params), fast.scaler.get_scale()
+        scaled = [p.grad.clone() for p in fast.params]
+        for run in (ref, fast):
+            run.step()
         if step == 2:
             # Every param, grad, state tensor and step count as before; only the scale changed.
-            assert_unchanged(fast_opt, fast_params, before)
-            assert fast_scaler.get_scale() == scale_before / 2
-            assert all(fast_opt.state[p]["step"].item() == 2 for p in fast_params)
-        _assert_models_match(ref_opt, fast_opt, ref_model, fast_model, f"step {step}")
-    assert all(fast_opt.state[p]["step"].item() == 4 for p in fast_params)
+            assert_unchanged(fast.opt, fast.params, before)
+            assert fast.scaler.get_scale() == scale_before / 2
+            assert all(fast.opt.state[p]["step"].item() == 2 for p in fast.params)
+        else:
+            _assert_stored_back_unscaled(fast.params, scaled, scale_before)
+        _assert_runs_match(ref, fast, f"step {step}")
+    assert all(fast.opt.state[p]["step"].item() == 4 for p in fast.params)
 
 
 def test_grad_scaler_unscale_then_clip():
     """scaler.unscale_ before clipping: the kernel must not unscale a second time."""
-    ref_model, fast_model = _model_pair(9)
-    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01, foreach=False)
-    fast_opt = fastopt.FusedAdam(fast_model.parameters(), lr=0.01)
-    ref_scaler, fast_scaler = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    ref, fast = _scaled_runs("Adam", "cpu", seed=9, lr=0.01)
     gen = generator(10)
     for step in range(4):
-        x, y = torch.randn(5, 13, generator=gen), torch.randn(5, 7, generator=gen)
-        for model, opt, scaler in (
-            (ref_model, ref_opt, ref_scaler),
-            (fast_model, fast_opt, fast_scaler),
-        ):
-            opt.zero_grad()
-            _scaled_backward(model, scaler, x, y)
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
-            scaler.step(opt)
-            scaler.update()
-        _assert_models_match(ref_opt, fast_opt, ref_model, fast_model, f"step {step}")
+        batch = _batch(gen, "cpu")
+        for run in (ref, fast):
+            run.backward(batch)
+            run.scaler.unscale_(run.opt)
+            nn.utils.clip_grad_norm_(run.model.parameters(), max_norm=0.05)
+            run.step()
+        _assert_runs_match(ref, fast, f"step {step}")
 
 
 # -- the op path directly --------------------------------------------------------------------

@@ -1,66 +1,47 @@
 """FusedAdam on CUDA against torch.optim.Adam / AdamW(foreach=False) on CUDA: every option, fp32 /
-fp64 / bf16 / fp16, GradScaler("cuda"), thousands of tensors (several kernel launches), a 10M
-element tensor, CUDA graph capture, checkpoints, and bad input. Skipped without a GPU."""
+fp64 / bf16 / fp16, thousands of tensors (several kernel launches), a 10M element tensor, CUDA
+graph capture, and bad input. Skipped without a GPU.
+
+The tests that run on both devices (checkpoints, GradScaler, mixed dtypes) are in the files of
+their subject, with a `device` parameter."""
 
 from __future__ import annotations
-
-import copy
-import itertools
 
 import pytest
 import torch
 from conftest import (
+    ADAM_OPTIONS,
     FP32,
+    ON_CUDA,
     SHAPES,
-    TOLERANCES,
     assert_matches_reference,
-    assert_matches_reference_flat,
-    assert_state_format,
     assert_unchanged,
+    checked_cuda,
     generator,
     make_param_pairs,
     optimizer_pair,
     run_against_torch,
-    run_low_precision_against_torch,
     set_grads,
     snapshot,
+    step_and_compare,
 )
-from torch import nn
 
 import fastopt
-from fastopt import _extension
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = ON_CUDA
 
 CUDA = "cuda"
 
 
 @pytest.fixture(autouse=True)
-def _cuda_kernels_built():
-    """On a GPU machine the CUDA kernels must be there: a missing build is a failure."""
-    if not _extension.has_kernels("cuda"):
-        pytest.fail(f"fastopt's CUDA kernels are not loaded: {_extension._load_errors.get('cuda')}")
-    yield
-    torch.cuda.synchronize()
-
-
-OPTIONS = [
-    pytest.param(
-        dict(amsgrad=amsgrad, maximize=maximize, weight_decay=wd, tensor_lr=tensor_lr),
-        id=f"ams{int(amsgrad)}-max{int(maximize)}-wd{wd}-{'tlr' if tensor_lr else 'flr'}",
-    )
-    for amsgrad, maximize, wd, tensor_lr in itertools.product(
-        [False, True], [False, True], [0.0, 0.1], [False, True]
-    )
-]
+def _checked_cuda():
+    with checked_cuda():
+        yield
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("options", ADAM_OPTIONS)
 def test_matches_torch_on_cuda(dtype, name, options):
     """Tensor lr on the device; params and every state tensor compared after every step."""
     run_against_torch(name, dtype, options, seed=1, steps=10, device=CUDA)
@@ -71,7 +52,7 @@ def test_matches_torch_on_cuda(dtype, name, options):
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_low_precision_on_cuda(dtype, name, amsgrad):
     options = dict(amsgrad=amsgrad, maximize=False, weight_decay=0.1)
-    run_low_precision_against_torch(name, dtype, options, seed=2, device=CUDA)
+    run_against_torch(name, dtype, options, seed=2, device=CUDA)
 
 
 @pytest.mark.parametrize("lr_device", ["cpu", CUDA])
@@ -79,12 +60,7 @@ def test_tensor_lr_on_either_device(lr_device):
     ref_params, fast_params = make_param_pairs(SHAPES, device=CUDA, seed=3)
     lr = torch.tensor(0.01, device=lr_device)
     ref, fast = optimizer_pair("AdamW", ref_params, fast_params, lr=lr, amsgrad=True)
-    gen = generator(4)
-    for step in range(5):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_params, fast_params, generator(4), 5)
 
 
 def test_unaligned_and_non_contiguous_params_on_cuda():
@@ -103,38 +79,7 @@ def test_unaligned_and_non_contiguous_params_on_cuda():
     ref_params = [s.clone(memory_format=torch.preserve_format).requires_grad_() for s in starts]
     assert fast_params[0].data_ptr() % 16 != 0
     ref, fast = optimizer_pair("Adam", ref_params, fast_params, lr=0.01, amsgrad=True)
-    for step in range(4):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
-
-
-def test_mixed_dtypes_in_one_group_on_cuda():
-    gen = generator(6)
-    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16, torch.float32]
-    shapes = [(4097,), (33, 65), (7,), (1000,), (0,)]
-    starts = [
-        torch.randn(s, generator=gen).to(dtype=d, device=CUDA)
-        for s, d in zip(shapes, dtypes, strict=True)
-    ]
-    fast_params = [s.clone().requires_grad_() for s in starts]
-    exact = [0, 2, 4]  # fp32 / fp64: compared with torch in the same dtype
-    ref_params = [starts[i].clone().requires_grad_() for i in exact]
-    fast = fastopt.FusedAdam(fast_params, lr=0.01, amsgrad=True)
-    ref = torch.optim.Adam(ref_params, lr=0.01, amsgrad=True, foreach=False)
-    for _ in range(4):
-        grads = set_grads(gen, fast_params)
-        for r, i in zip(ref_params, exact, strict=True):
-            r.grad = grads[i].clone()
-        ref.step()
-        fast.step()
-        for r, i in zip(ref_params, exact, strict=True):
-            rtol, atol = TOLERANCES[r.dtype]
-            torch.testing.assert_close(fast_params[i], r, rtol=rtol, atol=atol)
-    for p in fast_params:
-        assert_state_format(fast, p, amsgrad=True)
-        assert fast.state[p]["step"].item() == 4
+    step_and_compare(ref, fast, ref_params, fast_params, gen, 4)
 
 
 def test_thousands_of_tensors_span_several_launches():
@@ -154,7 +99,9 @@ def test_thousands_of_tensors_span_several_launches():
         set_grads(gen, ref_params[active], fast_params[active])
         ref.step()
         fast.step()
-        assert_matches_reference_flat(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+        assert_matches_reference(
+            ref, fast, ref_params, fast_params, **FP32, where=f"step {step}", flat=True
+        )
     counts = {fast.state[p]["step"].item() for p in fast_params}
     assert counts == {3.0, 5.0}  # every third param stepped 5 times, the others 3
 
@@ -167,12 +114,7 @@ def test_a_ten_million_element_tensor_across_two_launches():
     ref, fast = optimizer_pair(
         "Adam", ref_params, fast_params, lr=0.01, weight_decay=0.1, amsgrad=True
     )
-    gen = generator(10)
-    for step in range(3):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    step_and_compare(ref, fast, ref_params, fast_params, generator(10), 3)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
@@ -219,76 +161,6 @@ def test_cuda_graph_capture_of_step(amsgrad):
     assert all(fast.state[p]["step"].item() == 6 for p in fast_params)
 
 
-# -- GradScaler ------------------------------------------------------------------------------
-
-
-def test_grad_scaler_on_cuda_with_an_inf_step():
-    torch.manual_seed(13)
-    ref_model = nn.Sequential(nn.Linear(13, 33), nn.Tanh(), nn.Linear(33, 7)).to(CUDA)
-    fast_model = copy.deepcopy(ref_model)
-    ref_opt = torch.optim.Adam(ref_model.parameters(), lr=0.01, amsgrad=True, foreach=False)
-    fast_opt = fastopt.FusedAdam(fast_model.parameters(), lr=0.01, amsgrad=True)
-    ref_scaler, fast_scaler = torch.amp.GradScaler(CUDA), torch.amp.GradScaler(CUDA)
-    fast_params = list(fast_model.parameters())
-    gen = generator(14)
-    for step in range(5):
-        x = torch.randn(5, 13, generator=gen).to(CUDA)
-        y = torch.randn(5, 7, generator=gen).to(CUDA)
-        pairs = ((ref_model, ref_opt, ref_scaler), (fast_model, fast_opt, fast_scaler))
-        for model, opt, scaler in pairs:
-            opt.zero_grad()
-            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
-            if step == 2:
-                model[0].weight.grad[1, 2] = float("inf")
-            if opt is fast_opt:
-                before, scale_before = snapshot(opt, fast_params), scaler.get_scale()
-                scaled = [p.grad.clone() for p in fast_params]
-            scaler.step(opt)
-            scaler.update()
-        torch.cuda.synchronize()
-        if step == 2:
-            assert_unchanged(fast_opt, fast_params, before)
-            assert fast_scaler.get_scale() == scale_before / 2
-        else:
-            for p, g in zip(fast_params, scaled, strict=True):  # stored back unscaled
-                torch.testing.assert_close(p.grad, g / scale_before, rtol=0, atol=0)
-        assert fast_scaler.get_scale() == ref_scaler.get_scale()
-        assert_matches_reference(
-            ref_opt, fast_opt, list(ref_model.parameters()), fast_params, **FP32, where=f"{step}"
-        )
-    assert all(fast_opt.state[p]["step"].item() == 4 for p in fast_params)
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
-def test_checkpoint_round_trip_on_cuda(direction):
-    """torch keeps `step` on the CPU (capturable=False), fastopt on the GPU: both load either."""
-    uninterrupted, params = make_param_pairs(SHAPES, device=CUDA, seed=15)
-    kwargs = dict(lr=0.01, amsgrad=True, weight_decay=0.1)
-    reference = torch.optim.AdamW(uninterrupted, foreach=False, **kwargs)
-    torch_opt = lambda ps: torch.optim.AdamW(ps, foreach=False, **kwargs)  # noqa: E731
-    fast_opt = lambda ps: fastopt.FusedAdamW(ps, **kwargs)  # noqa: E731
-    first, second = (
-        (torch_opt, fast_opt) if direction == "torch->fastopt" else (fast_opt, torch_opt)
-    )
-    opt = first(params)
-    gen = generator(16)
-    for step in range(6):
-        if step == 3:
-            state_dict = copy.deepcopy(opt.state_dict())
-            opt = second(params)
-            opt.load_state_dict(state_dict)
-        set_grads(gen, uninterrupted, params)
-        reference.step()
-        opt.step()
-        assert_matches_reference(reference, opt, uninterrupted, params, **FP32, where=f"{step}")
-    if isinstance(opt, fastopt.FusedAdamW):
-        for p in params:
-            assert opt.state[p]["step"].device == p.device
-
-
 # -- bad input -------------------------------------------------------------------------------
 
 
@@ -316,12 +188,7 @@ def test_cpu_params_with_a_cuda_lr_are_refused():
 def test_params_on_a_second_gpu():
     ref_params, fast_params = make_param_pairs(SHAPES, device="cuda:1", seed=19)
     ref, fast = optimizer_pair("Adam", ref_params, fast_params, lr=torch.tensor(0.01))
-    gen = generator(20)
     with torch.cuda.device(0):  # the current device is not the params' one
-        for step in range(3):
-            set_grads(gen, ref_params, fast_params)
-            ref.step()
-            fast.step()
-            assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+        step_and_compare(ref, fast, ref_params, fast_params, generator(20), 3)
     for p in fast_params:
         assert fast.state[p]["step"].device == torch.device("cuda:1")
