@@ -8,3 +8,7 @@
 #define FASTOPT_HOST_DEVICE
 #define FASTOPT_INLINE inline __attribute__((always_inline))
 #endif
+
+// Placed after a lambda's parameter list: the lambda is always inlined into its caller, so it is
+// compiled for the caller's instruction set (see cpu/isa.h).
+#define FASTOPT_INLINE_LAMBDA __attribute__((always_inline))

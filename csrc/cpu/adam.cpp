@@ -12,6 +12,7 @@
 #include "cpu/dtype_switch.h"
 #include "cpu/isa.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/prefetched_loop.h"
 
 namespace fastopt::cpu {
 namespace {
@@ -63,33 +64,23 @@ struct AdamLoop {
     S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
     S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
     S* __restrict__ max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
-    constexpr int64_t kBlock = 64;
-    constexpr int64_t kAhead = 1024;
-    for (int64_t b = a.begin; b < a.end; b += kBlock) {
-      const int64_t e = std::min(b + kBlock, a.end);
-      for (int64_t l = 0; l < kBlock; l += 64 / int64_t(sizeof(S))) {
-        __builtin_prefetch(param + b + kAhead + l, 1);
-        __builtin_prefetch(grad + b + kAhead + l, 0);
-        __builtin_prefetch(exp_avg + b + kAhead + l, 1);
-        __builtin_prefetch(exp_avg_sq + b + kAhead + l, 1);
+    const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
+      C p = C(param[i]);
+      C g = C(grad[i]);
+      C m = C(exp_avg[i]);
+      C v = C(exp_avg_sq[i]);
+      C v_max = AMSGRAD ? C(max_exp_avg_sq[i]) : C(0);
+      if (UNSCALE) {
+        g = g / grad_scale;
+        grad[i] = S(g);
       }
-      for (int64_t i = b; i < e; ++i) {
-        C p = C(param[i]);
-        C g = C(grad[i]);
-        C m = C(exp_avg[i]);
-        C v = C(exp_avg_sq[i]);
-        C v_max = AMSGRAD ? C(max_exp_avg_sq[i]) : C(0);
-        if (UNSCALE) {
-          g = g / grad_scale;
-          grad[i] = S(g);
-        }
-        adam_update<AMSGRAD>(p, g, m, v, v_max, k);
-        param[i] = S(p);
-        exp_avg[i] = S(m);
-        exp_avg_sq[i] = S(v);
-        if (AMSGRAD) max_exp_avg_sq[i] = S(v_max);
-      }
-    }
+      adam_update<AMSGRAD>(p, g, m, v, v_max, k);
+      param[i] = S(p);
+      exp_avg[i] = S(m);
+      exp_avg_sq[i] = S(v);
+      if (AMSGRAD) max_exp_avg_sq[i] = S(v_max);
+    };
+    prefetched_loop(a.begin, a.end, element, param, grad, exp_avg, exp_avg_sq);
   }
 };
 

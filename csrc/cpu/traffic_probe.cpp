@@ -6,12 +6,12 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
 
 #include "common/macros.h"
 #include "cpu/isa.h"
 #include "cpu/multi_tensor.h"
+#include "cpu/prefetched_loop.h"
 
 namespace fastopt::cpu {
 namespace {
@@ -30,23 +30,17 @@ FASTOPT_INLINE void probe_body(const ProbePiece& a) {
   const float* __restrict__ grad = a.grad;
   float* __restrict__ exp_avg = a.exp_avg;
   float* __restrict__ exp_avg_sq = a.exp_avg_sq;
-  for (int64_t b = a.begin; b < a.end; b += 64) {
-    const int64_t e = std::min(b + 64, a.end);
-    for (int64_t l = 0; l < 64; l += 16) {
-      __builtin_prefetch(param + b + 1024 + l, 1);
-      __builtin_prefetch(grad + b + 1024 + l, 0);
-      __builtin_prefetch(exp_avg + b + 1024 + l, 1);
-      __builtin_prefetch(exp_avg_sq + b + 1024 + l, 1);
-    }
-    for (int64_t i = b; i < e; ++i) {
-      const float g = grad[i];
-      const float m = exp_avg[i] * 0.9f + g;
-      const float v = exp_avg_sq[i] * 0.999f + g;
-      exp_avg[i] = m;
-      exp_avg_sq[i] = v;
-      param[i] = param[i] + m * -1e-3f + v * 1e-6f;
-    }
-  }
+  const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
+    const float g = grad[i];
+    const float m = exp_avg[i] * 0.9f + g;
+    const float v = exp_avg_sq[i] * 0.999f + g;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    param[i] = param[i] + m * -1e-3f + v * 1e-6f;
+  };
+  // The same loop as the optimizer kernels', prefetches included, so that the probe is the
+  // roofline of that loop rather than of a plainer one.
+  prefetched_loop(a.begin, a.end, element, param, grad, exp_avg, exp_avg_sq);
 }
 
 FASTOPT_DISPATCH_BY_ISA(probe_piece, probe_body, ProbePiece)
