@@ -8,6 +8,7 @@ running torch before they are loaded: a binary built for another torch fails in 
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -39,9 +40,9 @@ def load() -> None:
         _load_errors["cuda"] = _load_errors["cpu"]
         return
     _check_torch_version()
-    _loaded["cpu"] = importlib.import_module("fastopt._C")
+    _loaded["cpu"] = _import_binary("fastopt._C")
     if _build_info.CUDA_BUILT:
-        _loaded["cuda"] = importlib.import_module("fastopt._C_cuda")
+        _loaded["cuda"] = _import_binary("fastopt._C_cuda")
     elif torch.version.cuda is None:
         _load_errors["cuda"] = "this torch is a CPU-only build"
     else:
@@ -49,6 +50,20 @@ def load() -> None:
             "fastopt was built without its CUDA kernels (FASTOPT_CUDA=0, or nvcc was not found); "
             "set CUDA_HOME to the CUDA toolkit"
         )
+
+
+def _import_binary(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        # A non-editable `pip install .` writes _build_info.py into the checkout but puts the
+        # binaries in site-packages; Python run from the checkout imports the checkout.
+        here = os.path.dirname(os.path.abspath(__file__))
+        raise ImportError(
+            f"{name} is missing from {here}: this fastopt was imported from a source checkout "
+            "whose kernels are not built in place. Build them there with `pip install -e .`, or "
+            "run Python from another directory to use the installed fastopt"
+        ) from error
 
 
 def has_kernels(device_type: str) -> bool:

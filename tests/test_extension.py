@@ -118,3 +118,12 @@ def test_both_routes_into_the_op_agree(route):
 def test_fastopt_exports():
     assert fastopt.FusedAdam.__module__ == "fastopt.optim.adam"
     assert set(fastopt.__all__) >= {"FusedAdam", "FusedAdamW", "functional"}
+
+
+def test_a_checkout_without_built_kernels_says_how_to_build(monkeypatch):
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+
+    monkeypatch.setattr(_extension.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match=r"not built in place.*pip install -e \."):
+        _extension._import_binary("fastopt._C")
