@@ -278,3 +278,14 @@ def test_grad_strides_may_differ_in_size_one_dims():
     ref.step()
     fast.step()
     assert_matches_reference(ref, fast, ref_params, fast_params, **FP32)
+
+
+def test_error_names_the_param_by_its_index_in_the_group():
+    """Params without a grad still count: the index is the one in param_groups[i]["params"]."""
+    no_grad = _leaf(torch.randn(3))
+    first_group = [_leaf(torch.randn(4))]
+    bad = _leaf(torch.randn(5, dtype=torch.complex64))
+    opt = fastopt.FusedAdam([{"params": first_group}, {"params": [no_grad, bad]}])
+    set_grads(generator(9), first_group + [bad])
+    with pytest.raises(RuntimeError, match=r"param 1 of param_groups\[1\] \(shape \(5,\)\)"):
+        opt.step()

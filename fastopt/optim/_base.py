@@ -101,7 +101,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             states, created = self._states_of(params, group)
             try:
                 self._group_step(group, params, grads, states, grad_scale, found_inf)
-            except RuntimeError:
+            except Exception:
                 for p in created:  # leave no trace of a failed step
                     del self.state[p]
                 # Re-raise with the param group and index named, and the fix, where the check
@@ -116,42 +116,47 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         device = params[0].device
         _extension.require_kernels(device, name)
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            where = f"{name}: param {i} of param_groups[{index}] (shape {tuple(p.shape)})"
+
+        def where(p: Tensor) -> str:
+            # The index in the group's own list, which also holds params without a grad.
+            i = next(j for j, q in enumerate(group["params"]) if q is p)
+            return f"{name}: param {i} of param_groups[{index}] (shape {tuple(p.shape)})"
+
+        for p, g in zip(params, grads, strict=True):
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(
-                    f"{where} has a sparse gradient, which {name} does not support; use "
+                    f"{where(p)} has a sparse gradient, which {name} does not support; use "
                     "torch.optim.SparseAdam, or a dense gradient (e.g. nn.Embedding(sparse=False))"
                 )
             if p.is_complex():
                 raise RuntimeError(
-                    f"{where} is complex, which {name} does not support; optimize "
+                    f"{where(p)} is complex, which {name} does not support; optimize "
                     "torch.view_as_real(param) instead"
                 )
             if p.dtype not in _FLOAT_DTYPES:
                 raise RuntimeError(
-                    f"{where} has dtype {p.dtype}; supported are float32, float64, float16 and "
+                    f"{where(p)} has dtype {p.dtype}; supported are float32, float64, float16 and "
                     "bfloat16"
                 )
             if p.device != device:
                 raise RuntimeError(
-                    f"{where} is on {p.device} but param 0 of that group is on {device}; a "
+                    f"{where(p)} is on {p.device} but param 0 of that group is on {device}; a "
                     "fastopt param group holds params of one device: put the others in a group "
                     "of their own"
                 )
             if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
                 raise RuntimeError(
-                    f"{where} has a grad of {g.dtype} {tuple(g.shape)} on {g.device}; it must "
+                    f"{where(p)} has a grad of {g.dtype} {tuple(g.shape)} on {g.device}; it must "
                     f"match the param: {p.dtype} {tuple(p.shape)} on {p.device}"
                 )
             if not _is_dense(p):
                 raise RuntimeError(
-                    f"{where} is not stored densely (a strided view of a larger tensor?); "
+                    f"{where(p)} is not stored densely (a strided view of a larger tensor?); "
                     "fastopt's kernels need dense params: use `p.data = p.data.contiguous()`"
                 )
             if not _same_element_offsets(g, p):
                 raise RuntimeError(
-                    f"{where} has a grad with strides {g.stride()} but the param has "
+                    f"{where(p)} has a grad with strides {g.stride()} but the param has "
                     f"{p.stride()}; give the grad the param's memory layout"
                 )
         lr = group["lr"]
