@@ -289,3 +289,30 @@ def test_error_names_the_param_by_its_index_in_the_group():
     set_grads(generator(9), first_group + [bad])
     with pytest.raises(RuntimeError, match=r"param 1 of param_groups\[1\] \(shape \(5,\)\)"):
         opt.step()
+
+
+def test_bad_state_in_a_later_group_changes_no_group():
+    """State the Python checks never look at (here a loaded exp_avg of the wrong shape) is caught
+    by the op's own checks, which run on later groups before any group steps."""
+    first, second = [_leaf(torch.randn(4))], [_leaf(torch.randn(6))]
+    opt = fastopt.FusedAdam([{"params": first}, {"params": second}])
+    gen = generator(10)
+    set_grads(gen, first + second)
+    opt.step()
+    opt.state[second[0]]["exp_avg"] = torch.zeros(5)
+    set_grads(gen, first + second)
+    before = snapshot(opt, first + second)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] has shape \[5\]"):
+        opt.step()
+    assert_unchanged(opt, first + second, before)
+
+
+def test_grad_scaler_tensors_follow_each_group_to_its_device():
+    from fastopt.optim._base import _AmpTensors
+
+    amp = _AmpTensors(torch.tensor(1024.0), torch.tensor(0.0))
+    meta = torch.device("meta")
+    assert amp.grad_scale(meta).device == meta and amp.found_inf(meta).device == meta
+    assert amp.grad_scale(meta) is amp.grad_scale(meta)  # one copy per device and step
+    assert amp.found_inf(torch.device("cpu")) is amp._found_inf
+    assert _AmpTensors(None, None).grad_scale(meta) is None

@@ -81,8 +81,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        amp = _AmpTensors(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         work = []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
@@ -91,24 +90,48 @@ class FusedOptimizer(torch.optim.Optimizer):
                 params = [p for p, g in zip(params, grads, strict=True) if g is not None]
                 grads = [g for g in grads if g is not None]
             if params:
-                work.append((index, group, params, grads))
-        # The op checks all of its inputs before it changes anything, so a bad first group fails
-        # cleanly. A bad later group would fail after earlier groups had stepped: those groups are
-        # checked here first (this costs ~1 us per param, which one group does not pay).
-        for index, group, params, grads in work[1:]:
-            self._check_group(index, group, params, grads)
-        for index, group, params, grads in work:
-            states, created = self._states_of(params, group)
-            try:
-                self._group_step(group, params, grads, states, grad_scale, found_inf)
-            except Exception:
-                for p in created:  # leave no trace of a failed step
-                    del self.state[p]
-                # Re-raise with the param group and index named, and the fix, where the check
-                # below finds the cause; otherwise the op's own message.
+                work.append([index, group, params, grads, None])
+        created: list[Tensor] = []
+        current = None
+        try:
+            for current in work:
+                index, group, params, grads, _ = current
+                current[4], created_now = self._states_of(params, group)
+                created += created_now
+            # The op checks all of its inputs before it changes anything, so a bad first group
+            # fails cleanly; a bad later group would fail after earlier ones had stepped. So the
+            # later groups go through the op first as a skipped step (found_inf set), which
+            # checks everything and changes nothing. (A compiled step checks while tracing.)
+            for current in [] if torch.compiler.is_compiling() else work[1:]:
+                index, group, params, grads, states = current
+                device = params[0].device
+                self._group_step(
+                    group, params, grads, states, amp.grad_scale(device), self._skip_flag(device)
+                )
+            for current in work:
+                index, group, params, grads, states = current
+                device = params[0].device
+                self._group_step(
+                    group, params, grads, states, amp.grad_scale(device), amp.found_inf(device)
+                )
+        except Exception:
+            for p in created:  # leave no trace of a failed step
+                del self.state[p]
+            if current is not None:
+                # Re-raise naming the param group, the param and the fix, where the check below
+                # finds the cause; otherwise the op's own message.
+                index, group, params, grads, _ = current
                 self._check_group(index, group, params, grads)
-                raise
+            raise
         return loss
+
+    def _skip_flag(self, device: torch.device) -> Tensor:
+        """A found_inf that is set, on `device`; kept, so that steps after the first (those a
+        CUDA graph captures) make no copy."""
+        flags = self.__dict__.setdefault("_skip_flags", {})
+        if device not in flags:
+            flags[device] = torch.ones((), dtype=torch.float32, device=device)
+        return flags[device]
 
     def _check_group(self, index: int, group, params: list[Tensor], grads: list[Tensor]) -> None:
         name = type(self).__name__
@@ -184,6 +207,30 @@ class FusedOptimizer(torch.optim.Optimizer):
                         state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             rows.append(columns(state))
         return dict(zip(("step", *keys), zip(*rows, strict=True), strict=True)), created
+
+
+class _AmpTensors:
+    """GradScaler's grad_scale and found_inf, on the device of each param group: GradScaler keeps
+    them on its own device, and a model may span several (torch's fused Adam moves them too)."""
+
+    def __init__(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        self._grad_scale = grad_scale
+        self._found_inf = found_inf
+        self._copies: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _on(self, name: str, t: Tensor | None, device: torch.device) -> Tensor | None:
+        if t is None or t.device == device:
+            return t
+        key = (name, device)
+        if key not in self._copies:
+            self._copies[key] = t.to(device, non_blocking=True)
+        return self._copies[key]
+
+    def grad_scale(self, device: torch.device) -> Tensor | None:
+        return self._on("grad_scale", self._grad_scale, device)
+
+    def found_inf(self, device: torch.device) -> Tensor | None:
+        return self._on("found_inf", self._found_inf, device)
 
 
 def _is_dense(t: Tensor) -> bool:
