@@ -3,7 +3,7 @@
 
 Environment:
   FASTOPT_CUDA=0          skip the CUDA extension (quick CPU-only builds)
-  CUDA_HOME               the CUDA toolkit (default: /usr/local/cuda, else where nvcc is)
+  CUDA_HOME, CUDA_PATH    the CUDA toolkit (default: /usr/local/cuda, else where nvcc is)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0+PTX")
   MAX_JOBS                parallel compile jobs (ninja)
 """

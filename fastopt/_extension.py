@@ -42,7 +42,11 @@ def load() -> None:
     _check_torch_version()
     _loaded["cpu"] = _import_binary("fastopt._C")
     if _build_info.CUDA_BUILT:
-        _loaded["cuda"] = _import_binary("fastopt._C_cuda")
+        try:
+            _loaded["cuda"] = _import_binary("fastopt._C_cuda")
+        except (ImportError, OSError) as error:
+            # The CPU kernels stay usable; CUDA tensors get this reason from require_kernels.
+            _load_errors["cuda"] = f"fastopt._C_cuda failed to load ({error})"
     elif torch.version.cuda is None:
         _load_errors["cuda"] = "this torch is a CPU-only build"
     else:
@@ -61,8 +65,9 @@ def _import_binary(name: str):
         here = os.path.dirname(os.path.abspath(__file__))
         raise ImportError(
             f"{name} is missing from {here}: this fastopt was imported from a source checkout "
-            "whose kernels are not built in place. Build them there with `pip install -e .`, or "
-            "run Python from another directory to use the installed fastopt"
+            "whose kernels are not built in place. Build them there with "
+            "`pip install --no-build-isolation -e .`, or run Python from another directory to use "
+            "the installed fastopt"
         ) from error
 
 
@@ -88,13 +93,9 @@ def require_kernels(device: torch.device, what: str) -> None:
 
 
 def cpu_module():
-    """The loaded CPU extension (instruction set queries)."""
+    """The loaded CPU extension, fastopt._C: instruction set queries, and the ops' fast eager
+    entry points (csrc/eager_calls.cpp)."""
     require_kernels(torch.device("cpu"), "fastopt")
-    return _loaded["cpu"]
-
-
-def eager_calls():
-    """The module with the ops' fast eager entry points (fastopt._C, csrc/eager_calls.cpp)."""
     return _loaded["cpu"]
 
 

@@ -37,8 +37,10 @@ def adam_step_(
 ) -> None:
     """One Adam (or, with ``decoupled_weight_decay=True``, AdamW) step over many tensors, in place.
 
-    Computes exactly what ``torch.optim.Adam`` / ``AdamW`` compute, in one pass over memory and
-    one kernel launch (CUDA) or one parallel region (CPU) for all tensors.
+    Computes what ``torch.optim.Adam`` / ``AdamW`` compute (fp32 and fp64 to rounding; bf16 and
+    fp16 rounded once per element rather than after every operation), in one pass over memory:
+    one parallel region for all tensors on the CPU, multi-tensor launches of up to 320 chunks
+    on CUDA.
 
     Args:
         params, grads, exp_avgs, exp_avg_sqs: one entry per param; each state tensor has its
@@ -47,9 +49,11 @@ def adam_step_(
         max_exp_avg_sqs: one per param with ``amsgrad=True``, else empty.
         steps: one float32 one-element tensor per param on the params' device, the number of
             steps taken so far; each is incremented.
-        lr: the learning rate, a float or a one-element tensor (read from device memory on CUDA,
-            so a captured CUDA graph sees later changes to it).
-        beta1, beta2, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``.
+        lr: the learning rate, a float or a one-element tensor. A CUDA tensor is read from
+            device memory, so a captured CUDA graph sees later changes to it; a float or a CPU
+            tensor is read when the step is launched (or captured).
+        beta1, beta2, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``; tensor
+            betas are read on the host (a sync for CUDA tensors).
         grad_scale: a loss scale to divide the grads by (``torch.amp.GradScaler``); the grads are
             stored back unscaled, as torch's fused optimizers do.
         found_inf: nonzero means an inf/NaN gradient was found: nothing at all is changed.
@@ -76,7 +80,7 @@ def adam_step_(
         grad_scale,
         found_inf,
     )
-    if _use_eager_fast_path() and _extension.eager_calls().adam_step_eager(*args) is None:
+    if _use_eager_fast_path() and _extension.cpu_module().adam_step_eager(*args) is None:
         return
     torch.ops.fastopt.adam_step_(*args)
 

@@ -80,7 +80,7 @@ def test_both_routes_into_the_op_agree(route):
     )
     if route == "eager entry":
         inputs = _adam_inputs(0)
-        assert _extension.eager_calls().adam_step_eager(
+        assert _extension.cpu_module().adam_step_eager(
             *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
         ) is None  # fmt: skip
     elif route == "torch.ops":
@@ -89,7 +89,7 @@ def test_both_routes_into_the_op_agree(route):
     elif route == "subclass":
         inputs = _adam_inputs(0, wrap=lambda t: t.as_subclass(_Subclass))
         assert (
-            _extension.eager_calls().adam_step_eager(
+            _extension.cpu_module().adam_step_eager(
                 *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
             )
             is NotImplemented
@@ -104,7 +104,7 @@ def test_both_routes_into_the_op_agree(route):
 
         with Mode():
             assert (
-                _extension.eager_calls().adam_step_eager(
+                _extension.cpu_module().adam_step_eager(
                     *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
                 )
                 is NotImplemented
@@ -125,5 +125,35 @@ def test_a_checkout_without_built_kernels_says_how_to_build(monkeypatch):
         raise ModuleNotFoundError(f"No module named {name!r}")
 
     monkeypatch.setattr(_extension.importlib, "import_module", missing)
-    with pytest.raises(ImportError, match=r"not built in place.*pip install -e \."):
+    fix = r"not built in place.*pip install --no-build-isolation -e \."
+    with pytest.raises(ImportError, match=fix):
         _extension._import_binary("fastopt._C")
+
+
+def test_a_cuda_extension_that_fails_to_load_leaves_the_cpu_kernels(monkeypatch):
+    monkeypatch.setattr(_extension, "_loaded", {})
+    monkeypatch.setattr(_extension, "_load_errors", {})
+    monkeypatch.setattr(_extension._build_info, "CUDA_BUILT", True)
+    real_import = _extension._import_binary
+
+    def import_binary(name):
+        if name == "fastopt._C_cuda":
+            raise ImportError("undefined symbol: cudaSomething")
+        return real_import(name)
+
+    monkeypatch.setattr(_extension, "_import_binary", import_binary)
+    _extension.load()
+    assert _extension.has_kernels("cpu") and not _extension.has_kernels("cuda")
+    with pytest.raises(RuntimeError, match="_C_cuda failed to load.*undefined symbol"):
+        _extension.require_kernels(torch.device("cuda"), "x")
+
+
+@pytest.mark.parametrize("name", ["grad_scale", "found_inf"])
+def test_scaler_tensors_must_be_float32(name):
+    inputs = _adam_inputs(1)
+    before = [[t.clone() for t in tensors] for tensors in inputs]
+    scalar = {name: torch.tensor(1.0 if name == "grad_scale" else 0.0, dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match=f"{name} must be float32, got Double"):
+        functional.adam_step_(*inputs, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, **scalar)
+    for got, want in zip(inputs, before, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -80,15 +80,18 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
   }
 }
 
-// A one-element float tensor such as lr, grad_scale or found_inf, on `device` (or also on the CPU,
-// where `cpu_allowed`: a value the host reads without waiting for the device).
+// A one-element tensor such as lr_tensor, grad_scale or found_inf: float32 (or also float64,
+// where `float64_allowed`), on `device` (or also on the CPU, where `cpu_allowed`: a value the
+// host reads without waiting for the device). GradScaler's tensors are float32 on its device.
 inline void check_scalar_tensor(const char* op, const char* name,
                                 const std::optional<at::Tensor>& t, at::Device device,
-                                bool cpu_allowed = false) {
+                                bool cpu_allowed = false, bool float64_allowed = false) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t->scalar_type());
+  TORCH_CHECK(
+      t->scalar_type() == at::kFloat || (float64_allowed && t->scalar_type() == at::kDouble), op,
+      ": ", name, " must be float32", float64_allowed ? " or float64" : "", ", got ",
+      t->scalar_type());
   TORCH_CHECK(t->device() == device || (cpu_allowed && t->device().is_cpu()), op, ": ", name,
               " is on ", t->device(), ", expected ", device);
 }

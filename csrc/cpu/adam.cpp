@@ -105,7 +105,8 @@ void adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList e
   check_adam_tensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, amsgrad,
                      c10::DeviceType::CPU);
   const at::Device cpu(c10::DeviceType::CPU);
-  check_scalar_tensor(kAdamStepName, "lr_tensor", lr_tensor, cpu);
+  check_scalar_tensor(kAdamStepName, "lr_tensor", lr_tensor, cpu, /*cpu_allowed=*/true,
+                      /*float64_allowed=*/true);
   check_scalar_tensor(kAdamStepName, "grad_scale", grad_scale, cpu);
   check_scalar_tensor(kAdamStepName, "found_inf", found_inf, cpu);
   // An inf/NaN gradient was found: the step is skipped entirely, step counts included.

@@ -13,7 +13,8 @@
 
 namespace fastopt::cpu {
 
-// Shares start on multiples of this many elements (a 64-byte line for fp32 and wider).
+// Shares start on multiples of this many elements of the concatenated range, which keeps most
+// shares from splitting a vector of the element loop (it does not align them to cache lines).
 constexpr int64_t kShareAlignment = 16;
 // Below this many elements in all, one thread does everything: forking costs more.
 constexpr int64_t kMinElementsPerThread = 32768;

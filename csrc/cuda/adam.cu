@@ -48,8 +48,9 @@ struct AdamFunctor {
     const int tensor = meta.block_to_tensor[blockIdx.x];
     const int64_t start = int64_t(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
     const int64_t n = min(kChunkSize, meta.numels[tensor] - start);
-    // The counters are advanced after this kernel: this step's count is the stored one plus 1.
-    const double step = double(*meta.steps[tensor]) + 1.0;
+    // The counters are advanced after this kernel: this step's count is the stored one plus 1,
+    // added in float32 as torch (and the CPU kernel) add it.
+    const double step = double(*meta.steps[tensor] + 1.0f);
     const AdamCoefficients<C> k = adam_coefficients<C>(a.options, a.lr.read(), step);
     const C grad_scale = UNSCALE ? C(*a.grad_scale) : C(1);
 
@@ -110,11 +111,9 @@ void launch_adam(const std::array<std::vector<at::Tensor>, kDepth>& lists,
   }
 }
 
-const float* float_pointer(const char* name, const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->scalar_type() == at::kFloat, kAdamStepName, ": ", name,
-              " must be float32 on CUDA, got ", t->scalar_type());
-  return t->const_data_ptr<float>();
+// The device address of a checked float32 scalar tensor, or nullptr.
+const float* float_pointer(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
 void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -128,15 +127,16 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                      c10::DeviceType::CUDA);
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  check_scalar_tensor(kAdamStepName, "lr_tensor", lr_tensor, device, /*cpu_allowed=*/true);
+  check_scalar_tensor(kAdamStepName, "lr_tensor", lr_tensor, device, /*cpu_allowed=*/true,
+                      /*float64_allowed=*/true);
   check_scalar_tensor(kAdamStepName, "grad_scale", grad_scale, device);
   check_scalar_tensor(kAdamStepName, "found_inf", found_inf, device);
   const c10::cuda::CUDAGuard guard(device);
 
   AdamArgs args{{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
                 LearningRate{},
-                float_pointer("grad_scale", grad_scale),
-                float_pointer("found_inf", found_inf)};
+                float_pointer(grad_scale),
+                float_pointer(found_inf)};
   if (!lr_tensor.has_value()) {
     args.lr.value = lr;
   } else if (lr_tensor->is_cpu()) {
@@ -157,14 +157,16 @@ void adam_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     lists[1].push_back(grads[i]);
     lists[2].push_back(exp_avgs[i]);
     lists[3].push_back(exp_avg_sqs[i]);
-    // Never dereferenced without amsgrad; the param keeps the list aligned.
+    // Never dereferenced without amsgrad; the param keeps the five lists the same length.
     lists[4].push_back(amsgrad ? max_exp_avg_sqs[i] : params[i]);
     dtype_steps.push_back(steps[i]);
   }
-  for (const auto& [dtype, work] : by_dtype) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastopt_adam_step_cuda", [&] {
-      launch_adam<scalar_t>(work.first, work.second, args, amsgrad);
-    });
+  for (const auto& entry : by_dtype) {
+    const auto& lists = entry.second.first;         // not structured bindings: C++17 lambdas
+    const auto& dtype_steps = entry.second.second;  // cannot capture those
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, entry.first, "fastopt_adam_step_cuda",
+        [&] { launch_adam<scalar_t>(lists, dtype_steps, args, amsgrad); });
   }
   increment_steps(std::vector<at::Tensor>(steps.begin(), steps.end()), args.found_inf);
 }

@@ -11,7 +11,7 @@ __all__ = ["FusedAdam", "FusedAdamW"]
 
 
 class FusedAdam(FusedOptimizer):
-    """``torch.optim.Adam`` computed by one fused kernel per param group and step.
+    """``torch.optim.Adam`` computed by fused multi-tensor kernels, one pass over memory a step.
 
     Takes exactly ``torch.optim.Adam``'s arguments and produces the same results and the same
     ``state_dict`` (so checkpoints move between the two in both directions), on CPU and CUDA
@@ -27,8 +27,9 @@ class FusedAdam(FusedOptimizer):
         amsgrad: use the maximum of past squared-gradient averages (AMSGrad).
         foreach, fused: accepted for compatibility and ignored: the step is always fused.
         maximize: maximize the objective instead of minimizing it.
-        capturable: accepted; fastopt's CUDA step always reads its step counts (and a tensor lr)
-            from device memory, so it can be captured in a CUDA graph either way.
+        capturable: accepted; fastopt's CUDA step always reads its step counts (and a CUDA
+            tensor lr) from device memory, so it can be captured in a CUDA graph either way
+            (with float betas: tensor betas are read on the host).
         differentiable: must be False.
         decoupled_weight_decay: apply weight decay as AdamW does.
 
@@ -126,7 +127,7 @@ class FusedAdam(FusedOptimizer):
 
 
 class FusedAdamW(FusedAdam):
-    """``torch.optim.AdamW`` computed by one fused kernel per param group and step.
+    """``torch.optim.AdamW`` computed by fused multi-tensor kernels, one pass over memory a step.
 
     ``FusedAdam`` with decoupled weight decay, taking exactly ``torch.optim.AdamW``'s arguments
     (``weight_decay`` defaults to 0.01). See :class:`FusedAdam`.
