@@ -19,9 +19,10 @@ def info() -> None:
     print(f"torch {torch.__version__} (fastopt built against {build.get('TORCH_VERSION')})")
     if _extension.has_kernels("cpu"):
         cpu = _extension.cpu_module()
+        compiled = "baseline, avx2, avx512" if platform.machine() == "x86_64" else "baseline"
         print(
             f"CPU kernels: {cpu.active_cpu_isa()} in use (widest this CPU supports: "
-            f"{cpu.best_cpu_isa()}; compiled: baseline, avx2, avx512) on {platform.machine()}"
+            f"{cpu.best_cpu_isa()}; compiled: {compiled}) on {platform.machine()}"
         )
     else:
         print("CPU kernels: not built")

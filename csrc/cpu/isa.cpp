@@ -9,6 +9,7 @@ namespace fastopt::cpu {
 namespace {
 
 bool cpu_supports(Isa isa) {
+#if defined(__x86_64__)
   switch (isa) {
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -21,6 +22,9 @@ bool cpu_supports(Isa isa) {
       return true;
   }
   return false;
+#else
+  return isa == Isa::kBaseline;  // the only variant compiled for other CPUs (isa.h)
+#endif
 }
 
 Isa initial_isa() {

@@ -24,6 +24,8 @@ Isa parse_isa(const std::string& name);
 
 }  // namespace fastopt::cpu
 
+#if defined(__x86_64__)
+
 // Target attributes of the per-instruction-set variants. Functions that are always inlined into
 // such a variant are compiled for its instruction set.
 #define FASTOPT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -52,3 +54,12 @@ Isa parse_isa(const std::string& name);
         return name##_baseline(args);                                 \
     }                                                                 \
   }
+
+#else  // other CPUs (aarch64, ...) get the baseline variant, vectorized for their own baseline
+
+#define FASTOPT_DISPATCH_BY_ISA(name, body, Args) \
+  static void name(const Args& args) {            \
+    body(args);                                   \
+  }
+
+#endif
