@@ -75,7 +75,17 @@ def _adam_step_fake(
             p.device == params[0].device,
             lambda i=i, p=p: f"params[{i}] is on {p.device} but params[0] is on {params[0].device}",
         )
-        for name in ("grads", "exp_avgs", "exp_avg_sqs"):
+        step = steps[i]
+        torch._check(
+            step.numel() == 1 and step.dtype == torch.float32,
+            lambda i=i, step=step: (
+                f"steps[{i}] must be a one-element float32 tensor, got "
+                f"{step.dtype} {tuple(step.shape)}"
+            ),
+        )
+        for name in ("grads", "exp_avgs", "exp_avg_sqs") + (
+            ("max_exp_avg_sqs",) if amsgrad else ()
+        ):
             t = lists[name][i]
             torch._check(
                 t.shape == p.shape and t.dtype == p.dtype,

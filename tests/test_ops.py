@@ -86,6 +86,10 @@ def test_fake_implementation_checks_shapes():
     args[2] = args[2][:-1]
     with pytest.raises(RuntimeError, match="exp_avgs has"):
         torch.ops.fastopt.adam_step_(*args)
+    args = list(_adam_args(False, False, False, device="meta"))
+    args[5] = [s.double() for s in args[5]]
+    with pytest.raises(RuntimeError, match=r"steps\[0\] must be a one-element float32"):
+        torch.ops.fastopt.adam_step_(*args)
 
 
 class _RecordOps(TorchDispatchMode):
