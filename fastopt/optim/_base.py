@@ -90,38 +90,34 @@ class FusedOptimizer(torch.optim.Optimizer):
                 params = [p for p, g in zip(params, grads, strict=True) if g is not None]
                 grads = [g for g in grads if g is not None]
             if params:
-                work.append([index, group, params, grads, None])
+                work.append((index, group, params, grads))
         created: list[Tensor] = []
         current = None
         try:
+            prepared = []
             for current in work:
-                index, group, params, grads, _ = current
-                current[4], created_now = self._states_of(params, group)
+                _, group, params, _ = current
+                states, created_now = self._states_of(params, group)
                 created += created_now
+                prepared.append((current, states))
             # The op checks all of its inputs before it changes anything, so a bad first group
             # fails cleanly; a bad later group would fail after earlier ones had stepped. So the
             # later groups go through the op first as a skipped step (found_inf set), which
             # checks everything and changes nothing. (A compiled step checks while tracing.)
-            for current in [] if torch.compiler.is_compiling() else work[1:]:
-                index, group, params, grads, states = current
+            checks = [] if torch.compiler.is_compiling() else prepared[1:]
+            runs = [(item, True) for item in checks] + [(item, False) for item in prepared]
+            for (current, states), check_only in runs:
+                index, group, params, grads = current
                 device = params[0].device
-                self._group_step(
-                    group, params, grads, states, amp.grad_scale(device), self._skip_flag(device)
-                )
-            for current in work:
-                index, group, params, grads, states = current
-                device = params[0].device
-                self._group_step(
-                    group, params, grads, states, amp.grad_scale(device), amp.found_inf(device)
-                )
+                found_inf = self._skip_flag(device) if check_only else amp.found_inf(device)
+                self._group_step(group, params, grads, states, amp.grad_scale(device), found_inf)
         except Exception:
             for p in created:  # leave no trace of a failed step
                 del self.state[p]
             if current is not None:
                 # Re-raise naming the param group, the param and the fix, where the check below
                 # finds the cause; otherwise the op's own message.
-                index, group, params, grads, _ = current
-                self._check_group(index, group, params, grads)
+                self._check_group(*current)
             raise
         return loss
 
