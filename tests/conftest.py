@@ -9,13 +9,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
 from torch import Tensor
 
-import fastopt
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter. The variable must
+# be set before any module defining @triton.jit kernels is imported, so before fastopt is.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastopt  # noqa: E402
 from fastopt import _extension
 
 # Odd sizes on purpose: a single element, fewer than one vector, a vector plus one, a 2-d shape

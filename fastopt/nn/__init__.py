@@ -1,0 +1,2 @@
+"""Drop-in replacements for ``nn.Linear``: block-sparse and int8 layers, and helpers that swap
+the layers of a whole model."""
