@@ -5,7 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <initializer_list>
 #include <optional>
 #include <utility>
 
@@ -35,7 +34,7 @@ inline bool is_supported_param_dtype(at::ScalarType t) {
 // element: same device, dtype, shape and memory layout as the param, dense storage, supported
 // dtype. `steps` holds one float32 step counter per param on the params' device.
 inline void check_optimizer_tensors(const char* op, at::TensorList params,
-                                    std::initializer_list<NamedTensorList> companions,
+                                    c10::ArrayRef<NamedTensorList> companions,
                                     at::TensorList steps, c10::DeviceType device_type) {
   for (const auto& [name, list] : companions) {
     TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(),

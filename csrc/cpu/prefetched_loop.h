@@ -19,6 +19,7 @@ constexpr int64_t kPrefetchAhead = 1024;  // elements between the block and its 
 
 template <typename T>
 FASTOPT_INLINE void prefetch_block_ahead(const T* stream, int64_t block_begin) {
+  if (stream == nullptr) return;  // a state slot the kernel variant does not use
   // Prefetches never fault, so running past the end of a stream is harmless.
   const char* ahead = reinterpret_cast<const char*>(stream + block_begin + kPrefetchAhead);
   for (int64_t byte = 0; byte < kPrefetchBlock * int64_t(sizeof(T)); byte += 64) {
@@ -26,7 +27,7 @@ FASTOPT_INLINE void prefetch_block_ahead(const T* stream, int64_t block_begin) {
   }
 }
 
-// Calls body(i) for every i in [begin, end), prefetching `streams` ahead. `body` must be
+// Calls body(i) for every i in [begin, end), prefetching `streams` (null ones skipped) ahead. `body` must be
 // always-inline, as it runs inside a per-instruction-set variant (isa.h).
 template <typename Body, typename... Streams>
 FASTOPT_INLINE void prefetched_loop(int64_t begin, int64_t end, const Body& body,

@@ -1,0 +1,151 @@
+// The CPU driver of every multi-tensor optimizer op: all tensors of a call in one parallel
+// region, one pass over memory, the element loop compiled per instruction set. An optimizer's
+// CPU file only instantiates it for its rule (common/step_call.h):
+//
+//   FASTOPT_DISPATCH_BY_ISA(rule_piece, step_piece_body<Rule>, StepPiece<Rule>)
+//   ... &rule_step<run_step_on_cpu<Rule, rule_piece>> ...
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <utility>
+#include <vector>
+
+#include "common/macros.h"
+#include "common/step_call.h"
+#include "cpu/dtype_switch.h"
+#include "cpu/multi_tensor.h"
+#include "cpu/prefetched_loop.h"
+
+namespace fastopt::cpu {
+
+// Where one param and its state live, gathered before the parallel region: the threads then
+// read one compact array instead of each tensor's metadata, which is cold after backward().
+template <typename Rule>
+struct StepTensor {
+  c10::ScalarType dtype;
+  void* param;
+  void* grad;
+  std::array<void*, Rule::kStateSlots> state;
+  typename Rule::template Coefficients<float> coefficients_float;
+  typename Rule::template Coefficients<double> coefficients_double;
+
+  template <typename C>
+  FASTOPT_INLINE const typename Rule::template Coefficients<C>& coefficients() const {
+    if constexpr (std::is_same_v<C, float>) {
+      return coefficients_float;
+    } else {
+      return coefficients_double;
+    }
+  }
+};
+
+// One contiguous element range of one param and its state.
+template <typename Rule>
+struct StepPiece {
+  const StepTensor<Rule>* tensor;
+  int variant;
+  bool unscale;  // divide grads by grad_scale and store them back unscaled, as torch's fused does
+  double grad_scale;
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename Rule, int VARIANT, bool UNSCALE>
+struct StepLoop {
+  static constexpr int kSlots = Rule::kStateSlots;
+
+  template <typename S>
+  FASTOPT_INLINE static void run(const StepPiece<Rule>& a) {
+    using C = at::opmath_type<S>;
+    const StepTensor<Rule>& t = *a.tensor;
+    const auto k = t.template coefficients<C>();
+    const C grad_scale = C(a.grad_scale);
+    S* __restrict__ param = static_cast<S*>(t.param);
+    S* __restrict__ grad = static_cast<S*>(t.grad);
+    std::array<S*, kSlots> state;
+    for (int s = 0; s < kSlots; ++s) state[s] = static_cast<S*>(t.state[s]);
+    const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
+      C p = C(param[i]);
+      C g = C(grad[i]);
+      C st[kSlots] = {};
+      for (int s = 0; s < kSlots; ++s) {
+        if (Rule::uses_state(VARIANT, s)) st[s] = C(state[s][i]);
+      }
+      if constexpr (UNSCALE) {
+        g = g / grad_scale;
+        grad[i] = S(g);
+      }
+      Rule::template update<VARIANT>(p, g, st, k);
+      param[i] = S(p);
+      for (int s = 0; s < kSlots; ++s) {
+        if (Rule::uses_state(VARIANT, s)) state[s][i] = S(st[s]);
+      }
+    };
+    prefetched_loop_over_slots(a.begin, a.end, element, param, grad, state,
+                               std::make_index_sequence<kSlots>());
+  }
+
+  // Unused state slots are null, and prefetched_loop skips null streams.
+  template <typename S, typename Element, size_t... SLOT>
+  FASTOPT_INLINE static void prefetched_loop_over_slots(int64_t begin, int64_t end,
+                                                        const Element& element, S* param, S* grad,
+                                                        const std::array<S*, kSlots>& state,
+                                                        std::index_sequence<SLOT...>) {
+    prefetched_loop(begin, end, element, param, grad, state[SLOT]...);
+  }
+};
+
+// Turns the run-time variant and unscale flag into template arguments, then the dtype.
+template <typename Rule, int VARIANT = 0>
+FASTOPT_INLINE void step_piece_body(const StepPiece<Rule>& a) {
+  if constexpr (VARIANT < Rule::kVariants) {
+    if (a.variant != VARIANT) return step_piece_body<Rule, VARIANT + 1>(a);
+    a.unscale ? switch_param_dtype<StepLoop<Rule, VARIANT, true>>(a.tensor->dtype, a)
+              : switch_param_dtype<StepLoop<Rule, VARIANT, false>>(a.tensor->dtype, a);
+  }
+}
+
+// Runs one checked-in call: `piece` is step_piece_body<Rule> compiled per instruction set.
+template <typename Rule, void (*piece)(const StepPiece<Rule>&)>
+void run_step_on_cpu(const StepCall<Rule>& call) {
+  check_step_call(call, c10::DeviceType::CPU);
+  // An inf/NaN gradient was found: the step is skipped entirely, step counts included.
+  if (call.found_inf.has_value() && call.found_inf->template item<double>() != 0) return;
+  const double lr =
+      call.lr_tensor.has_value() ? call.lr_tensor->template item<double>() : call.lr;
+
+  const size_t n = call.params.size();
+  std::vector<int64_t> numels(n);
+  std::vector<float> new_steps(n);
+  std::vector<StepTensor<Rule>> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    StepTensor<Rule>& t = tensors[i];
+    numels[i] = call.params[i].numel();
+    new_steps[i] = *call.steps[i].template const_data_ptr<float>() + 1.0f;
+    t.dtype = call.params[i].scalar_type();
+    t.param = call.params[i].data_ptr();
+    t.grad = call.grads[i].data_ptr();
+    for (int s = 0; s < Rule::kStateSlots; ++s) {
+      t.state[s] = Rule::uses_state(call.variant, s) ? call.states[s][i].data_ptr() : nullptr;
+    }
+    if (i > 0 && new_steps[i] == new_steps[i - 1]) {  // the usual case: one count for all
+      t.coefficients_float = tensors[i - 1].coefficients_float;
+      t.coefficients_double = tensors[i - 1].coefficients_double;
+    } else {
+      t.coefficients_float = Rule::template coefficients<float>(call.options, lr, new_steps[i]);
+      t.coefficients_double = Rule::template coefficients<double>(call.options, lr, new_steps[i]);
+    }
+  }
+
+  const bool unscale = call.grad_scale.has_value();
+  const double scale = unscale ? call.grad_scale->template item<double>() : 1.0;
+  for_each_piece_in_parallel(numels, [&](size_t t, int64_t begin, int64_t end) {
+    piece(StepPiece<Rule>{&tensors[t], call.variant, unscale, scale, begin, end});
+  });
+  for (size_t i = 0; i < n; ++i) *call.steps[i].template mutable_data_ptr<float>() = new_steps[i];
+}
+
+}  // namespace fastopt::cpu
