@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from fastopt import _extension
 # that is no multiple of any vector width, an empty tensor, and a 0-dim tensor.
 SHAPES: list[tuple[int, ...]] = [(1,), (7,), (4097,), (33, 65), (0,), ()]
 
-# rtol, atol of the fp32 / fp64 comparisons with torch.optim.Adam(foreach=False).
+# rtol, atol of the fp32 / fp64 comparisons with torch.optim.*(foreach=False).
 TOLERANCES = {
     torch.float32: (1e-5, 1e-6),
     torch.float64: (1e-12, 1e-12),
@@ -142,15 +143,34 @@ def set_grads(gen: torch.Generator, *param_lists: Sequence[Tensor]) -> list[Tens
     return grads
 
 
-def assert_state_format(opt: torch.optim.Optimizer, p: Tensor, amsgrad: bool) -> None:
-    """The state of `p` has torch.optim.Adam's keys, a float32 0-dim step, and per-element state
-    in the param's dtype, device and layout."""
+# The per-element state (besides `step`) torch.optim keeps for a param, by optimizer, as a
+# function of the optimizer's arguments, in torch's order.
+_STATE_KEYS: dict[str, Callable[[dict], list[str]]] = {
+    "Adam": lambda o: ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if o.get("amsgrad") else []),
+    "AdamW": lambda o: _STATE_KEYS["Adam"](o),
+    "RMSprop": lambda o: (
+        ["square_avg"]
+        + (["momentum_buffer"] if o.get("momentum", 0) > 0 else [])
+        + (["grad_avg"] if o.get("centered") else [])
+    ),
+    "Adagrad": lambda o: ["sum"],
+    "Adadelta": lambda o: ["square_avg", "acc_delta"],
+}
+
+
+def state_keys(name: str, options: dict) -> list[str]:
+    """The per-element state keys of torch.optim.`name` with keyword arguments `options`."""
+    return _STATE_KEYS[name](options)
+
+
+def assert_state_format(opt: torch.optim.Optimizer, p: Tensor, keys: Sequence[str]) -> None:
+    """The state of `p` has exactly `step` and `keys` (see `state_keys`), a float32 0-dim step,
+    and per-element state in the param's dtype, device and layout."""
     state = opt.state[p]
-    expected = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
-    assert set(state) == expected
+    assert set(state) == {"step", *keys}
     step = state["step"]
     assert isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0
-    for key in expected - {"step"}:
+    for key in keys:
         t = state[key]
         assert (t.dtype, t.device, t.shape) == (p.dtype, p.device, p.shape), key
         if p.numel() > 1:
@@ -322,7 +342,8 @@ def run_against_torch(
     torch to rounding (`_judge_exact`), in bf16 / fp16 be as accurate as torch
     (`_judge_low_precision`).
 
-    `options` holds amsgrad, maximize and weight_decay, and in fp32 / fp64 tensor_lr.
+    `options` holds the optimizer's keyword arguments (lr defaults to 0.01), and in fp32 / fp64
+    optionally `tensor_lr`: pass lr as a Tensor.
     """
     ref_params, fast_params = make_param_pairs(shapes, dtype, device=device, seed=seed)
     judge = _judge_exact if dtype in TOLERANCES else _judge_low_precision
@@ -337,12 +358,14 @@ def _judge_exact(name, options, ref_params, fast_params, gen, steps) -> None:
     step sizes to fp32).
     """
     dtype, device = fast_params[0].dtype, fast_params[0].device
-    lr = torch.tensor(0.01, dtype=dtype, device=device) if options.pop("tensor_lr") else 0.01
+    lr = options.pop("lr", 0.01)
+    if options.pop("tensor_lr", False):
+        lr = torch.tensor(lr, dtype=dtype, device=device)
     ref, fast = optimizer_pair(name, ref_params, fast_params, lr=lr, **options)
     rtol, atol = TOLERANCES[dtype]
     step_and_compare(ref, fast, ref_params, fast_params, gen, steps, rtol=rtol, atol=atol)
     for p in fast_params:
-        assert_state_format(fast, p, options.get("amsgrad", False))
+        assert_state_format(fast, p, state_keys(name, options))
 
 
 def _max_error(values: Sequence[Tensor], references: Sequence[Tensor]) -> float:
@@ -354,21 +377,31 @@ def _max_error(values: Sequence[Tensor], references: Sequence[Tensor]) -> float:
     return worst
 
 
+def _low_precision_eps(name: str, dtype: torch.dtype) -> float:
+    """torch's default eps; but fp16 cannot hold the defaults of Adam, RMSprop and Adagrad (1e-8,
+    1e-10 round to 0, and torch divides 0 by 0 where a tiny grad's square underflows): there
+    1e-3 keeps the plain torch fp16 run finite, a fair yardstick."""
+    default = inspect.signature(getattr(torch.optim, name)).parameters["eps"].default
+    return max(default, 1e-3) if dtype == torch.float16 and default < 1e-6 else default
+
+
+def ulp(t: Tensor) -> Tensor:
+    """The spacing of `t`'s dtype at each of its values, in float32."""
+    up = torch.nextafter(t.abs(), torch.full_like(t, float("inf")))
+    return up.float() - t.abs().float()
+
+
 def _judge_low_precision(name, options, low, fast, gen, steps) -> None:
     """fastopt and torch in the params' precision (bf16 / fp16) are both measured against torch
     in fp32 from the same (upcast) start with the same grads: after every step, fastopt's
     largest error on the params and on every state tensor is at most 2x torch's, plus one ulp
     of the values' magnitude."""
     dtype = fast[0].dtype
-    # fp16 cannot hold eps=1e-8 (it rounds to 0, and torch divides 0 by 0 where a tiny grad's
-    # square underflows); 1e-3 keeps the plain torch fp16 run finite, a fair yardstick.
-    eps = 1e-3 if dtype == torch.float16 else 1e-8
-    kwargs = dict(lr=1e-2, eps=eps, **options)
+    kwargs = {"lr": 1e-2, "eps": _low_precision_eps(name, dtype), **options}
     high = [p.detach().float().requires_grad_() for p in low]
     low_opt, fast_opt = optimizer_pair(name, low, fast, **kwargs)
     high_opt = getattr(torch.optim, name)(high, foreach=False, **kwargs)
-    keys = ["param", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if options["amsgrad"] else [])
-    ulp = torch.finfo(dtype).eps
+    keys = ["param", *state_keys(name, options)]
     for step in range(steps):
         grads = set_grads(gen, low, fast)
         for h, g in zip(high, grads, strict=True):
@@ -380,15 +413,29 @@ def _judge_low_precision(name, options, low, fast, gen, steps) -> None:
             def values(opt, params, key=key):
                 return list(params) if key == "param" else [opt.state[p][key] for p in params]
 
-            low_values = values(low_opt, low)
-            fast_values = values(fast_opt, fast)
-            high_values = values(high_opt, high)
-            assert all(v.dtype == dtype for v in fast_values), key
-            assert all(v.isfinite().all() for v in low_values), f"torch {dtype} run not finite"
-            torch_error = _max_error(low_values, high_values)
-            fast_error = _max_error(fast_values, high_values)
-            magnitude = max((v.abs().max().item() for v in high_values if v.numel()), default=0)
-            assert fast_error <= 2 * torch_error + ulp * magnitude, (
-                f"step {step} {key}: fastopt error {fast_error:.3g}, torch {dtype} error "
-                f"{torch_error:.3g}"
+            assert_error_within_torchs(
+                values(fast_opt, fast),
+                values(low_opt, low),
+                values(high_opt, high),
+                f"step {step} {key}",
             )
+
+
+def assert_error_within_torchs(
+    fast_values: Sequence[Tensor],
+    low_values: Sequence[Tensor],
+    high_values: Sequence[Tensor],
+    where: str,
+) -> None:
+    """fastopt's largest error against torch's fp32 run (`high_values`) is at most 2x that of
+    torch run in the same low precision as fastopt (`low_values`, which must be finite), plus one
+    ulp of the values' magnitude."""
+    dtype = low_values[0].dtype
+    assert all(v.dtype == dtype for v in fast_values), where
+    assert all(v.isfinite().all() for v in low_values), f"{where}: torch {dtype} run not finite"
+    torch_error = _max_error(low_values, high_values)
+    fast_error = _max_error(fast_values, high_values)
+    magnitude = max((v.abs().max().item() for v in high_values if v.numel()), default=0)
+    assert fast_error <= 2 * torch_error + torch.finfo(dtype).eps * magnitude, (
+        f"{where}: fastopt error {fast_error:.3g}, torch {dtype} error {torch_error:.3g}"
+    )

@@ -17,6 +17,7 @@ from conftest import (
     make_param_pairs,
     optimizer_pair,
     set_grads,
+    state_keys,
     step_and_compare,
 )
 
@@ -126,7 +127,7 @@ def test_checkpoint_round_trip_continues_torchs_trajectory(
     step_and_compare(reference, second, uninterrupted, params, gen, 4, first=4)
     if second_cls is fast_cls:
         for p in params:
-            assert_state_format(second, p, amsgrad)
+            assert_state_format(second, p, state_keys(name, kwargs))
             assert second.state[p]["step"].device == p.device
 
 

@@ -26,8 +26,10 @@ from conftest import (
     optimizer_pair,
     run_against_torch,
     set_grads,
+    state_keys,
     step_and_compare,
     supported_cpu_isas,
+    ulp,
 )
 
 import fastopt
@@ -292,14 +294,8 @@ def test_mixed_dtypes_in_one_group(device):
             slack = torch.finfo(f.dtype).eps * h.abs().max().item()
             assert fast_error <= 2 * torch_error + slack, f"step {step} {f.dtype}"
     for p in fast:
-        assert_state_format(fast_opt, p, amsgrad=True)
+        assert_state_format(fast_opt, p, state_keys("AdamW", dict(amsgrad=True)))
         assert fast_opt.state[p]["step"].item() == 5
-
-
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    """The spacing of `t`'s dtype at each of its values, in float32."""
-    up = torch.nextafter(t.abs(), torch.full_like(t, float("inf")))
-    return up.float() - t.abs().float()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -337,5 +333,5 @@ def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, name, amsgrad):
         exact = (high.detach() if key == "param" else ref.state[high][key]).to(dtype)
         assert value.dtype == dtype
         error = (value.float() - exact.float()).abs()
-        assert bool((error <= _ulp(exact)).all()), f"{key}: {error.max().item()}"
+        assert bool((error <= ulp(exact)).all()), f"{key}: {error.max().item()}"
     assert fast.state[fast_param]["step"].item() == 4.0

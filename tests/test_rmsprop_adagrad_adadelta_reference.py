@@ -1,0 +1,437 @@
+"""FusedRMSprop / FusedAdagrad / FusedAdadelta against torch.optim.RMSprop / Adagrad /
+Adadelta(foreach=False), step by step (dense grads; sparse Adagrad is in test_sparse_adagrad.py).
+
+Every option combination torch's own test suite runs for these optimizers
+(torch/testing/_internal/common_optimizers.py), plus Tensor lr and combinations it lacks: fp32
+under every CPU instruction set and fp64 match to rounding, params and every state tensor after
+each of 10 steps; bf16 / fp16 are judged against the error of a plain torch run in the same
+precision, both measured against an fp32 reference.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pathlib
+import zlib
+
+import pytest
+import torch
+from conftest import (
+    FP32,
+    TOLERANCES,
+    assert_matches_reference,
+    checked_cuda,
+    generator,
+    make_param_pairs,
+    optimizer_pair,
+    run_against_torch,
+    set_grads,
+    state_keys,
+    step_and_compare,
+    ulp,
+)
+
+import fastopt
+
+NAMES = ["RMSprop", "Adagrad", "Adadelta"]
+
+# torch's CPU configurations, as common_optimizers.py lists them (a Tensor lr there is written
+# here as lr plus tensor_lr=True); `test_configs_cover_torchs_own` checks that none is missing.
+TORCH_CONFIGS = {
+    "RMSprop": [
+        {},
+        dict(lr=1e-3),
+        dict(weight_decay=0.1),
+        dict(maximize=True),
+        dict(weight_decay=0.1, centered=True),
+        dict(maximize=True, weight_decay=0.1),
+        dict(weight_decay=0.1, centered=True, momentum=0.1),
+        dict(weight_decay=0.1, centered=True, momentum=0.1, maximize=True),
+    ],
+    "Adagrad": [
+        {},
+        dict(weight_decay=0.1),
+        dict(weight_decay=0.1, maximize=True),
+        dict(lr=0.1),
+        dict(initial_accumulator_value=0.1, weight_decay=0.1),
+        dict(lr=0.1, lr_decay=0.5, weight_decay=0.1),
+        dict(lr=0.001, tensor_lr=True),
+    ],
+    "Adadelta": [
+        {},
+        dict(lr=0.01),
+        dict(weight_decay=0.1),
+        dict(maximize=True),
+        dict(weight_decay=0.1, maximize=True),
+        dict(rho=0.95, weight_decay=0.9),
+    ],
+}
+
+# torch's CUDA-only configurations (capturable=True is refused by torch for CPU params).
+TORCH_CUDA_CONFIGS = {
+    "RMSprop": [
+        dict(capturable=True),
+        dict(weight_decay=0.1, maximize=True, capturable=True),
+        dict(lr=0.001, tensor_lr=True, capturable=True),
+    ],
+    "Adagrad": [],
+    "Adadelta": [
+        dict(capturable=True),
+        dict(weight_decay=0.1, capturable=True),
+        dict(lr=0.001, tensor_lr=True, capturable=True),
+    ],
+}
+
+# What torch's list leaves out: a Tensor lr with each optimizer's paths, momentum without
+# centering, non-default alpha / rho / eps, lr_decay with the other Adagrad options.
+EXTRA_CONFIGS = {
+    "RMSprop": [
+        dict(tensor_lr=True),
+        dict(momentum=0.9),
+        dict(centered=True, alpha=0.9, eps=1e-6),
+        dict(momentum=0.5, centered=True, weight_decay=0.1, maximize=True, tensor_lr=True),
+    ],
+    "Adagrad": [
+        dict(lr_decay=0.1, initial_accumulator_value=0.5, eps=1e-6, maximize=True),
+        dict(lr_decay=0.2, weight_decay=0.1, tensor_lr=True),
+    ],
+    "Adadelta": [
+        dict(tensor_lr=True),
+        dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1, maximize=True, tensor_lr=True),
+    ],
+}
+
+
+def _default(name: str, argument: str):
+    return inspect.signature(getattr(torch.optim, name)).parameters[argument].default
+
+
+def _options(name: str, config: dict) -> dict:
+    """`config` with an explicit lr: torch's default where it has none (1.0 for Adadelta)."""
+    return {"lr": _default(name, "lr"), **config}
+
+
+def _config_id(config: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in config.items()) or "default"
+
+
+def _cases(configs: dict[str, list[dict]], low_precision: bool = False) -> list:
+    return [
+        pytest.param(name, _options(name, c), id=f"{name}-{_config_id(c)}")
+        for name in NAMES
+        for c in configs[name]
+        # The low-precision judge takes float lrs only.
+        if not (low_precision and c.get("tensor_lr"))
+    ]
+
+
+ALL_CONFIGS = {name: TORCH_CONFIGS[name] + EXTRA_CONFIGS[name] for name in NAMES}
+CASES = _cases(ALL_CONFIGS)
+LOW_PRECISION_CASES = _cases(ALL_CONFIGS, low_precision=True)
+STEPS = 10
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_fp32_matches_torch_under_every_isa(cpu_isa, name, options):
+    seed = zlib.crc32(f"{cpu_isa}-{name}".encode()) % 1000
+    run_against_torch(name, torch.float32, options, seed=seed, steps=STEPS)
+
+
+@pytest.mark.parametrize(("name", "options"), CASES)
+def test_fp64_matches_torch(name, options):
+    run_against_torch(name, torch.float64, options, seed=7, steps=STEPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("name", "options"), LOW_PRECISION_CASES)
+def test_low_precision_error_is_within_torchs(dtype, name, options):
+    """fastopt in bf16/fp16 is at most ~2x as far from an fp32 reference as torch in bf16/fp16."""
+    run_against_torch(name, dtype, options, seed=21, steps=STEPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_config_on_cuda(dtype, name):
+    """The CPU configurations and torch's CUDA-only ones (capturable), on CUDA."""
+    with checked_cuda():
+        for config in ALL_CONFIGS[name] + TORCH_CUDA_CONFIGS[name]:
+            if dtype not in TOLERANCES and config.get("tensor_lr"):
+                continue
+            run_against_torch(name, dtype, _options(name, config), seed=1, device="cuda")
+
+
+def _torch_test_configs(name: str) -> list[dict]:
+    """The kwargs of every OptimizerInput in torch's optim_inputs_func_<name>, read from its
+    source (importing it needs torch's test-only dependencies)."""
+    source = pathlib.Path(torch.testing.__file__).parent / "_internal" / "common_optimizers.py"
+    if not source.exists():
+        pytest.skip("this torch build ships without torch/testing/_internal")
+    tree = ast.parse(source.read_text())
+    func = next(
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and node.name == f"optim_inputs_func_{name.lower()}"
+    )
+    configs = []
+    for call in ast.walk(func):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "OptimizerInput":
+            kwargs = next(k.value for k in call.keywords if k.arg == "kwargs")
+            config = {}
+            for key, value in zip(kwargs.keys, kwargs.values, strict=True):
+                if isinstance(value, ast.Call):  # lr=torch.tensor(x)
+                    config.update(lr=ast.literal_eval(value.args[0]), tensor_lr=True)
+                else:
+                    config[ast.literal_eval(key)] = ast.literal_eval(value)
+            configs.append(config)
+    return configs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_configs_cover_torchs_own(name):
+    ours = TORCH_CONFIGS[name] + TORCH_CUDA_CONFIGS[name]
+    theirs = _torch_test_configs(name)
+    assert theirs, "no configurations found in torch's source"
+    missing = [c for c in theirs if c not in ours]
+    assert not missing, f"torch tests {name} with {missing}; add them to TORCH_CONFIGS"
+
+
+# -- beyond the option grid ------------------------------------------------------------------
+
+# One configuration per optimizer that takes every optional path of its kernel at once.
+RICH = {
+    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
+    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
+    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_many_threads_split_tensors_mid_way(name):
+    """Enough elements that several threads share the work, with thread boundaries falling
+    inside tensors, around empty ones."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(2, previous))
+    try:
+        shapes = [(40000,), (7,), (0,), (30001,), (1,), (123, 101), (0,)]
+        run_against_torch(name, torch.float32, dict(RICH[name]), seed=3, steps=4, shapes=shapes)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_at_offsets_into_a_shared_buffer(name):
+    gen = generator(11)
+    buffer = torch.randn(1 + 7 + 4097 + 2, generator=gen)
+    views = [buffer[1:8].view(7), buffer[8 : 8 + 4097], buffer[-1:]]
+    ref_params = [v.clone().requires_grad_() for v in views]
+    fast_params = [v.detach().requires_grad_() for v in views]  # leaves that share `buffer`
+    assert fast_params[0].storage_offset() == 1
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
+    step_and_compare(ref, fast, ref_params, fast_params, gen, 6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_and_inf_grads_propagate_like_torch(name):
+    """Without a GradScaler, a non-finite grad poisons the param and state as it does in torch."""
+    ref_params, fast_params = make_param_pairs([(9,), (4097,)], seed=5)
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
+    gen = generator(6)
+    for step in range(3):
+        set_grads(gen, ref_params, fast_params)
+        if step == 1:
+            for params in (ref_params, fast_params):
+                params[0].grad[2] = float("nan")
+                params[1].grad[5] = float("inf")
+                params[1].grad[6] = float("-inf")
+        ref.step()
+        fast.step()
+        for i, (r, f) in enumerate(zip(ref_params, fast_params, strict=True)):
+            where = f"step {step} param {i}"
+            torch.testing.assert_close(f, r, **FP32, equal_nan=True, msg=where)
+            assert set(fast.state[f]) == set(ref.state[r]), where
+            for key in state_keys(name, RICH[name]):
+                torch.testing.assert_close(
+                    fast.state[f][key], ref.state[r][key], **FP32, equal_nan=True, msg=where
+                )
+    assert fast_params[0][2].isnan() and fast_params[1][5].isnan()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_infinite_param_without_weight_decay_stays_as_torch_leaves_it(name):
+    """Without weight decay the param never enters the grad: torch keeps a -inf entry (e.g. a
+    masked logit bias) at -inf with finite state, and so must fastopt (0 * inf is NaN)."""
+    start = torch.tensor([0.5, float("-inf"), 1.0, float("inf")])
+    ref_params = [start.clone().requires_grad_()]
+    fast_params = [start.clone().requires_grad_()]
+    options = {**RICH[name], "weight_decay": 0.0}
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **options)
+    gen = generator(10)
+    for step in range(3):
+        step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step)
+        assert ref_params[0][1] == float("-inf") and ref_params[0][3] == float("inf")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_is_called_and_its_loss_returned(name):
+    ref_params, fast_params = make_param_pairs([(5,)], seed=8)
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
+    target = torch.randn(5, generator=generator(9))
+
+    def closure_for(params, opt):
+        def closure():
+            opt.zero_grad()
+            loss = (params[0] - target).square().sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        ref_loss = ref.step(closure_for(ref_params, ref))
+        fast_loss = fast.step(closure_for(fast_params, fast))
+        torch.testing.assert_close(fast_loss, ref_loss)
+    assert_matches_reference(ref, fast, ref_params, fast_params, **FP32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_signature_is_torchs(name):
+    def shape(cls):
+        params = inspect.signature(cls).parameters.values()
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert shape(getattr(fastopt, f"Fused{name}")) == shape(getattr(torch.optim, name))
+
+
+def _accepted(name: str) -> list[dict]:
+    """The arguments of torch.optim.`name` that fastopt accepts and ignores, and Tensor lrs of
+    shape (1,) and of another float dtype than the params."""
+    parameters = inspect.signature(getattr(torch.optim, name)).parameters
+    flags = [a for a in ("foreach", "fused", "capturable") if a in parameters]
+    return [dict(**{a: v}) for a in flags for v in (False, True)] + [
+        dict(lr=torch.tensor([0.01])),
+        dict(lr=torch.tensor(0.01, dtype=torch.float64)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(name, kwargs) for name in NAMES for kwargs in _accepted(name)],
+    ids=lambda v: v if isinstance(v, str) else repr(v),
+)
+def test_accepted_arguments_do_not_change_the_result(name, kwargs):
+    ref_params, fast_params = make_param_pairs([(7,), (33, 65)], seed=12)
+    options = {**RICH[name], "lr": 0.01}
+    ref = getattr(torch.optim, name)(ref_params, foreach=False, **options)
+    fast = getattr(fastopt, f"Fused{name}")(fast_params, **{**options, **kwargs})
+    step_and_compare(ref, fast, ref_params, fast_params, generator(13), 3)
+
+
+# -- low precision: one rounding per element --------------------------------------------------
+
+
+def _random_state(name: str, n: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
+    """A plausible mid-training state in `dtype` (RMSprop's square_avg above grad_avg**2, so the
+    centered variance stays positive once rounded)."""
+
+    def rand(scale, offset=0.0):
+        return scale * torch.rand(n, generator=gen) + offset
+
+    if name == "RMSprop":
+        grad_avg = (0.1 * torch.randn(n, generator=gen)).to(dtype)
+        return dict(
+            square_avg=(grad_avg.float().square() + rand(0.01, 1e-3)).to(dtype),
+            momentum_buffer=(0.1 * torch.randn(n, generator=gen)).to(dtype),
+            grad_avg=grad_avg,
+        )
+    if name == "Adagrad":
+        return dict(sum=rand(2.0, 0.1).to(dtype))
+    return dict(square_avg=rand(0.5, 1e-3).to(dtype), acc_delta=rand(1e-3, 1e-5).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", NAMES)
+def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, name):
+    """One bf16/fp16 step from a random state equals torch's fp32 step from the same (upcast)
+    values, rounded once to the low precision: within one ulp of it, element by element."""
+    gen = generator(41)
+    n = 4 * 4097
+    param = torch.randn(n, generator=gen).to(dtype)
+    grad = torch.randn(n, generator=gen).to(dtype)
+    kwargs = {**RICH[name], "eps": 1e-3 if name != "Adadelta" else 1e-6}
+    state = _random_state(name, n, dtype, gen)
+    keys = state_keys(name, kwargs)
+    assert set(keys) == set(state)
+    high = param.float().requires_grad_()
+    high.grad = grad.float()
+    ref = getattr(torch.optim, name)([high], foreach=False, **kwargs)
+    ref.state[high] = dict(step=torch.tensor(3.0), **{k: v.float() for k, v in state.items()})
+    fast_param = param.clone().requires_grad_()
+    fast_param.grad = grad.clone()
+    fast = getattr(fastopt, f"Fused{name}")([fast_param], **kwargs)
+    fast.state[fast_param] = dict(
+        step=torch.tensor(3.0), **{k: v.clone() for k, v in state.items()}
+    )
+    ref.step()
+    fast.step()
+    for key in ("param", *keys):
+        value = fast_param.detach() if key == "param" else fast.state[fast_param][key]
+        exact = (high.detach() if key == "param" else ref.state[high][key]).to(dtype)
+        assert value.dtype == dtype, key
+        error = (value.float() - exact.float()).abs()
+        assert bool((error <= ulp(exact)).all()), f"{key}: {error.max().item()}"
+    assert fast.state[fast_param]["step"].item() == 4.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mixed_dtypes_in_one_group(device, name):
+    """One group (one kernel call) of fp32, fp64, bf16 and fp16 params: each param ends as it
+    does in a group of its own dtype; fp32 / fp64 match torch, state is in the param's dtype."""
+    gen = generator(31)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]
+    shapes = [(7,), (4097,), (33, 65), (4097,), (0,)]
+    starts = [
+        torch.randn(s, generator=gen).to(dtype=d, device=device)
+        for s, d in zip(shapes, dtypes, strict=True)
+    ]
+    kwargs = {**RICH[name], "eps": 1e-3 if name != "Adadelta" else 1e-6}
+    mixed = [s.clone().requires_grad_() for s in starts]
+    alone = [s.clone().requires_grad_() for s in starts]
+    ref = [s.clone().requires_grad_() for s in starts]
+    mixed_opt = getattr(fastopt, f"Fused{name}")(mixed, **kwargs)
+    alone_opts = [getattr(fastopt, f"Fused{name}")([p], **kwargs) for p in alone]
+    ref_opt = getattr(torch.optim, name)(ref, foreach=False, **kwargs)
+    for step in range(5):
+        grads = set_grads(gen, mixed, alone)
+        for r, g in zip(ref, grads, strict=True):
+            r.grad = g.clone()
+        for opt in (mixed_opt, *alone_opts, ref_opt):
+            opt.step()
+        for i, (m, a, r) in enumerate(zip(mixed, alone, ref, strict=True)):
+            where = f"step {step} param {i} {m.dtype}"
+            if m.dtype in TOLERANCES:
+                rtol, atol = TOLERANCES[m.dtype]
+                torch.testing.assert_close(m, r, rtol=rtol, atol=atol, msg=where)
+            error = (m.detach().float() - a.detach().float()).abs()
+            assert bool((error <= ulp(a.detach())).all()), f"{where}: {error.max().item()}"
+    for p in mixed:
+        state = mixed_opt.state[p]
+        assert set(state) == {"step", *state_keys(name, kwargs)}
+        assert all(state[k].dtype == p.dtype for k in state if k != "step")
+        assert state["step"].item() == 5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_of_1200_small_params(device, name):
+    """Many small tensors of assorted sizes in one group, against torch, flattened per step."""
+    gen = generator(21)
+    sizes = torch.randint(0, 300, (1200,), generator=gen).tolist()
+    shapes = [(s,) if i % 3 else (max(1, s // 7), 7) for i, s in enumerate(sizes)]
+    ref_params, fast_params = make_param_pairs(shapes, device=device, seed=22)
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
+    for step in range(3):
+        step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step, flat=True)
+    steps = torch.stack([fast.state[p]["step"] for p in fast_params])
+    assert torch.all(steps == 3)
