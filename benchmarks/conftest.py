@@ -6,25 +6,29 @@ import pytest
 
 from fastopt import benchmarking
 
-_RESULTS: dict[tuple[str, str], dict[str, float]] = {}
+_RESULTS: dict[tuple[str, str, str], dict[str, float]] = {}
 
 
 @pytest.fixture(scope="session")
 def measured():
-    """(device, case) -> {optimizer or "roofline_ms": median ms}, filled by the benchmarks."""
+    """(device, family, case) -> {contender or "roofline_ms": median ms}, filled by the
+    benchmarks."""
     return _RESULTS
 
 
 def pytest_terminal_summary(terminalreporter):
-    for (device, case), times in sorted(_RESULTS.items()):
-        fused = times.get("torch Adam(fused=True)")
+    for (device, family, case), times in sorted(_RESULTS.items()):
+        spec = benchmarking.FAMILIES[family]
         roof = times.get("roofline_ms")
-        if fused is None or roof is None:
+        torch_times = [ms for name, ms in times.items() if name.startswith("torch")]
+        if roof is None or not torch_times:
             continue
         rows = [
-            benchmarking.Row(benchmarking.CASES[case], name, ms, roof, fused)
+            benchmarking.Row(spec, benchmarking.CASES[case], name, ms, roof, min(torch_times))
             for name, ms in times.items()
             if name != "roofline_ms"
         ]
-        terminalreporter.write_line(f"\nAdam step on {benchmarking.machine_description(device)}")
+        terminalreporter.write_line(
+            f"\n{spec.name} step on {benchmarking.machine_description(device)}"
+        )
         terminalreporter.write_line(benchmarking.format_table(rows))

@@ -14,6 +14,9 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "op_signatures.h"
@@ -65,49 +68,98 @@ class BorrowedTensors {
   std::vector<at::Tensor> tensors_;
 };
 
-// None -> empty; a plain tensor -> it; anything else -> false.
-bool optional_plain_tensor(PyObject* object, std::optional<at::Tensor>& out) {
-  if (object == Py_None) return true;
-  if (!THPVariable_CheckExact(object)) return false;
-  out = THPVariable_Unpack(object);
-  return true;
-}
+// How one Python argument becomes the C++ argument of type T of an op's signature. parse() returns
+// false where the caller must take torch.ops instead (a tensor subclass), or sets a Python error.
+template <typename T>
+struct PyArgument;
+
+template <>
+struct PyArgument<at::TensorList> {
+  BorrowedTensors tensors;
+  bool parse(PyObject* object) { return tensors.borrow(object); }
+  at::TensorList get() const { return tensors.list(); }
+};
+
+template <>
+struct PyArgument<std::optional<at::Tensor>> {
+  std::optional<at::Tensor> tensor;
+  bool parse(PyObject* object) {  // None -> empty; a plain tensor -> it; anything else -> false
+    if (object == Py_None) return true;
+    if (!THPVariable_CheckExact(object)) return false;
+    tensor = THPVariable_Unpack(object);
+    return true;
+  }
+  const std::optional<at::Tensor>& get() const { return tensor; }
+};
+
+template <>
+struct PyArgument<double> {
+  double value = 0;
+  bool parse(PyObject* object) {
+    value = PyFloat_AsDouble(object);
+    return !(value == -1.0 && PyErr_Occurred());
+  }
+  double get() const { return value; }
+};
+
+template <>
+struct PyArgument<bool> {
+  bool value = false;
+  bool parse(PyObject* object) {
+    const int truth = PyObject_IsTrue(object);
+    value = truth == 1;
+    return truth >= 0;
+  }
+  bool get() const { return value; }
+};
+
+template <const char* kName, typename Signature>
+struct EagerCall;
+
+template <const char* kName, typename... Args>
+struct EagerCall<kName, void(Args...)> {
+  static PyObject* call(PyObject* args) { return call(args, std::index_sequence_for<Args...>()); }
+
+  template <size_t... I>
+  static PyObject* call(PyObject* args, std::index_sequence<I...>) {
+    HANDLE_TH_ERRORS
+    constexpr Py_ssize_t kArity = sizeof...(Args);
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) != kArity) {
+      PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", kName, kArity);
+      return nullptr;
+    }
+    if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
+    std::tuple<PyArgument<std::decay_t<Args>>...> parsed;
+    const bool parsed_all = (std::get<I>(parsed).parse(PyTuple_GET_ITEM(args, I)) && ...);
+    if (PyErr_Occurred()) return nullptr;
+    if (!parsed_all) Py_RETURN_NOTIMPLEMENTED;
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<void(Args...)>();
+    {
+      const GilRelease no_gil;
+      op.call(std::get<I>(parsed).get()...);
+    }
+    Py_RETURN_NONE;
+    END_HANDLE_TH_ERRORS
+  }
+};
 
 }  // namespace
 
 PyObject* adam_step_eager(PyObject*, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject* lists[6];
-  PyObject *lr_object, *grad_scale_object, *found_inf_object;
-  double lr, beta1, beta2, eps, weight_decay;
-  int decoupled_weight_decay, amsgrad, maximize;
-  if (!PyArg_ParseTuple(args, "OOOOOOdOddddpppOO", &lists[0], &lists[1], &lists[2], &lists[3],
-                        &lists[4], &lists[5], &lr, &lr_object, &beta1, &beta2, &eps, &weight_decay,
-                        &decoupled_weight_decay, &amsgrad, &maximize, &grad_scale_object,
-                        &found_inf_object)) {
-    return nullptr;
-  }
-  if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
-  BorrowedTensors tensors[6];
-  for (int i = 0; i < 6; ++i) {
-    if (!tensors[i].borrow(lists[i])) Py_RETURN_NOTIMPLEMENTED;
-  }
-  std::optional<at::Tensor> lr_tensor, grad_scale, found_inf;
-  if (!optional_plain_tensor(lr_object, lr_tensor) ||
-      !optional_plain_tensor(grad_scale_object, grad_scale) ||
-      !optional_plain_tensor(found_inf_object, found_inf)) {
-    Py_RETURN_NOTIMPLEMENTED;
-  }
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow(kAdamStepName, "").typed<AdamStepSignature>();
-  {
-    const GilRelease no_gil;
-    op.call(tensors[0].list(), tensors[1].list(), tensors[2].list(), tensors[3].list(),
-            tensors[4].list(), tensors[5].list(), lr, lr_tensor, beta1, beta2, eps, weight_decay,
-            decoupled_weight_decay != 0, amsgrad != 0, maximize != 0, grad_scale, found_inf);
-  }
-  Py_RETURN_NONE;
-  END_HANDLE_TH_ERRORS
+  return EagerCall<kAdamStepName, AdamStepSignature>::call(args);
+}
+
+PyObject* rmsprop_step_eager(PyObject*, PyObject* args) {
+  return EagerCall<kRmspropStepName, RmspropStepSignature>::call(args);
+}
+
+PyObject* adagrad_step_eager(PyObject*, PyObject* args) {
+  return EagerCall<kAdagradStepName, AdagradStepSignature>::call(args);
+}
+
+PyObject* adadelta_step_eager(PyObject*, PyObject* args) {
+  return EagerCall<kAdadeltaStepName, AdadeltaStepSignature>::call(args);
 }
 
 }  // namespace fastopt

@@ -4,7 +4,8 @@
 // tensor of every list on every call (for a model of 2000 params, a tenth of the step). These
 // do what those fallbacks do, unboxed: refuse to run in grad mode when a tensor the op updates
 // requires grad, and bump the version counter of every updated tensor so that autograd notices
-// the change. Every Tensor[] argument of these ops is updated in place (see their schemas).
+// the change. Every Tensor and Tensor[] argument of these ops is updated in place (see their
+// schemas); optional tensors (lr_tensor, grad_scale, found_inf) are only read.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
@@ -23,6 +24,8 @@ template <typename F, typename First, typename... Rest>
 void for_each_tensor_in_lists(const F& f, const First& first, const Rest&... rest) {
   if constexpr (std::is_same_v<std::decay_t<First>, at::TensorList>) {
     for (const at::Tensor& t : first) f(t);
+  } else if constexpr (std::is_same_v<std::decay_t<First>, at::Tensor>) {
+    f(first);
   }
   for_each_tensor_in_lists(f, rest...);
 }
@@ -61,16 +64,39 @@ struct InplaceOpKernels<kName, void(Args...)> {
   }
 };
 
-using AdamStepKernels = InplaceOpKernels<kAdamStepName, AdamStepSignature>;
+// Registers each in-place op's kernel for the Autograd key, or for ADInplaceOrView.
+template <bool kAutogradKey>
+struct InplaceOpRegistrar {
+  torch::Library& library;
+
+  template <const char* kName, typename Signature>
+  void add() const {
+    using Kernels = InplaceOpKernels<kName, Signature>;
+    if constexpr (kAutogradKey) {
+      library.impl(kName, TORCH_FN(Kernels::autograd));
+    } else {
+      library.impl(kName, TORCH_FN(Kernels::inplace_or_view));
+    }
+  }
+};
+
+template <typename Registrar>
+void register_inplace_ops(const Registrar& registrar) {
+  registrar.template add<kAdamStepName, AdamStepSignature>();
+  registrar.template add<kRmspropStepName, RmspropStepSignature>();
+  registrar.template add<kAdagradStepName, AdagradStepSignature>();
+  registrar.template add<kAdadeltaStepName, AdadeltaStepSignature>();
+  registrar.template add<kSparseAdagradStepName, SparseAdagradStepSignature>();
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, Autograd, m) {
-  m.impl("adam_step_", TORCH_FN(AdamStepKernels::autograd));
+  register_inplace_ops(InplaceOpRegistrar<true>{m});
 }
 
 TORCH_LIBRARY_IMPL(fastopt, ADInplaceOrView, m) {
-  m.impl("adam_step_", TORCH_FN(AdamStepKernels::inplace_or_view));
+  register_inplace_ops(InplaceOpRegistrar<false>{m});
 }
 
 }  // namespace fastopt

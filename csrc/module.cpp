@@ -49,6 +49,12 @@ PyMethodDef methods[] = {
      "Makes the CPU kernels use the named instruction set; returns the previous one."},
     {"adam_step_eager", fastopt::adam_step_eager, METH_VARARGS,
      "torch.ops.fastopt.adam_step_ without per-tensor boxing, or NotImplemented."},
+    {"rmsprop_step_eager", fastopt::rmsprop_step_eager, METH_VARARGS,
+     "torch.ops.fastopt.rmsprop_step_ without per-tensor boxing, or NotImplemented."},
+    {"adagrad_step_eager", fastopt::adagrad_step_eager, METH_VARARGS,
+     "torch.ops.fastopt.adagrad_step_ without per-tensor boxing, or NotImplemented."},
+    {"adadelta_step_eager", fastopt::adadelta_step_eager, METH_VARARGS,
+     "torch.ops.fastopt.adadelta_step_ without per-tensor boxing, or NotImplemented."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT,

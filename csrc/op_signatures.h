@@ -18,4 +18,38 @@ using AdamStepSignature = void(at::TensorList params, at::TensorList grads, at::
                                const std::optional<at::Tensor>& grad_scale,
                                const std::optional<at::Tensor>& found_inf);
 
+inline constexpr char kRmspropStepName[] = "fastopt::rmsprop_step_";
+using RmspropStepSignature = void(at::TensorList params, at::TensorList grads,
+                                  at::TensorList square_avgs, at::TensorList momentum_buffers,
+                                  at::TensorList grad_avgs, at::TensorList steps, double lr,
+                                  const std::optional<at::Tensor>& lr_tensor, double alpha,
+                                  double eps, double weight_decay, double momentum, bool centered,
+                                  bool maximize, const std::optional<at::Tensor>& grad_scale,
+                                  const std::optional<at::Tensor>& found_inf);
+
+inline constexpr char kAdagradStepName[] = "fastopt::adagrad_step_";
+using AdagradStepSignature = void(at::TensorList params, at::TensorList grads,
+                                  at::TensorList state_sums, at::TensorList steps, double lr,
+                                  const std::optional<at::Tensor>& lr_tensor, double lr_decay,
+                                  double weight_decay, double eps, bool maximize,
+                                  const std::optional<at::Tensor>& grad_scale,
+                                  const std::optional<at::Tensor>& found_inf);
+
+inline constexpr char kAdadeltaStepName[] = "fastopt::adadelta_step_";
+using AdadeltaStepSignature = void(at::TensorList params, at::TensorList grads,
+                                   at::TensorList square_avgs, at::TensorList acc_deltas,
+                                   at::TensorList steps, double lr,
+                                   const std::optional<at::Tensor>& lr_tensor, double rho,
+                                   double eps, double weight_decay, bool maximize,
+                                   const std::optional<at::Tensor>& grad_scale,
+                                   const std::optional<at::Tensor>& found_inf);
+
+inline constexpr char kSparseAdagradStepName[] = "fastopt::sparse_adagrad_step_";
+using SparseAdagradStepSignature = void(const at::Tensor& param, const at::Tensor& grad,
+                                        const at::Tensor& state_sum, const at::Tensor& step,
+                                        double lr, const std::optional<at::Tensor>& lr_tensor,
+                                        double lr_decay, double eps, bool maximize,
+                                        const std::optional<at::Tensor>& grad_scale,
+                                        const std::optional<at::Tensor>& found_inf);
+
 }  // namespace fastopt

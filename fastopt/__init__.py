@@ -11,7 +11,20 @@ from . import _extension, _library  # noqa: F401
 _extension.load()
 
 from . import functional  # noqa: E402
-from .optim import FusedAdam, FusedAdamW  # noqa: E402
+from .optim import (  # noqa: E402
+    FusedAdadelta,
+    FusedAdagrad,
+    FusedAdam,
+    FusedAdamW,
+    FusedRMSprop,
+)
 
 __version__ = "0.1.0"
-__all__ = ["FusedAdam", "FusedAdamW", "functional"]
+__all__ = [
+    "FusedAdadelta",
+    "FusedAdagrad",
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedRMSprop",
+    "functional",
+]

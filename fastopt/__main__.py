@@ -40,15 +40,24 @@ def info() -> None:
         print("Triton: not installed")
 
 
-def bench(device: str, cases: list[str], repeats: int) -> None:
-    """Prints the optimizer benchmark table (see fastopt.benchmarking)."""
+def bench(device: str, optimizers: list[str], cases: list[str], repeats: int) -> None:
+    """Prints the optimizer benchmark tables (see fastopt.benchmarking)."""
     from fastopt import benchmarking
 
     rows = []
-    for name in cases:
-        rows += benchmarking.run_case(benchmarking.CASES[name], device, repeats)
-    print(f"Adam step, fp32, on {benchmarking.machine_description(device)}")
+    for optimizer in optimizers:
+        family = benchmarking.FAMILIES[optimizer]
+        for name in cases:
+            rows += benchmarking.run_case(family, benchmarking.CASES[name], device, repeats)
+    print(f"Optimizer steps, fp32, on {benchmarking.machine_description(device)}")
     print(benchmarking.format_table(rows))
+    if "adagrad" in optimizers:
+        num_embeddings, dim = 1_000_000, 128
+        sparse = benchmarking.run_sparse_adagrad(
+            num_embeddings, dim, [1024, 4096, 16384], device, repeats
+        )
+        print("\nAdagrad with a sparse gradient (nn.Embedding(sparse=True)), fp32")
+        print(benchmarking.format_sparse_table(sparse, num_embeddings))
 
 
 def demo(device: str) -> None:
@@ -85,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="what was built and what this machine runs")
     bench_parser = sub.add_parser("bench", help="the optimizer benchmark table")
     bench_parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench_parser.add_argument(
+        "--optimizers",
+        default="adam,rmsprop,adagrad,adadelta",
+        help="comma-separated, from: adam, rmsprop, adagrad, adadelta",
+    )
     bench_parser.add_argument("--cases", default="abc", help="which cases, e.g. 'ab'")
     bench_parser.add_argument("--repeats", type=int, default=10)
     demo_parser = sub.add_parser(
@@ -95,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         info()
     elif args.command == "bench":
-        bench(args.device, list(args.cases), args.repeats)
+        bench(args.device, args.optimizers.split(","), list(args.cases), args.repeats)
     else:
         demo(args.device)
     return 0

@@ -1,10 +1,10 @@
-"""The optimizer benchmark: fastopt against torch's fastest Adam paths on the same inputs.
+"""The optimizer benchmarks: fastopt against torch's fastest paths on the same inputs.
 
 Used by `python -m fastopt bench` and by the pytest-benchmark runs in `benchmarks/`. Every
 case runs fastopt and its anchors in one process on the same params, and measures a roofline
 for the same bytes on the same machine:
-- CPU: `torch.ops.fastopt.adam_traffic_probe_`, a loop with an Adam step's exact memory traffic
-  (4 loads, 3 stores per fp32 element) and multiply-adds only;
+- CPU: `torch.ops.fastopt.traffic_probe_`, a loop with the optimizer's exact fp32 memory traffic
+  (Adam: 4 loads and 3 stores per element) and multiply-adds only;
 - CUDA: the device's measured copy bandwidth (`Tensor.copy_` of a large buffer).
 """
 
@@ -21,7 +21,65 @@ import torch
 
 import fastopt
 
-BYTES_PER_PARAM = 28  # fp32 Adam: param, grad, exp_avg, exp_avg_sq read; three of them written
+Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One optimizer: fastopt's class, torch's anchors, and its fp32 memory traffic."""
+
+    name: str
+    updated: int  # tensors per param read and written: the param and its state
+    read: int  # tensors per param only read: the grad
+    contenders: dict[str, Factory]  # fastopt's first, then torch's
+
+    @property
+    def bytes_per_param(self) -> int:
+        return 4 * (2 * self.updated + self.read)
+
+
+FAMILIES = {
+    "adam": Family(
+        "Adam",
+        3,
+        1,
+        {
+            "fastopt.FusedAdam": lambda ps: fastopt.FusedAdam(ps, lr=1e-3),
+            "torch Adam(fused=True)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+            "torch Adam(foreach=True)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+        },
+    ),
+    "rmsprop": Family(
+        "RMSprop",
+        2,
+        1,
+        {
+            "fastopt.FusedRMSprop": lambda ps: fastopt.FusedRMSprop(ps),
+            "torch RMSprop(foreach=True)": lambda ps: torch.optim.RMSprop(ps, foreach=True),
+            "torch RMSprop(foreach=False)": lambda ps: torch.optim.RMSprop(ps, foreach=False),
+        },
+    ),
+    "adagrad": Family(
+        "Adagrad",
+        2,
+        1,
+        {
+            "fastopt.FusedAdagrad": lambda ps: fastopt.FusedAdagrad(ps),
+            "torch Adagrad(fused=True)": lambda ps: torch.optim.Adagrad(ps, fused=True),
+            "torch Adagrad(foreach=True)": lambda ps: torch.optim.Adagrad(ps, foreach=True),
+        },
+    ),
+    "adadelta": Family(
+        "Adadelta",
+        3,
+        1,
+        {
+            "fastopt.FusedAdadelta": lambda ps: fastopt.FusedAdadelta(ps),
+            "torch Adadelta(foreach=True)": lambda ps: torch.optim.Adadelta(ps, foreach=True),
+            "torch Adadelta(foreach=False)": lambda ps: torch.optim.Adadelta(ps, foreach=False),
+        },
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -49,12 +107,6 @@ CASES = {
     "a": Case("a", "50M params in 300 tensors of mixed sizes", mixed_sizes(50_000_000, 300)),
     "b": Case("b", "2000 tensors of 4096 params", (4096,) * 2000),
     "c": Case("c", "one tensor of 10M params", (10_000_000,)),
-}
-
-OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
-    "fastopt.FusedAdam": lambda ps: fastopt.FusedAdam(ps, lr=1e-3),
-    "torch Adam(fused=True)": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
-    "torch Adam(foreach=True)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
 }
 
 
@@ -107,66 +159,126 @@ def median_ms(fn: Callable[[], object], device: str, repeats: int = 10, warmup: 
 ROOFLINE = "roofline"
 
 
-def roofline(numel: int, device: str) -> tuple[Callable[[], object], float]:
-    """(fn, bytes_per_call) of the roofline for an fp32 Adam step of `numel` params: on the CPU
-    the traffic probe over `numel` elements, on CUDA a copy of a buffer larger than any cache."""
+def roofline(family: Family, numel: int, device: str) -> tuple[Callable[[], object], float]:
+    """(fn, bytes_per_call) of the roofline for an fp32 step of `family` over `numel` params:
+    on the CPU the traffic probe with that traffic, on CUDA a copy of a buffer larger than any
+    cache."""
     if device == "cpu":
-        buffers = [torch.randn(numel) for _ in range(4)]
-        return (lambda: torch.ops.fastopt.adam_traffic_probe_(*buffers)), BYTES_PER_PARAM * numel
+        updated = [torch.randn(numel) for _ in range(family.updated)]
+        read = [torch.randn(numel) for _ in range(family.read)]
+        fn = lambda: torch.ops.fastopt.traffic_probe_(updated, read)  # noqa: E731
+        return fn, family.bytes_per_param * numel
     src = torch.empty(64 * 2**20, device=device)
     dst = torch.empty_like(src)
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
-def roofline_ms(numel: int, device: str) -> float:
-    """The time the roofline takes to move an fp32 Adam step's bytes for `numel` params."""
-    fn, nbytes = roofline(numel, device)
-    return median_ms(fn, device) * BYTES_PER_PARAM * numel / nbytes
+def roofline_ms(family: Family, numel: int, device: str) -> float:
+    """The time the roofline takes to move an fp32 step's bytes for `numel` params."""
+    fn, nbytes = roofline(family, numel, device)
+    return median_ms(fn, device) * family.bytes_per_param * numel / nbytes
 
 
 @dataclass
 class Row:
+    family: Family
     case: Case
     optimizer: str
     ms: float
     roofline_ms: float
-    torch_fused_ms: float
+    torch_best_ms: float  # the fastest of torch's contenders in the same run
 
     @property
     def gb_per_s(self) -> float:
-        return BYTES_PER_PARAM * self.case.numel / self.ms / 1e6
+        return self.family.bytes_per_param * self.case.numel / self.ms / 1e6
 
     @property
     def share_of_roofline(self) -> float:
         return self.roofline_ms / self.ms
 
     @property
-    def speedup_vs_torch_fused(self) -> float:
-        return self.torch_fused_ms / self.ms
+    def speedup_vs_torch_best(self) -> float:
+        return self.torch_best_ms / self.ms
 
 
-def run_case(case: Case, device: str, repeats: int = 10) -> list[Row]:
-    """Times every optimizer of OPTIMIZERS and the roofline, interleaved, on the same params."""
+def run_case(family: Family, case: Case, device: str, repeats: int = 10) -> list[Row]:
+    """Times fastopt, torch's anchors and the roofline, interleaved, on the same params."""
     params = make_params(case, device)
-    contenders = {name: make(params).step for name, make in OPTIMIZERS.items()}
-    roof_fn, roof_bytes = roofline(case.numel, device)
+    contenders = {name: make(params).step for name, make in family.contenders.items()}
+    roof_fn, roof_bytes = roofline(family, case.numel, device)
     contenders[ROOFLINE] = roof_fn
     times = interleaved_medians(contenders, device, repeats)
-    roof = times.pop(ROOFLINE) * BYTES_PER_PARAM * case.numel / roof_bytes
-    fused = times["torch Adam(fused=True)"]
-    return [Row(case, name, ms, roof, fused) for name, ms in times.items()]
+    roof = times.pop(ROOFLINE) * family.bytes_per_param * case.numel / roof_bytes
+    torch_best = min(ms for name, ms in times.items() if name.startswith("torch"))
+    return [Row(family, case, name, ms, roof, torch_best) for name, ms in times.items()]
 
 
 def format_table(rows: list[Row]) -> str:
     header = (
-        "| case | optimizer | ms/step | GB/s (28 B/param) | vs torch fused | share of roofline |\n"
-        "|---|---|---:|---:|---:|---:|"
+        "| optimizer | case | contender | ms/step | GB/s | vs torch's best | "
+        "share of roofline |\n|---|---|---|---:|---:|---:|---:|"
     )
     lines = [header]
     for r in rows:
         lines.append(
-            f"| {r.case.name}: {r.case.description} | {r.optimizer} | {r.ms:.2f} | "
-            f"{r.gb_per_s:.1f} | {r.speedup_vs_torch_fused:.2f}x | {r.share_of_roofline:.0%} |"
+            f"| {r.family.name} ({r.family.bytes_per_param} B/param) | {r.case.name}: "
+            f"{r.case.description} | {r.optimizer} | {r.ms:.2f} | {r.gb_per_s:.1f} | "
+            f"{r.speedup_vs_torch_best:.2f}x | {r.share_of_roofline:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class SparseRow:
+    lookups: int  # looked-up rows, duplicates included, as nn.Embedding(sparse=True) gives them
+    dim: int
+    fastopt_ms: float
+    torch_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.fastopt_ms
+
+    @property
+    def gb_per_s(self) -> float:
+        """Over the bytes of the touched rows: grad read, param and sum read and written."""
+        return 5 * 4 * self.lookups * self.dim / self.fastopt_ms / 1e6
+
+
+def run_sparse_adagrad(
+    num_embeddings: int,
+    dim: int,
+    lookups: list[int],
+    device: str,
+    repeats: int = 10,
+) -> list[SparseRow]:
+    """FusedAdagrad against torch.optim.Adagrad (whose sparse path is its single-tensor one) on
+    an fp32 embedding with a sparse gradient of `lookups` random rows, duplicates included."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(num_embeddings, dim, device=device, generator=gen))
+    fast = fastopt.FusedAdagrad([weight])
+    reference = torch.optim.Adagrad([weight])
+    rows = []
+    for n in lookups:
+        indices = torch.randint(0, num_embeddings, (1, n), device=device, generator=gen)
+        values = torch.randn(n, dim, device=device, generator=gen)
+        weight.grad = torch.sparse_coo_tensor(indices, values, weight.shape)
+        contenders = {"fastopt": fast.step, "torch": reference.step}
+        times = interleaved_medians(contenders, device, repeats)
+        rows.append(SparseRow(n, dim, times["fastopt"], times["torch"]))
+    return rows
+
+
+def format_sparse_table(rows: list[SparseRow], num_embeddings: int) -> str:
+    lines = [
+        "| embedding | looked-up rows | fastopt.FusedAdagrad ms | torch Adagrad ms | speedup | "
+        "GB/s of touched rows |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {num_embeddings} x {r.dim} | {r.lookups} | {r.fastopt_ms:.3f} | "
+            f"{r.torch_ms:.3f} | {r.speedup:.1f}x | {r.gb_per_s:.1f} |"
         )
     return "\n".join(lines)
 

@@ -42,13 +42,17 @@ def test_python_m_fastopt_info():
     assert "CUDA kernels:" in out and "Triton" in out
 
 
-def test_benchmark_case_runs_and_formats():
+@pytest.mark.parametrize("family", list(benchmarking.FAMILIES))
+def test_benchmark_case_runs_and_formats(family):
+    spec = benchmarking.FAMILIES[family]
     case = benchmarking.Case("t", "two tiny tensors", (100, 7))
-    rows = benchmarking.run_case(case, "cpu", repeats=1)
-    assert [r.optimizer for r in rows] == list(benchmarking.OPTIMIZERS)
+    rows = benchmarking.run_case(spec, case, "cpu", repeats=1)
+    assert [r.optimizer for r in rows] == list(spec.contenders)
     assert all(r.ms > 0 and r.roofline_ms > 0 for r in rows)
+    fastest_torch = min(r.ms for r in rows if r.optimizer.startswith("torch"))
+    assert all(r.torch_best_ms == fastest_torch for r in rows)
     table = benchmarking.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "fastopt.FusedAdam" in table
+    assert table.count("\n") == len(rows) + 1 and f"fastopt.Fused{spec.name}" in table
 
 
 def test_mixed_sizes_sum_to_the_total():

@@ -58,23 +58,32 @@ def test_opcheck_adam_step_skipped_by_found_inf():
     torch.library.opcheck(torch.ops.fastopt.adam_step_, tuple(args))
 
 
-def test_opcheck_traffic_probe():
+@pytest.mark.parametrize("n_updated, n_read", [(1, 1), (2, 1), (3, 1), (4, 2)])
+def test_opcheck_traffic_probe(n_updated, n_read):
     gen = generator(1)
-    args = tuple(torch.randn(4097, generator=gen) for _ in range(4))
-    torch.library.opcheck(torch.ops.fastopt.adam_traffic_probe_, args)
+    updated = [torch.randn(4097, generator=gen) for _ in range(n_updated)]
+    read = [torch.randn(4097, generator=gen) for _ in range(n_read)]
+    torch.library.opcheck(torch.ops.fastopt.traffic_probe_, (updated, read))
 
 
-def test_traffic_probe_moves_the_bytes_it_claims():
+@pytest.mark.parametrize("n_updated, n_read", [(1, 1), (3, 1), (2, 2)])
+def test_traffic_probe_moves_the_bytes_it_claims(n_updated, n_read):
     """Its arithmetic, spelled out: the probe is a roofline, but it must touch every element."""
     gen = generator(2)
-    param, grad, m, v = (torch.randn(4097, generator=gen) for _ in range(4))
-    expected_m = m * 0.9 + grad
-    expected_v = v * 0.999 + grad
-    expected_p = param + expected_m * -1e-3 + expected_v * 1e-6
-    torch.ops.fastopt.adam_traffic_probe_(param, grad, m, v)
-    torch.testing.assert_close(m, expected_m)
-    torch.testing.assert_close(v, expected_v)
-    torch.testing.assert_close(param, expected_p)
+    updated = [torch.randn(4097, generator=gen) for _ in range(n_updated)]
+    read = [torch.randn(4097, generator=gen) for _ in range(n_read)]
+    read_sum = sum(read[1:], read[0])
+    expected = [u * 0.9 + read_sum for u in updated]
+    torch.ops.fastopt.traffic_probe_(updated, read)
+    for u, e in zip(updated, expected, strict=True):
+        torch.testing.assert_close(u, e)
+
+
+def test_traffic_probe_refuses_bad_input():
+    with pytest.raises(RuntimeError, match="1 to 4 updated"):
+        torch.ops.fastopt.traffic_probe_([torch.zeros(3)] * 5, [torch.zeros(3)])
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.fastopt.traffic_probe_([torch.zeros(3)], [torch.zeros(4)])
 
 
 def test_fake_implementation_checks_shapes():

@@ -81,8 +81,7 @@ struct AdamRule {
 
   // state: exp_avg, exp_avg_sq, max_exp_avg_sq.
   template <int VARIANT, typename C>
-  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad,
-                                                        C (&state)[kStateSlots],
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
     C& exp_avg = state[0];
     C& exp_avg_sq = state[1];
@@ -111,10 +110,17 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                bool maximize, const std::optional<at::Tensor>& grad_scale,
                const std::optional<at::Tensor>& found_inf) {
   Run(StepCall<AdamRule>{
-      kAdamStepName, params, grads, {exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, steps,
+      kAdamStepName,
+      params,
+      grads,
+      {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
+      steps,
       amsgrad ? AdamRule::kAmsgrad : 0,
-      AdamOptions{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize}, lr,
-      lr_tensor, grad_scale, found_inf});
+      AdamOptions{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
+      lr,
+      lr_tensor,
+      grad_scale,
+      found_inf});
 }
 
 }  // namespace fastopt

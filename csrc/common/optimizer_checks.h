@@ -34,8 +34,8 @@ inline bool is_supported_param_dtype(at::ScalarType t) {
 // element: same device, dtype, shape and memory layout as the param, dense storage, supported
 // dtype. `steps` holds one float32 step counter per param on the params' device.
 inline void check_optimizer_tensors(const char* op, at::TensorList params,
-                                    c10::ArrayRef<NamedTensorList> companions,
-                                    at::TensorList steps, c10::DeviceType device_type) {
+                                    c10::ArrayRef<NamedTensorList> companions, at::TensorList steps,
+                                    c10::DeviceType device_type) {
   for (const auto& [name, list] : companions) {
     TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(),
                 " tensors but params has ", params.size());

@@ -114,8 +114,7 @@ void run_step_on_cpu(const StepCall<Rule>& call) {
   check_step_call(call, c10::DeviceType::CPU);
   // An inf/NaN gradient was found: the step is skipped entirely, step counts included.
   if (call.found_inf.has_value() && call.found_inf->template item<double>() != 0) return;
-  const double lr =
-      call.lr_tensor.has_value() ? call.lr_tensor->template item<double>() : call.lr;
+  const double lr = call.lr_tensor.has_value() ? call.lr_tensor->template item<double>() : call.lr;
 
   const size_t n = call.params.size();
   std::vector<int64_t> numels(n);

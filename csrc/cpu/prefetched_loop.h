@@ -27,8 +27,8 @@ FASTOPT_INLINE void prefetch_block_ahead(const T* stream, int64_t block_begin) {
   }
 }
 
-// Calls body(i) for every i in [begin, end), prefetching `streams` (null ones skipped) ahead. `body` must be
-// always-inline, as it runs inside a per-instruction-set variant (isa.h).
+// Calls body(i) for every i in [begin, end), prefetching `streams` (null ones skipped) ahead.
+// `body` must be always-inline, as it runs inside a per-instruction-set variant (isa.h).
 template <typename Body, typename... Streams>
 FASTOPT_INLINE void prefetched_loop(int64_t begin, int64_t end, const Body& body,
                                     const Streams*... streams) {

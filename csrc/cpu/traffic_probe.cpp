@@ -1,12 +1,13 @@
-// fastopt::adam_traffic_probe_: the roofline the Adam kernel is measured against. It moves
-// exactly the bytes of an fp32 Adam step (param, grad, exp_avg, exp_avg_sq read; param, exp_avg,
-// exp_avg_sq written) with fused multiply-adds only, through the same thread pool and the same
-// per-instruction-set compilation, so its speed is the most a one-pass Adam can reach here.
-#include <ATen/Parallel.h>
+// fastopt::traffic_probe_: the roofline the optimizer kernels are measured against. It reads
+// every `updated` and `read` tensor once and writes every `updated` one once (an fp32 Adam step
+// is 3 updated + 1 read, plain RMSprop or Adagrad 2 + 1) with fused multiply-adds only, through
+// the same thread pool, loop and per-instruction-set compilation as the kernels, so its speed is
+// the most a one-pass optimizer step with that traffic can reach here.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <array>
+#include <utility>
 
 #include "common/macros.h"
 #include "cpu/isa.h"
@@ -16,53 +17,79 @@
 namespace fastopt::cpu {
 namespace {
 
+constexpr int kMaxUpdated = 4;
+constexpr int kMaxRead = 2;
+
 struct ProbePiece {
-  float* param;
-  const float* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
+  std::array<float*, kMaxUpdated> updated;
+  std::array<const float*, kMaxRead> read;
+  int n_updated;
+  int n_read;
   int64_t begin;
   int64_t end;
 };
 
+template <int UPDATED, int READ>
+struct ProbeLoop {
+  template <size_t... U, size_t... R>
+  FASTOPT_INLINE static void run(const ProbePiece& a, std::index_sequence<U...>,
+                                 std::index_sequence<R...>) {
+    const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
+      const float read_sum = (a.read[R][i] + ...);
+      ((a.updated[U][i] = a.updated[U][i] * 0.9f + read_sum), ...);
+    };
+    prefetched_loop(a.begin, a.end, element, a.updated[U]..., a.read[R]...);
+  }
+
+  FASTOPT_INLINE static void run(const ProbePiece& a) {
+    run(a, std::make_index_sequence<UPDATED>(), std::make_index_sequence<READ>());
+  }
+};
+
+// Turns the run-time stream counts into template arguments.
+template <int UPDATED = 1, int READ = 1>
 FASTOPT_INLINE void probe_body(const ProbePiece& a) {
-  float* __restrict__ param = a.param;
-  const float* __restrict__ grad = a.grad;
-  float* __restrict__ exp_avg = a.exp_avg;
-  float* __restrict__ exp_avg_sq = a.exp_avg_sq;
-  const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
-    const float g = grad[i];
-    const float m = exp_avg[i] * 0.9f + g;
-    const float v = exp_avg_sq[i] * 0.999f + g;
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
-    param[i] = param[i] + m * -1e-3f + v * 1e-6f;
-  };
-  // The same loop as the optimizer kernels', prefetches included, so that the probe is the
-  // roofline of that loop rather than of a plainer one.
-  prefetched_loop(a.begin, a.end, element, param, grad, exp_avg, exp_avg_sq);
+  if constexpr (UPDATED <= kMaxUpdated && READ <= kMaxRead) {
+    if (a.n_updated != UPDATED) return probe_body<UPDATED + 1, READ>(a);
+    if (a.n_read != READ) return probe_body<UPDATED, READ + 1>(a);
+    ProbeLoop<UPDATED, READ>::run(a);
+  }
 }
 
-FASTOPT_DISPATCH_BY_ISA(probe_piece, probe_body, ProbePiece)
+FASTOPT_DISPATCH_BY_ISA(probe_piece, probe_body<>, ProbePiece)
 
-void adam_traffic_probe_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-                            at::Tensor& exp_avg_sq) {
-  const std::array<const at::Tensor*, 4> tensors{&param, &grad, &exp_avg, &exp_avg_sq};
-  for (const at::Tensor* t : tensors) {
-    TORCH_CHECK(
-        t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == param.numel(),
-        "fastopt::adam_traffic_probe_: expects four contiguous float32 tensors of one size");
+void traffic_probe_cpu(at::TensorList updated, at::TensorList read) {
+  TORCH_CHECK(!updated.empty() && int(updated.size()) <= kMaxUpdated && !read.empty() &&
+                  int(read.size()) <= kMaxRead,
+              "fastopt::traffic_probe_: takes 1 to ", kMaxUpdated, " updated and 1 to ", kMaxRead,
+              " read tensors");
+  const int64_t numel = updated[0].numel();
+  ProbePiece piece{};
+  piece.n_updated = int(updated.size());
+  piece.n_read = int(read.size());
+  for (size_t i = 0; i < updated.size() + read.size(); ++i) {
+    const at::Tensor& t = i < updated.size() ? updated[i] : read[i - updated.size()];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                    t.numel() == numel,
+                "fastopt::traffic_probe_: expects contiguous float32 CPU tensors of one size");
+    if (i < updated.size()) {
+      piece.updated[i] = t.data_ptr<float>();
+    } else {
+      piece.read[i - updated.size()] = t.const_data_ptr<float>();
+    }
   }
-  for_each_piece_in_parallel({param.numel()}, [&](size_t, int64_t begin, int64_t end) {
-    probe_piece(ProbePiece{param.data_ptr<float>(), grad.const_data_ptr<float>(),
-                           exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), begin, end});
+  for_each_piece_in_parallel({numel}, [&](size_t, int64_t begin, int64_t end) {
+    ProbePiece share = piece;
+    share.begin = begin;
+    share.end = end;
+    probe_piece(share);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
-  m.impl("adam_traffic_probe_", &adam_traffic_probe_cpu);
+  m.impl("traffic_probe_", &traffic_probe_cpu);
 }
 
 }  // namespace fastopt::cpu

@@ -179,9 +179,9 @@ void run_step_on_cuda(const StepCall<Rule>& call) {
   for (const auto& entry : by_dtype) {
     const auto& lists = entry.second.first;         // not structured bindings: C++17 lambdas
     const auto& dtype_steps = entry.second.second;  // cannot capture those
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, entry.first, "fastopt_step_cuda", [&] {
-      launch_step<Rule, scalar_t>(lists, dtype_steps, args, call.variant);
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, entry.first, "fastopt_step_cuda",
+        [&] { launch_step<Rule, scalar_t>(lists, dtype_steps, args, call.variant); });
   }
   increment_steps(std::vector<at::Tensor>(call.steps.begin(), call.steps.end()), args.found_inf);
 }

@@ -1,5 +1,8 @@
 """torch.optim-compatible optimizers whose step is one fused kernel."""
 
+from .adadelta import FusedAdadelta
+from .adagrad import FusedAdagrad
 from .adam import FusedAdam, FusedAdamW
+from .rmsprop import FusedRMSprop
 
-__all__ = ["FusedAdam", "FusedAdamW"]
+__all__ = ["FusedAdadelta", "FusedAdagrad", "FusedAdam", "FusedAdamW", "FusedRMSprop"]

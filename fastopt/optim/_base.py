@@ -1,7 +1,7 @@
 """What every fastopt optimizer shares: torch.optim compatibility and checked inputs.
 
-A subclass names its per-param state tensors, says how to create them, and implements
-`_group_step` with one call into `fastopt.functional`; everything else is here:
+A subclass names its per-param state tensors (and may say how to create them), and implements
+`_group_step` with calls into `fastopt.functional`; everything else is here:
 - the state_dict has torch's format, so checkpoints move to and from torch.optim both ways;
 - `torch.amp.GradScaler` hands over `grad_scale` / `found_inf` (the contract torch's fused
   optimizers use) and unscaling happens inside the kernel;
@@ -26,6 +26,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # GradScaler calls step() directly, with `grad_scale` and `found_inf` set on the optimizer.
     _step_supports_amp_scaling = True
+    # Whether `_group_step` takes sparse COO grads (the checks refuse them otherwise).
+    _supports_sparse_grads = False
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         if defaults.get("differentiable"):
@@ -41,6 +43,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The per-element state tensors of a param in `group`, besides `step`."""
         raise NotImplementedError
+
+    def _new_state(self, p: Tensor, group: dict[str, Any], key: str) -> Tensor:
+        """The state tensor `key` of `p` when it is created: zeros, as torch.optim creates most."""
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
         """Updates `params` (all with a grad, all on one device) and their state in place;
@@ -142,10 +148,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return f"{name}: param {i} of param_groups[{index}] (shape {tuple(p.shape)})"
 
         for p, g in zip(params, grads, strict=True):
-            if g.is_sparse or g.layout != torch.strided:
+            sparse = g.is_sparse and self._supports_sparse_grads
+            if g.layout != torch.strided and not sparse:
                 raise RuntimeError(
-                    f"{where(p)} has a sparse gradient, which {name} does not support; use "
-                    "torch.optim.SparseAdam, or a dense gradient (e.g. nn.Embedding(sparse=False))"
+                    f"{where(p)} has a {g.layout} gradient, which {name} does not support; use "
+                    "a dense gradient (e.g. nn.Embedding(sparse=False)), or an optimizer for "
+                    "sparse gradients (fastopt.FusedAdagrad, torch.optim.SparseAdam)"
+                )
+            if sparse and not p.is_contiguous():
+                raise RuntimeError(
+                    f"{where(p)} has a sparse gradient but is not contiguous; {name}'s sparse "
+                    "row update needs a contiguous param: use `p.data = p.data.contiguous()`"
                 )
             if p.is_complex():
                 raise RuntimeError(
@@ -173,7 +186,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{where(p)} is not stored densely (a strided view of a larger tensor?); "
                     "fastopt's kernels need dense params: use `p.data = p.data.contiguous()`"
                 )
-            if not _same_element_offsets(g, p):
+            if not sparse and not _same_element_offsets(g, p):
                 raise RuntimeError(
                     f"{where(p)} has a grad with strides {g.stride()} but the param has "
                     f"{p.stride()}; give the grad the param's memory layout"
@@ -200,7 +213,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 for key in keys:
                     if key not in state:
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state[key] = self._new_state(p, group, key)
             rows.append(columns(state))
         return dict(zip(("step", *keys), zip(*rows, strict=True), strict=True)), created
 

@@ -1,0 +1,84 @@
+// The update rule of fastopt::adadelta_step_ (torch.optim.Adadelta), for the CPU and CUDA
+// drivers; see common/step_call.h for what a rule provides. It follows torch's single-tensor
+// reference operation by operation, so fp32 and fp64 match it to rounding.
+#pragma once
+
+#include "common/macros.h"
+#include "common/step_call.h"
+#include "common/step_math.h"
+#include "op_signatures.h"
+
+namespace fastopt {
+
+struct AdadeltaOptions {
+  double rho;
+  double eps;
+  double weight_decay;
+  bool maximize;
+};
+
+template <typename C>
+struct AdadeltaCoefficients {
+  C grad_sign;  // -1 to maximize
+  C weight_decay;
+  C rho;
+  C one_minus_rho;
+  C eps;
+  C neg_lr;
+};
+
+struct AdadeltaRule {
+  static constexpr int kStateSlots = 2;
+  static constexpr const char* kStateNames[kStateSlots] = {"square_avgs", "acc_deltas"};
+  static constexpr const char* kStateNeeds[kStateSlots] = {"", ""};
+  static constexpr int kVariants = 1;
+  FASTOPT_HOST_DEVICE static constexpr bool uses_state(int, int) { return true; }
+
+  using Options = AdadeltaOptions;
+  template <typename C>
+  using Coefficients = AdadeltaCoefficients<C>;
+
+  template <typename C>
+  FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr, double) {
+    return {
+        o.maximize ? C(-1) : C(1), C(o.weight_decay), C(o.rho), C(1.0 - o.rho), C(o.eps), C(-lr)};
+  }
+
+  // state: square_avg, acc_delta.
+  template <int VARIANT, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+                                                        const Coefficients<C>& k) {
+    C& square_avg = state[0];
+    C& acc_delta = state[1];
+    grad = grad * k.grad_sign;
+    // Skipped without decay, as in torch: 0 * inf would turn an infinite param into NaN.
+    if (k.weight_decay != C(0)) grad = grad + k.weight_decay * param;
+    square_avg = square_avg * k.rho + k.one_minus_rho * grad * grad;
+    const C std = sqrt(square_avg + k.eps);
+    const C delta = sqrt(acc_delta + k.eps) / std * grad;
+    acc_delta = acc_delta * k.rho + k.one_minus_rho * delta * delta;
+    param = param + k.neg_lr * delta;
+  }
+};
+
+// fastopt::adadelta_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
+template <void (*Run)(const StepCall<AdadeltaRule>&)>
+void adadelta_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                   at::TensorList acc_deltas, at::TensorList steps, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double rho, double eps,
+                   double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  Run(StepCall<AdadeltaRule>{kAdadeltaStepName,
+                             params,
+                             grads,
+                             {square_avgs, acc_deltas},
+                             steps,
+                             0,
+                             AdadeltaOptions{rho, eps, weight_decay, maximize},
+                             lr,
+                             lr_tensor,
+                             grad_scale,
+                             found_inf});
+}
+
+}  // namespace fastopt

@@ -1,0 +1,86 @@
+// The update rule of fastopt::adagrad_step_ (torch.optim.Adagrad, dense grads), for the CPU and
+// CUDA drivers; see common/step_call.h for what a rule provides. It follows torch's
+// single-tensor reference operation by operation, so fp32 and fp64 match it to rounding. The
+// sparse row update is common/sparse_adagrad.h.
+#pragma once
+
+#include "common/macros.h"
+#include "common/step_call.h"
+#include "common/step_math.h"
+#include "op_signatures.h"
+
+namespace fastopt {
+
+struct AdagradOptions {
+  double lr_decay;
+  double weight_decay;
+  double eps;
+  bool maximize;
+};
+
+template <typename C>
+struct AdagradCoefficients {
+  C grad_sign;  // -1 to maximize
+  C weight_decay;
+  C neg_clr;  // -lr / (1 + (step - 1) * lr_decay)
+  C eps;
+};
+
+// The decayed learning rate of step `step`, as torch computes it (in double).
+FASTOPT_HOST_DEVICE inline double adagrad_clr(double lr, double lr_decay, double step) {
+  return lr / (1 + (step - 1) * lr_decay);
+}
+
+struct AdagradRule {
+  static constexpr int kStateSlots = 1;
+  static constexpr const char* kStateNames[kStateSlots] = {"state_sums"};
+  static constexpr const char* kStateNeeds[kStateSlots] = {""};
+  static constexpr int kVariants = 1;
+  FASTOPT_HOST_DEVICE static constexpr bool uses_state(int, int) { return true; }
+
+  using Options = AdagradOptions;
+  template <typename C>
+  using Coefficients = AdagradCoefficients<C>;
+
+  template <typename C>
+  FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr,
+                                                          double step) {
+    return {o.maximize ? C(-1) : C(1), C(o.weight_decay), C(-adagrad_clr(lr, o.lr_decay, step)),
+            C(o.eps)};
+  }
+
+  // state: sum.
+  template <int VARIANT, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+                                                        const Coefficients<C>& k) {
+    C& sum = state[0];
+    grad = grad * k.grad_sign;
+    // Skipped without decay, as in torch: 0 * inf would turn an infinite param into NaN.
+    if (k.weight_decay != C(0)) grad = grad + k.weight_decay * param;
+    sum = sum + grad * grad;
+    const C std = sqrt(sum) + k.eps;
+    param = param + k.neg_clr * grad / std;
+  }
+};
+
+// fastopt::adagrad_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
+template <void (*Run)(const StepCall<AdagradRule>&)>
+void adagrad_step(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                  at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                  double lr_decay, double weight_decay, double eps, bool maximize,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  Run(StepCall<AdagradRule>{kAdagradStepName,
+                            params,
+                            grads,
+                            {state_sums},
+                            steps,
+                            0,
+                            AdagradOptions{lr_decay, weight_decay, eps, maximize},
+                            lr,
+                            lr_tensor,
+                            grad_scale,
+                            found_inf});
+}
+
+}  // namespace fastopt

@@ -1,0 +1,111 @@
+// The update rule of fastopt::rmsprop_step_ (torch.optim.RMSprop), for the CPU and CUDA drivers;
+// see common/step_call.h for what a rule provides. It follows torch's single-tensor reference
+// operation by operation, so fp32 and fp64 match it to rounding.
+#pragma once
+
+#include "common/macros.h"
+#include "common/step_call.h"
+#include "common/step_math.h"
+#include "op_signatures.h"
+
+namespace fastopt {
+
+struct RmspropOptions {
+  double alpha;
+  double eps;
+  double weight_decay;
+  double momentum;
+  bool maximize;
+};
+
+template <typename C>
+struct RmspropCoefficients {
+  C grad_sign;  // -1 to maximize
+  C weight_decay;
+  C alpha;
+  C one_minus_alpha;
+  C eps;
+  C momentum;
+  C neg_lr;
+};
+
+struct RmspropRule {
+  static constexpr int kStateSlots = 3;
+  static constexpr const char* kStateNames[kStateSlots] = {"square_avgs", "momentum_buffers",
+                                                           "grad_avgs"};
+  static constexpr const char* kStateNeeds[kStateSlots] = {"", "momentum > 0", "centered=True"};
+  static constexpr int kMomentum = 1;
+  static constexpr int kCentered = 2;
+  static constexpr int kVariants = 4;
+  FASTOPT_HOST_DEVICE static constexpr bool uses_state(int variant, int slot) {
+    return slot == 0 || (slot == 1 && (variant & kMomentum) != 0) ||
+           (slot == 2 && (variant & kCentered) != 0);
+  }
+
+  using Options = RmspropOptions;
+  template <typename C>
+  using Coefficients = RmspropCoefficients<C>;
+
+  template <typename C>
+  FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr, double) {
+    return {o.maximize ? C(-1) : C(1),
+            C(o.weight_decay),
+            C(o.alpha),
+            C(1.0 - o.alpha),
+            C(o.eps),
+            C(o.momentum),
+            C(-lr)};
+  }
+
+  // state: square_avg, momentum_buffer, grad_avg.
+  template <int VARIANT, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+                                                        const Coefficients<C>& k) {
+    C& square_avg = state[0];
+    grad = grad * k.grad_sign;
+    // Skipped without decay, as in torch: 0 * inf would turn an infinite param into NaN.
+    if (k.weight_decay != C(0)) grad = grad + k.weight_decay * param;
+    square_avg = square_avg * k.alpha + k.one_minus_alpha * grad * grad;
+    C avg;
+    if constexpr ((VARIANT & kCentered) != 0) {
+      C& grad_avg = state[2];
+      grad_avg = lerp(grad_avg, grad, k.one_minus_alpha);
+      avg = sqrt(square_avg + C(-1) * grad_avg * grad_avg);
+    } else {
+      avg = sqrt(square_avg);
+    }
+    avg = avg + k.eps;
+    if constexpr ((VARIANT & kMomentum) != 0) {
+      C& buffer = state[1];
+      buffer = buffer * k.momentum + grad / avg;
+      param = param + k.neg_lr * buffer;
+    } else {
+      param = param + k.neg_lr * grad / avg;
+    }
+  }
+};
+
+// fastopt::rmsprop_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
+template <void (*Run)(const StepCall<RmspropRule>&)>
+void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                  at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList steps,
+                  double lr, const std::optional<at::Tensor>& lr_tensor, double alpha, double eps,
+                  double weight_decay, double momentum, bool centered, bool maximize,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf) {
+  const int variant =
+      (momentum > 0 ? RmspropRule::kMomentum : 0) | (centered ? RmspropRule::kCentered : 0);
+  Run(StepCall<RmspropRule>{kRmspropStepName,
+                            params,
+                            grads,
+                            {square_avgs, momentum_buffers, grad_avgs},
+                            steps,
+                            variant,
+                            RmspropOptions{alpha, eps, weight_decay, momentum, maximize},
+                            lr,
+                            lr_tensor,
+                            grad_scale,
+                            found_inf});
+}
+
+}  // namespace fastopt

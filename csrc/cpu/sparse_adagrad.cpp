@@ -1,0 +1,154 @@
+// fastopt::sparse_adagrad_step_ on the CPU: entries grouped by row, each touched row summed and
+// updated once, the rows spread over the thread pool (see common/sparse_adagrad.h).
+#include "common/sparse_adagrad.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <numeric>
+#include <vector>
+
+#include "cpu/dtype_switch.h"
+#include "cpu/isa.h"
+
+namespace fastopt::cpu {
+namespace {
+
+// Below this many row elements, one thread updates everything: forking costs more.
+constexpr int64_t kMinElementsPerThread = 16384;
+
+struct SparseAdagradJob {
+  c10::ScalarType dtype;
+  void* param;
+  void* state_sum;
+  void* values;  // [nnz, row_size]
+  const int64_t* rows;
+  const int64_t* order;           // entries in row order; nullptr: already in row order
+  const int64_t* segment_starts;  // where each run of one row begins in that order; then nnz
+  int64_t row_size;
+  double neg_clr;
+  double eps;
+  double grad_sign;
+  bool unscale;
+  double grad_scale;
+};
+
+struct SparseAdagradPiece {
+  const SparseAdagradJob* job;
+  int64_t segment_begin;
+  int64_t segment_end;
+};
+
+struct SparseAdagradLoop {
+  template <typename S>
+  FASTOPT_INLINE static void run(const SparseAdagradPiece& piece) {
+    using C = at::opmath_type<S>;
+    const SparseAdagradJob& job = *piece.job;
+    const int64_t width = job.row_size;
+    S* param = static_cast<S*>(job.param);
+    S* state_sum = static_cast<S*>(job.state_sum);
+    S* values = static_cast<S*>(job.values);
+    const C neg_clr = C(job.neg_clr), eps = C(job.eps), sign = C(job.grad_sign);
+    const C scale = C(job.grad_scale);
+    std::vector<C> grad(width);
+    for (int64_t segment = piece.segment_begin; segment < piece.segment_end; ++segment) {
+      const int64_t first = job.segment_starts[segment];
+      const int64_t last = job.segment_starts[segment + 1];
+      std::fill(grad.begin(), grad.end(), C(0));
+      for (int64_t k = first; k < last; ++k) {
+        S* entry = values + (job.order ? job.order[k] : k) * width;
+        for (int64_t j = 0; j < width; ++j) {
+          C v = C(entry[j]);
+          if (job.unscale) {
+            v = v / scale;
+            entry[j] = S(v);  // stored back unscaled, as for dense grads
+          }
+          grad[j] = grad[j] + v;
+        }
+      }
+      const int64_t row = job.rows[job.order ? job.order[first] : first];
+      S* __restrict__ p = param + row * width;
+      S* __restrict__ sum = state_sum + row * width;
+      for (int64_t j = 0; j < width; ++j) {
+        C p_j = C(p[j]), sum_j = C(sum[j]);
+        sparse_adagrad_update(p_j, sum_j, grad[j] * sign, neg_clr, eps);
+        p[j] = S(p_j);
+        sum[j] = S(sum_j);
+      }
+    }
+  }
+};
+
+FASTOPT_INLINE void sparse_adagrad_piece_body(const SparseAdagradPiece& piece) {
+  switch_param_dtype<SparseAdagradLoop>(piece.job->dtype, piece);
+}
+
+FASTOPT_DISPATCH_BY_ISA(sparse_adagrad_piece, sparse_adagrad_piece_body, SparseAdagradPiece)
+
+void sparse_adagrad_step_cpu(const at::Tensor& param, const at::Tensor& grad,
+                             const at::Tensor& state_sum, const at::Tensor& step, double lr,
+                             const std::optional<at::Tensor>& lr_tensor, double lr_decay,
+                             double eps, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf) {
+  const SparseRows layout = check_sparse_adagrad_call(param, grad, state_sum, step, lr_tensor,
+                                                      grad_scale, found_inf, c10::DeviceType::CPU);
+  if (found_inf.has_value() && found_inf->item<double>() != 0) return;
+  if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
+  const float new_step = *step.const_data_ptr<float>() + 1.0f;
+
+  const at::Tensor rows_tensor = sparse_entry_rows(grad).contiguous();
+  const int64_t* rows = rows_tensor.const_data_ptr<int64_t>();
+  at::Tensor values = grad._values();
+  TORCH_CHECK(values.is_contiguous(), kSparseAdagradStepName,
+              ": the gradient's values must be contiguous (grad._values()); coalesce it first");
+  // Entries in row order, and where each row's run begins.
+  std::vector<int64_t> order;
+  if (!grad.is_coalesced()) {
+    order.resize(layout.nnz);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [rows](int64_t a, int64_t b) { return rows[a] < rows[b]; });
+  }
+  const auto row_at = [&](int64_t k) { return rows[order.empty() ? k : order[k]]; };
+  std::vector<int64_t> segment_starts;
+  for (int64_t k = 0; k < layout.nnz; ++k) {
+    if (k == 0 || row_at(k) != row_at(k - 1)) segment_starts.push_back(k);
+  }
+  const int64_t segments = int64_t(segment_starts.size());
+  segment_starts.push_back(layout.nnz);
+
+  const SparseAdagradJob job{param.scalar_type(),
+                             param.data_ptr(),
+                             state_sum.data_ptr(),
+                             values.data_ptr(),
+                             rows,
+                             order.empty() ? nullptr : order.data(),
+                             segment_starts.data(),
+                             layout.row_size,
+                             -adagrad_clr(lr, lr_decay, new_step),
+                             eps,
+                             maximize ? -1.0 : 1.0,
+                             grad_scale.has_value(),
+                             grad_scale.has_value() ? grad_scale->item<double>() : 1.0};
+  const int64_t grain =
+      std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, layout.row_size));
+  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+    sparse_adagrad_piece(SparseAdagradPiece{&job, begin, end});
+  });
+  *step.mutable_data_ptr<float>() = new_step;
+}
+
+}  // namespace
+
+// A sparse grad sends the call to the SparseCPU key; a dense one gets the kernel's error.
+TORCH_LIBRARY_IMPL(fastopt, SparseCPU, m) {
+  m.impl("sparse_adagrad_step_", &sparse_adagrad_step_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("sparse_adagrad_step_", &sparse_adagrad_step_cpu);
+}
+
+}  // namespace fastopt::cpu

@@ -1,0 +1,13 @@
+// fastopt::adadelta_step_ on CUDA: the multi-tensor driver with Adadelta's rule.
+#include <torch/library.h>
+
+#include "common/adadelta_rule.h"
+#include "cuda/multi_tensor_step.cuh"
+
+namespace fastopt::cuda {
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("adadelta_step_", &adadelta_step<run_step_on_cuda<AdadeltaRule>>);
+}
+
+}  // namespace fastopt::cuda

@@ -1,0 +1,13 @@
+// fastopt::adagrad_step_ on CUDA: the multi-tensor driver with Adagrad's rule.
+#include <torch/library.h>
+
+#include "common/adagrad_rule.h"
+#include "cuda/multi_tensor_step.cuh"
+
+namespace fastopt::cuda {
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("adagrad_step_", &adagrad_step<run_step_on_cuda<AdagradRule>>);
+}
+
+}  // namespace fastopt::cuda

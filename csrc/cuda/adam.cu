@@ -1,0 +1,13 @@
+// fastopt::adam_step_ on CUDA: the multi-tensor driver with Adam's rule.
+#include <torch/library.h>
+
+#include "common/adam_rule.h"
+#include "cuda/multi_tensor_step.cuh"
+
+namespace fastopt::cuda {
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("adam_step_", &adam_step<run_step_on_cuda<AdamRule>>);
+}
+
+}  // namespace fastopt::cuda

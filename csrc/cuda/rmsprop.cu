@@ -1,0 +1,13 @@
+// fastopt::rmsprop_step_ on CUDA: the multi-tensor driver with Rmsprop's rule.
+#include <torch/library.h>
+
+#include "common/rmsprop_rule.h"
+#include "cuda/multi_tensor_step.cuh"
+
+namespace fastopt::cuda {
+
+TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+  m.impl("rmsprop_step_", &rmsprop_step<run_step_on_cuda<RmspropRule>>);
+}
+
+}  // namespace fastopt::cuda

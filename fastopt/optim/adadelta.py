@@ -1,0 +1,97 @@
+"""FusedAdadelta: a drop-in replacement for torch.optim.Adadelta."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .. import functional
+from ._base import FusedOptimizer
+
+__all__ = ["FusedAdadelta"]
+
+
+class FusedAdadelta(FusedOptimizer):
+    """``torch.optim.Adadelta`` computed by fused multi-tensor kernels, one pass over memory a
+    step.
+
+    Takes exactly ``torch.optim.Adadelta``'s arguments and produces the same results and the
+    same ``state_dict`` (so checkpoints move between the two in both directions), on CPU and CUDA
+    params of float32, float64, float16 and bfloat16 (state in the param's dtype). Works with LR
+    schedulers and ``torch.amp.GradScaler``, which unscales inside the kernel.
+
+    Args:
+        params: params or param groups, as for any torch optimizer.
+        lr: coefficient that scales the delta before it is applied (default 1.0); a float or a
+            one-element tensor.
+        rho: coefficient of the running averages of squared grads and squared deltas.
+        eps: added inside the square roots for numerical stability.
+        weight_decay: L2 penalty.
+        foreach: accepted for compatibility and ignored: the step is always fused.
+        capturable: accepted; the CUDA step always reads its step counts (and a CUDA tensor lr)
+            from device memory, so it can be captured in a CUDA graph either way.
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: must be False.
+
+    Example::
+
+        opt = fastopt.FusedAdadelta(model.parameters())
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1.0,
+        rho: float = 0.9,
+        eps: float = 1e-6,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+    ) -> None:
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "rho": rho,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": maximize,
+            "capturable": capturable,
+            # Recorded as torch records it, so a checkpoint loads into torch.optim.Adadelta.
+            "foreach": None,
+            "differentiable": differentiable,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        return ("square_avg", "acc_delta")
+
+    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+        functional.adadelta_step_(
+            params,
+            grads,
+            states["square_avg"],
+            states["acc_delta"],
+            states["step"],
+            lr=group["lr"],
+            rho=group["rho"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )

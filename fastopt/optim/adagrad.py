@@ -1,0 +1,126 @@
+"""FusedAdagrad: a drop-in replacement for torch.optim.Adagrad, sparse gradients included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import functional
+from ._base import FusedOptimizer
+
+__all__ = ["FusedAdagrad"]
+
+
+class FusedAdagrad(FusedOptimizer):
+    """``torch.optim.Adagrad`` computed by fused kernels, one pass over memory a step.
+
+    Takes exactly ``torch.optim.Adagrad``'s arguments and produces the same results and the same
+    ``state_dict`` (so checkpoints move between the two in both directions), on CPU and CUDA
+    params of float32, float64, float16 and bfloat16 (state in the param's dtype). Works with LR
+    schedulers and ``torch.amp.GradScaler``, which unscales inside the kernel.
+
+    Sparse gradients (``nn.Embedding(..., sparse=True)``) get a fused row update that touches
+    only the rows present in the gradient, duplicates summed first as torch does; torch's own
+    fused Adagrad has no sparse path. As in torch, ``weight_decay`` cannot be combined with
+    them.
+
+    Args:
+        params: params or param groups, as for any torch optimizer.
+        lr: learning rate, a float or a one-element tensor (default 1e-2).
+        lr_decay: learning rate decay: step t uses ``lr / (1 + (t - 1) * lr_decay)``.
+        weight_decay: L2 penalty (dense grads only).
+        initial_accumulator_value: the starting value of the sums of squared grads.
+        eps: added to the denominator for numerical stability.
+        foreach, fused: accepted for compatibility and ignored: the step is always fused.
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: must be False.
+
+    Example::
+
+        opt = fastopt.FusedAdagrad(model.parameters(), lr=1e-2)
+    """
+
+    _supports_sparse_grads = True
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(
+                f"Invalid initial_accumulator_value value: {initial_accumulator_value}"
+            )
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = {
+            "lr": lr,
+            "lr_decay": lr_decay,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "initial_accumulator_value": initial_accumulator_value,
+            # Recorded as torch records them, so a checkpoint loads into torch.optim.Adagrad.
+            "foreach": None,
+            "maximize": maximize,
+            "differentiable": differentiable,
+            "fused": None,
+        }
+        super().__init__(params, defaults)
+        # torch.optim.Adagrad creates its state here rather than at the first step (so that
+        # share_memory() can share it before training starts).
+        for group in self.param_groups:
+            self._states_of(group["params"], group)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+
+    def share_memory(self) -> None:
+        """Moves the state sums into shared memory, as ``torch.optim.Adagrad.share_memory``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["sum"].share_memory_()
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        return ("sum",)
+
+    def _new_state(self, p: Tensor, group: dict[str, Any], key: str) -> Tensor:
+        return torch.full_like(
+            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
+        )
+
+    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+        sparse = [i for i, g in enumerate(grads) if g.is_sparse]
+        if sparse and group["weight_decay"] != 0:
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        options = dict(lr=group["lr"], eps=group["eps"], maximize=group["maximize"])
+        options |= dict(lr_decay=group["lr_decay"], grad_scale=grad_scale, found_inf=found_inf)
+        sums, steps = states["sum"], states["step"]
+        if sparse:
+            dense = sorted(set(range(len(grads))) - set(sparse))
+            for i in sparse:
+                functional.sparse_adagrad_step_(params[i], grads[i], sums[i], steps[i], **options)
+            params, grads = [params[i] for i in dense], [grads[i] for i in dense]
+            sums, steps = [sums[i] for i in dense], [steps[i] for i in dense]
+        functional.adagrad_step_(
+            params, grads, sums, steps, weight_decay=group["weight_decay"], **options
+        )
