@@ -212,7 +212,9 @@ def test_optimizer_on_a_device_without_kernels(monkeypatch, name):
 
 def test_functional_sparse_adagrad_step_without_kernels(monkeypatch):
     param = torch.randn(10, 3)
-    grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 1]]), torch.randn(3, 3), (10, 3))
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 4, 1]]), torch.randn(3, 3), (10, 3), check_invariants=True
+    )
     state_sum, step = torch.zeros(10, 3), torch.tensor(0.0)
     copies = [t.clone() for t in (param, grad, state_sum, step)]
     monkeypatch.delitem(_extension._loaded, "cpu")

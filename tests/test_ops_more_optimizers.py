@@ -1,0 +1,296 @@
+"""The ops of FusedRMSprop / FusedAdagrad / FusedAdadelta and the traffic probe, as
+test_ops.py tests adam_step_: opcheck (schema, fake, autograd registration, AOT dispatch), the
+fake implementations' checks, the dispatcher route of a step, torch.compile(fullgraph=True) of
+a step, and the in-place semantics autograd must see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    SHAPES,
+    assert_matches_reference,
+    generator,
+    make_param_pairs,
+    optimizer_pair,
+    set_grads,
+)
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastopt
+
+NAMES = ["RMSprop", "Adagrad", "Adadelta"]
+OPS = {"RMSprop": "rmsprop_step_", "Adagrad": "adagrad_step_", "Adadelta": "adadelta_step_"}
+
+# Per optimizer, arguments that take every optional path of its kernel.
+RICH = {
+    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
+    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
+    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+}
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
+
+def _op_args(
+    name, scaled, tensor_lr, seed=0, shapes=SHAPES, device="cpu", found_inf=0.0, plain=False
+):
+    """The positional arguments of torch.ops.fastopt.<op> for `name`: random state that keeps
+    every denominator positive; with `plain`, RMSprop without momentum and centering."""
+    gen = generator(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen).to(device)
+
+    def positive(shape):
+        return randn(shape).abs() + 0.1
+
+    params = [randn(s) for s in shapes]
+    grads = [randn(s) for s in shapes]
+    steps = [torch.tensor(float(i + 1), device=device) for i in range(len(shapes))]
+    lr = (0.0, torch.tensor(0.01, device=device)) if tensor_lr else (0.01, None)
+    amp = (
+        (torch.tensor(8.0, device=device), torch.tensor(found_inf, device=device))
+        if scaled
+        else (None, None)
+    )
+    if name == "RMSprop":
+        grad_avgs = [] if plain else [0.1 * randn(s) for s in shapes]
+        square_avgs = [positive(s) for s in shapes]
+        if not plain:
+            square_avgs = [s + g * g for s, g in zip(square_avgs, grad_avgs, strict=True)]
+        momentum_buffers = [] if plain else [randn(s) for s in shapes]
+        momentum, centered = (0.0, False) if plain else (0.5, True)
+        return (
+            params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *lr,
+            0.99, 1e-8, 0.1, momentum, centered, False, *amp,
+        )  # fmt: skip
+    if name == "Adagrad":
+        state_sums = [positive(s) for s in shapes]
+        return (params, grads, state_sums, steps, *lr, 0.1, 0.1, 1e-10, True, *amp)
+    square_avgs = [positive(s) for s in shapes]
+    acc_deltas = [positive(s) for s in shapes]
+    return (params, grads, square_avgs, acc_deltas, steps, *lr, 0.9, 1e-6, 0.1, False, *amp)
+
+
+def _op(name):
+    return getattr(torch.ops.fastopt, OPS[name])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_opcheck(name, scaled, tensor_lr):
+    torch.library.opcheck(_op(name), _op_args(name, scaled, tensor_lr))
+
+
+def test_opcheck_rmsprop_without_momentum_and_centering():
+    torch.library.opcheck(_op("RMSprop"), _op_args("RMSprop", True, False, plain=True))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck_skipped_by_found_inf(name):
+    torch.library.opcheck(_op(name), _op_args(name, True, False, found_inf=1.0))
+
+
+def _sparse_args(scaled, tensor_lr, found_inf=0.0, seed=1):
+    gen = generator(seed)
+    param = torch.randn(50, 3, 4, generator=gen)
+    indices = torch.tensor([[49, 2, 2, 17, 0, 2]])
+    values = torch.randn(6, 3, 4, generator=gen)
+    grad = torch.sparse_coo_tensor(indices, values, (50, 3, 4), check_invariants=True)
+    state_sum = torch.rand(50, 3, 4, generator=gen) + 0.1
+    lr = (0.0, torch.tensor(0.1)) if tensor_lr else (0.1, None)
+    amp = (torch.tensor(8.0), torch.tensor(found_inf)) if scaled else (None, None)
+    return (param, grad, state_sum, torch.tensor(3.0), *lr, 0.1, 1e-10, True, *amp)
+
+
+# opcheck's test_schema and test_aot_dispatch_dynamic cannot take sparse inputs at all (torch's
+# own aten.add_ with a sparse COO argument fails both: "Cannot access storage of
+# SparseTensorImpl"), so the sparse op gets the other two.
+SPARSE_OPCHECKS = ("test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_opcheck_sparse_adagrad_step(scaled, tensor_lr):
+    torch.library.opcheck(
+        torch.ops.fastopt.sparse_adagrad_step_,
+        _sparse_args(scaled, tensor_lr),
+        test_utils=SPARSE_OPCHECKS,
+    )
+
+
+def test_opcheck_sparse_adagrad_step_skipped_by_found_inf():
+    torch.library.opcheck(
+        torch.ops.fastopt.sparse_adagrad_step_,
+        _sparse_args(True, False, found_inf=1.0),
+        test_utils=SPARSE_OPCHECKS,
+    )
+
+
+def test_opcheck_traffic_probe():
+    gen = generator(2)
+    updated = [torch.randn(4097, generator=gen) for _ in range(3)]
+    read = [torch.randn(4097, generator=gen) for _ in range(2)]
+    torch.library.opcheck(torch.ops.fastopt.traffic_probe_, (updated, read))
+
+
+def test_traffic_probe_writes_only_the_updated_tensors():
+    gen = generator(3)
+    updated = [torch.randn(4097, generator=gen) for _ in range(3)]
+    read = [torch.randn(4097, generator=gen) for _ in range(2)]
+    read_before = [t.clone() for t in read]
+    updated_before = [t.clone() for t in updated]
+    torch.ops.fastopt.traffic_probe_(updated, read)
+    for t, b in zip(read, read_before, strict=True):
+        assert torch.equal(t, b)
+    # Every updated tensor is written, all of it (a probe that skipped work would be no roofline).
+    for t, b in zip(updated, updated_before, strict=True):
+        assert bool((t != b).all())
+
+
+# -- fakes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fake_implementation_checks_shapes_and_lengths(name):
+    args = list(_op_args(name, False, False, device="meta"))
+    args[1] = [g.reshape(-1) if g.dim() == 2 else g for g in args[1]]
+    with pytest.raises(RuntimeError, match=r"grads\[3\]"):
+        _op(name)(*args)
+    args = list(_op_args(name, False, False, device="meta"))
+    args[2] = args[2][:-1]
+    with pytest.raises(RuntimeError, match="has 5 tensors but params has 6"):
+        _op(name)(*args)
+    args = list(_op_args(name, False, False, device="meta"))
+    step_index = {"RMSprop": 5, "Adagrad": 3, "Adadelta": 4}[name]
+    args[step_index] = [s.double() for s in args[step_index]]
+    with pytest.raises(RuntimeError, match=r"steps\[0\]"):
+        _op(name)(*args)
+
+
+def test_fake_rmsprop_checks_the_optional_lists():
+    """momentum_buffers must be empty when momentum == 0, grad_avgs when not centered."""
+    args = list(_op_args("RMSprop", False, False, device="meta"))
+    args[11] = 0.0  # momentum 0, but momentum_buffers given
+    with pytest.raises(RuntimeError, match="momentum_buffers"):
+        torch.ops.fastopt.rmsprop_step_(*args)
+    args = list(_op_args("RMSprop", False, False, device="meta"))
+    args[12] = False  # not centered, but grad_avgs given
+    with pytest.raises(RuntimeError, match="grad_avgs"):
+        torch.ops.fastopt.rmsprop_step_(*args)
+
+
+def test_fake_sparse_adagrad_step_checks_shapes():
+    """Under FakeTensorMode (what torch.compile traces with)."""
+    args = list(_sparse_args(False, False))
+    args[2] = torch.rand(49, 3, 4)  # state_sum one row short
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match="state_sum"):
+            torch.ops.fastopt.sparse_adagrad_step_(*fake)
+
+
+# -- the dispatcher route ---------------------------------------------------------------------
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_step_goes_through_the_dispatcher(name):
+    params = [torch.randn(7, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
+    opt = getattr(fastopt, f"Fused{name}")(params, **RICH[name])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with _RecordOps() as mode:
+        opt.step()
+    assert f"fastopt.{OPS[name]}.default" in mode.ops
+    assert all(opt.state[p]["step"].item() == 2 for p in params)
+
+
+def test_sparse_adagrad_step_goes_through_the_dispatcher():
+    p = torch.randn(10, 3, requires_grad=True)
+    p.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1, 4, 1]]), torch.randn(3, 3), (10, 3), check_invariants=True
+    )
+    opt = fastopt.FusedAdagrad([p], lr=0.1)
+    with _RecordOps() as mode:
+        opt.step()
+    assert "fastopt.sparse_adagrad_step_.default" in mode.ops
+    assert opt.state[p]["step"].item() == 1
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_optimizer_step_fullgraph(name):
+    """torch.compile(opt.step, fullgraph=True), with a Tensor lr, against torch's eager step."""
+    torch._dynamo.reset()
+    ref_params, fast_params = make_param_pairs([(7,), (33, 65), (1,), (0,)], seed=6)
+    kwargs = {**RICH[name], "lr": torch.tensor(RICH[name]["lr"])}
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **kwargs)
+    counter = CompileCounterWithBackend("inductor")
+    compiled_step = torch.compile(fast.step, fullgraph=True, backend=counter)
+    gen = generator(7)
+    for step in range(4):
+        set_grads(gen, ref_params, fast_params)
+        ref.step()
+        compiled_step()
+        assert_matches_reference(ref, fast, ref_params, fast_params, 1e-5, 1e-6, f"{step}")
+    graph_ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
+    op = f"fastopt.{OPS[name]}"
+    assert {op, f"{op}.default"} & graph_ops, graph_ops
+
+
+# -- autograd semantics of the in-place ops ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_bumps_version_counters_like_torch(name):
+    """A step modifies params in place: autograd must notice, as it does after torch's step."""
+    state_key = {"RMSprop": "square_avg", "Adagrad": "sum", "Adadelta": "acc_delta"}[name]
+    for make_opt in (
+        lambda ps: getattr(torch.optim, name)(ps, foreach=False),
+        getattr(fastopt, f"Fused{name}"),
+    ):
+        p = torch.randn(5, requires_grad=True)
+        loss = (p * p).sum()  # saves p for backward
+        opt = make_opt([p])
+        p.grad = torch.randn(5)
+        version = p._version
+        state_version = opt.state[p][state_key]._version if name == "Adagrad" else 0
+        opt.step()
+        assert p._version > version
+        assert opt.state[p][state_key]._version > state_version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_op_refuses_grad_mode_on_tensors_that_require_grad(name):
+    args = list(_op_args(name, False, False, shapes=[(7,), (3, 5)]))
+    args[0] = [p.requires_grad_() for p in args[0]]
+    lists = [a for a in args if isinstance(a, list)]
+    before = [[t.detach().clone() for t in ts] for ts in lists]
+    with pytest.raises(RuntimeError, match="requires grad"):
+        _op(name)(*args)
+    for ts, bs in zip(lists, before, strict=True):
+        for t, b in zip(ts, bs, strict=True):
+            assert torch.equal(t.detach(), b)
+    with torch.no_grad():  # what optimizer.step() does
+        _op(name)(*args)
+    steps = lists[-1]
+    assert [s.item() for s in steps] == [2.0, 3.0]
