@@ -4,7 +4,7 @@
 //
 // torch's sparse Adagrad coalesces the gradient (sorts its indices and sums duplicates), then
 // updates only the rows present. The kernels do the same in one pass: the entries are grouped by
-// row (sorted unless the gradient is already coalesced), each group's values are summed and its
+// row (unless the gradient is already coalesced), each group's values are summed and its
 // row updated at once.
 #pragma once
 
