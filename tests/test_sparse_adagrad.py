@@ -461,3 +461,68 @@ def test_functional_sparse_adagrad_step_found_inf_changes_nothing():
         if t.is_sparse:
             t, b = t.to_dense(), b.to_dense()
         assert torch.equal(t, b), f"{name} changed"
+
+
+# -- sparse grads in layouts autograd does not make --------------------------------------------
+
+_ROWS = [[3, 1, 3, 7]]
+
+
+def _odd_layout_grad(case: str, gen: torch.Generator) -> Tensor:
+    """A hand-made (20, 4) grad with duplicates whose indices or values are laid out oddly."""
+    values = torch.randn(4, 4, generator=gen)
+    if case == "non-contiguous-values":
+        values = values.t()
+    elif case == "expanded-values":
+        values = values[:1].expand(4, 4)
+    indices = torch.tensor(_ROWS)
+    if case == "non-contiguous-indices":
+        indices = torch.tensor(_ROWS * 2)[::2]
+    grad = torch.sparse_coo_tensor(indices, values, (20, 4), check_invariants=True)
+    assert not grad.is_coalesced()
+    return grad
+
+
+@pytest.mark.parametrize(
+    "case", ["non-contiguous-values", "expanded-values", "non-contiguous-indices"]
+)
+def test_sparse_grads_with_oddly_laid_out_indices_or_values(case):
+    """torch takes any valid COO grad; so must fastopt. The odd grad sits in the second group,
+    after a group with a dense and an ordinary sparse grad."""
+    ref_params, fast_params = make_param_pairs([(7,), (20, 4), (20, 4)], seed=25)
+
+    def groups(params):
+        return [dict(params=params[:2]), dict(params=params[2:], lr=0.05)]
+
+    ref = torch.optim.Adagrad(groups(ref_params), lr=0.1, foreach=False)
+    fast = fastopt.FusedAdagrad(groups(fast_params), lr=0.1)
+    gen = generator(26)
+    for step in range(3):
+        set_grads(gen, ref_params[:1], fast_params[:1])
+        _give(_hand_made_grad("rows", gen), ref_params[1], fast_params[1])
+        _give(_odd_layout_grad(case, gen), ref_params[2], fast_params[2])
+        ref.step()
+        fast.step()
+        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+
+
+@pytest.mark.parametrize("position", ["first-of-two", "second-of-two"])
+def test_sparse_grad_of_a_non_contiguous_param_is_refused_before_anything_changes(position):
+    """A transposed param with a sparse grad (torch takes it; fastopt's row update needs rows
+    in contiguous memory): a clear error naming the param, and no group changed."""
+    gen = generator(27)
+    transposed = torch.randn(4, 20, generator=gen).t().requires_grad_()
+    bad_group = dict(params=[torch.randn(5, generator=gen).requires_grad_(), transposed])
+    other_group = dict(params=[torch.randn(7, generator=gen).requires_grad_()])
+    groups = [bad_group, other_group] if position == "first-of-two" else [other_group, bad_group]
+    opt = fastopt.FusedAdagrad(groups, lr=0.1)
+    params = [*bad_group["params"], *other_group["params"]]
+    set_grads(gen, params)
+    opt.step()
+    set_grads(gen, [params[0], params[2]])
+    _give(_hand_made_grad("rows", gen), transposed)
+    before = snapshot(opt, params)
+    index = 0 if position == "first-of-two" else 1
+    with pytest.raises(RuntimeError, match=rf"param 1 of param_groups\[{index}\].*contiguous"):
+        opt.step()
+    assert_unchanged(opt, params, before)
