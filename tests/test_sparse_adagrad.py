@@ -10,6 +10,7 @@ before anything changes.
 from __future__ import annotations
 
 import copy
+import io
 import re
 
 import pytest
@@ -526,3 +527,95 @@ def test_sparse_grad_of_a_non_contiguous_param_is_refused_before_anything_change
     with pytest.raises(RuntimeError, match=rf"param 1 of param_groups\[{index}\].*contiguous"):
         opt.step()
     assert_unchanged(opt, params, before)
+
+
+# -- checkpoints, threads, dtypes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
+def test_checkpoint_round_trip_with_sparse_grads(device, direction):
+    """An embedding model trained with sparse grads: 3 steps with one optimizer, its state_dict
+    (through torch.save / torch.load(weights_only=True)) loaded into the other, 3 more: the
+    same as an uninterrupted torch run."""
+    ref_model, model = _embedding_models(device, seed=28)
+    kwargs = dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1)
+    reference = torch.optim.Adagrad(ref_model.parameters(), foreach=False, **kwargs)
+    classes = [
+        lambda params, **kw: torch.optim.Adagrad(params, foreach=False, **kw),
+        fastopt.FusedAdagrad,
+    ]
+    first_cls, second_cls = classes if direction == "torch->fastopt" else classes[::-1]
+    opt = first_cls(model.parameters(), **kwargs)
+    gen_ref, gen = generator(29), generator(29)
+    ref_params, params = list(ref_model.parameters()), list(model.parameters())
+    for step in range(6):
+        if step == 3:
+            buffer = io.BytesIO()
+            torch.save(opt.state_dict(), buffer)
+            buffer.seek(0)
+            opt = second_cls(model.parameters(), lr=0.5)
+            opt.load_state_dict(torch.load(buffer, weights_only=True))
+        for m, o, g in ((ref_model, reference, gen_ref), (model, opt, gen)):
+            o.zero_grad()
+            _backward(m, g, device)
+        reference.step()
+        opt.step()
+        assert_matches_reference(reference, opt, ref_params, params, **FP32, where=f"{step}")
+
+
+def test_many_threads_and_many_rows():
+    """A 5000 x 64 embedding, 40000 looked-up rows (many duplicates, unsorted), with several
+    threads sharing the row update."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(2, previous))
+    try:
+        gen = generator(30)
+        ref_params, fast_params = make_param_pairs([(5000, 64)], seed=31)
+        ref, fast = optimizer_pair("Adagrad", ref_params, fast_params, lr=0.1, lr_decay=0.01)
+        for step in range(3):
+            rows = torch.randint(0, 5000, (40000,), generator=gen).tolist()
+            _give(_coo([rows], (5000, 64), gen), ref_params[0], fast_params[0])
+            ref.step()
+            fast.step()
+            assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_sparse_and_dense_grads_of_mixed_dtypes_in_one_group():
+    """A bf16 embedding (sparse grads), an fp64 one, and fp32 / fp16 dense params in one group:
+    the fp32 / fp64 ones match torch; the bf16 / fp16 ones are as accurate as torch's run in
+    their precision, measured against an fp32 one."""
+    gen = generator(32)
+    shapes = [(30, 5), (30, 5), (7,), (4097,)]
+    dtypes = [torch.bfloat16, torch.float64, torch.float32, torch.float16]
+    starts = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+    kwargs = dict(lr=0.05, lr_decay=0.1, eps=1e-3)
+    fast = [s.clone().requires_grad_() for s in starts]
+    low = [s.clone().requires_grad_() for s in starts]  # torch in each param's own dtype
+    high = [s.float().requires_grad_() for s in starts]  # torch in fp32
+    opts = [fastopt.FusedAdagrad(fast, **kwargs)] + [
+        torch.optim.Adagrad(ps, foreach=False, **kwargs) for ps in (low, high)
+    ]
+    for step in range(5):
+        for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True)):
+            if i < 2:
+                rows = torch.randint(0, 30, (12,), generator=gen).tolist()
+                grad = _coo([rows], shape, gen, dtype)
+            else:
+                grad = torch.randn(shape, generator=gen).to(dtype)
+            fast[i].grad, low[i].grad, high[i].grad = grad.clone(), grad.clone(), grad.float()
+        for opt in opts:
+            opt.step()
+        where = f"step {step}"
+        for i in (1, 2):
+            rtol, atol = TOLERANCES[dtypes[i]]
+            torch.testing.assert_close(fast[i], low[i], rtol=rtol, atol=atol, msg=where)
+        for i in (0, 3):
+            assert_error_within_torchs([fast[i]], [low[i]], [high[i]], f"{where} param {i}")
+            assert_error_within_torchs(
+                [opts[0].state[fast[i]]["sum"]],
+                [opts[1].state[low[i]]["sum"]],
+                [opts[2].state[high[i]]["sum"]],
+                f"{where} sum {i}",
+            )
