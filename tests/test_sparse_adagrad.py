@@ -619,3 +619,24 @@ def test_sparse_and_dense_grads_of_mixed_dtypes_in_one_group():
                 [opts[2].state[high[i]]["sum"]],
                 f"{where} sum {i}",
             )
+
+
+@pytest.mark.parametrize("bad_first", [False, True], ids=["sparse-then-bad", "bad-then-sparse"])
+def test_bad_state_next_to_a_sparse_grad_changes_nothing(bad_first):
+    """One group, so no check-only pass before it: a dense param whose loaded state has the
+    wrong shape (caught only by the op's checks) next to a param with a sparse grad; neither
+    may change, whichever comes first."""
+    gen = generator(33)
+    embedding = torch.randn(20, 4, generator=gen).requires_grad_()
+    dense = torch.randn(6, generator=gen).requires_grad_()
+    params = [dense, embedding] if bad_first else [embedding, dense]
+    opt = fastopt.FusedAdagrad(params, lr=0.1)
+    set_grads(gen, params)
+    opt.step()
+    opt.state[dense]["sum"] = torch.zeros(5)
+    set_grads(gen, [dense])
+    _give(_hand_made_grad("rows", gen), embedding)
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"state_sums\[0\]"):
+        opt.step()
+    assert_unchanged(opt, params, before)
