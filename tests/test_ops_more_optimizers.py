@@ -5,6 +5,8 @@ a step, and the in-place semantics autograd must see."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import (
@@ -294,3 +296,43 @@ def test_op_refuses_grad_mode_on_tensors_that_require_grad(name):
         _op(name)(*args)
     steps = lists[-1]
     assert [s.item() for s in steps] == [2.0, 3.0]
+
+
+# -- fastopt.functional ------------------------------------------------------------------------
+
+# The documented signatures: positional tensor lists, then keyword-only hyperparameters.
+REQUIRED = inspect.Parameter.empty
+FUNCTIONAL_SIGNATURES = {
+    "rmsprop_step_": (
+        ["params", "grads", "square_avgs", "momentum_buffers", "grad_avgs", "steps"],
+        dict(lr=REQUIRED, alpha=REQUIRED, eps=REQUIRED, weight_decay=0.0, momentum=0.0,
+             centered=False, maximize=False, grad_scale=None, found_inf=None),
+    ),
+    "adagrad_step_": (
+        ["params", "grads", "state_sums", "steps"],
+        dict(lr=REQUIRED, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
+             grad_scale=None, found_inf=None),
+    ),
+    "sparse_adagrad_step_": (
+        ["param", "grad", "state_sum", "step"],
+        dict(lr=REQUIRED, lr_decay=0.0, eps=1e-10, maximize=False, grad_scale=None,
+             found_inf=None),
+    ),
+    "adadelta_step_": (
+        ["params", "grads", "square_avgs", "acc_deltas", "steps"],
+        dict(lr=REQUIRED, rho=REQUIRED, eps=REQUIRED, weight_decay=0.0, maximize=False,
+             grad_scale=None, found_inf=None),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("function", list(FUNCTIONAL_SIGNATURES))
+def test_functional_signature(function):
+    positional, keywords = FUNCTIONAL_SIGNATURES[function]
+    parameters = list(inspect.signature(getattr(fastopt.functional, function)).parameters.values())
+    assert [p.name for p in parameters[: len(positional)]] == positional
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters[: len(positional)])
+    rest = parameters[len(positional) :]
+    assert all(p.kind is p.KEYWORD_ONLY for p in rest), function
+    assert {p.name: p.default for p in rest} == keywords
+    assert function in fastopt.functional.__all__
