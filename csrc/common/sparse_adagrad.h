@@ -87,4 +87,11 @@ inline at::Tensor sparse_entry_rows(const at::Tensor& grad) {
   return rows;
 }
 
+// Where the kernel unscaled `values`, a contiguous copy of the gradient's strided values, the
+// gradient gets them back (it holds unscaled values after the step, as dense grads do).
+inline void store_back_unscaled_values(const at::Tensor& grad, const at::Tensor& values,
+                                       bool unscaled) {
+  if (unscaled && !values.is_same(grad._values())) grad._values().copy_(values);
+}
+
 }  // namespace fastopt

@@ -160,9 +160,8 @@ void sparse_adagrad_step_cpu(const at::Tensor& param, const at::Tensor& grad,
 
   const at::Tensor rows_tensor = sparse_entry_rows(grad).contiguous();
   const int64_t* rows = rows_tensor.const_data_ptr<int64_t>();
-  at::Tensor values = grad._values();
-  TORCH_CHECK(values.is_contiguous(), kSparseAdagradStepName,
-              ": the gradient's values must be contiguous (grad._values()); coalesce it first");
+  // The kernel walks the values as [nnz, row_size]; a strided copy is stored back after.
+  const at::Tensor values = grad._values().contiguous();
   std::vector<int64_t> order;
   std::vector<int64_t> segment_starts;
   if (grad.is_coalesced()) {  // one entry per row already
@@ -192,6 +191,7 @@ void sparse_adagrad_step_cpu(const at::Tensor& param, const at::Tensor& grad,
   at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
     sparse_adagrad_piece(SparseAdagradPiece{&job, begin, end});
   });
+  store_back_unscaled_values(grad, values, grad_scale.has_value());
   *step.mutable_data_ptr<float>() = new_step;
 }
 

@@ -75,9 +75,8 @@ void sparse_adagrad_step_cuda(const at::Tensor& param, const at::Tensor& grad,
   const SparseRows layout = check_sparse_adagrad_call(param, grad, state_sum, step, lr_tensor,
                                                       grad_scale, found_inf, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(param.device());
-  const at::Tensor values = grad._values();
-  TORCH_CHECK(values.is_contiguous(), kSparseAdagradStepName,
-              ": the gradient's values must be contiguous (grad._values()); coalesce it first");
+  // The kernel walks the values as [nnz, row_size]; a strided copy is stored back after.
+  const at::Tensor values = grad._values().contiguous();
   if (layout.nnz > 0 && layout.row_size > 0) {
     at::Tensor sorted_rows = sparse_entry_rows(grad).contiguous();
     at::Tensor order;
@@ -105,6 +104,7 @@ void sparse_adagrad_step_cuda(const at::Tensor& param, const at::Tensor& grad,
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
+  store_back_unscaled_values(grad, values, grad_scale.has_value());
   increment_steps({step}, float_pointer(found_inf));
 }
 

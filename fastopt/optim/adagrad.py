@@ -104,23 +104,35 @@ class FusedAdagrad(FusedOptimizer):
         return ("sum",)
 
     def _new_state(self, p: Tensor, group: dict[str, Any], key: str) -> Tensor:
-        return torch.full_like(
-            p, group["initial_accumulator_value"], memory_format=torch.preserve_format
-        )
+        # The constructor's value, whatever a param group says: torch.optim.Adagrad reads it
+        # from self.defaults, and a drop-in must start from the same sums.
+        value = self.defaults["initial_accumulator_value"]
+        return torch.full_like(p, value, memory_format=torch.preserve_format)
 
     def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
         sparse = [i for i, g in enumerate(grads) if g.is_sparse]
         if sparse and group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         options = dict(lr=group["lr"], eps=group["eps"], maximize=group["maximize"])
-        options |= dict(lr_decay=group["lr_decay"], grad_scale=grad_scale, found_inf=found_inf)
-        sums, steps = states["sum"], states["step"]
-        if sparse:
-            dense = sorted(set(range(len(grads))) - set(sparse))
+        options |= dict(lr_decay=group["lr_decay"], grad_scale=grad_scale)
+        columns = (params, grads, states["sum"], states["step"])
+        if sparse:  # the dense ones go through the multi-tensor op, the others one by one
+            dense = [i for i, g in enumerate(grads) if not g.is_sparse]
+            dense_columns = tuple([column[i] for i in dense] for column in columns)
+        else:
+            dense_columns = columns
+
+        def run_all(found_inf: Tensor | None) -> None:
             for i in sparse:
-                functional.sparse_adagrad_step_(params[i], grads[i], sums[i], steps[i], **options)
-            params, grads = [params[i] for i in dense], [grads[i] for i in dense]
-            sums, steps = [sums[i] for i in dense], [steps[i] for i in dense]
-        functional.adagrad_step_(
-            params, grads, sums, steps, weight_decay=group["weight_decay"], **options
-        )
+                functional.sparse_adagrad_step_(
+                    *(column[i] for column in columns), found_inf=found_inf, **options
+                )
+            functional.adagrad_step_(
+                *dense_columns, weight_decay=group["weight_decay"], found_inf=found_inf, **options
+            )
+
+        if sparse and not torch.compiler.is_compiling():
+            # Several ops run for this group: all of them first check their inputs as a skipped
+            # step (found_inf set), so that a bad input in one leaves the others unchanged too.
+            run_all(self._skip_flag(params[0].device))
+        run_all(found_inf)
