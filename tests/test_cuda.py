@@ -7,6 +7,8 @@ their subject, with a `device` parameter."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import (
@@ -82,16 +84,28 @@ def test_unaligned_and_non_contiguous_params_on_cuda():
     step_and_compare(ref, fast, ref_params, fast_params, gen, 4)
 
 
-def test_thousands_of_tensors_span_several_launches():
+# Per optimizer, arguments that take the optional paths of its kernel. Not RMSprop's and
+# Adadelta's weight_decay: among millions of elements some have grad + weight_decay * param
+# within a few ulps of 0, and their step (RMSprop's ~ lr * sign, near eps) or acc_delta (~ its
+# square) hinges on how that sum rounded, in torch as in fastopt. `test_every_config_on_cuda`
+# covers weight_decay, judged against torch's own rounding noise.
+RICH = {
+    "AdamW": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+    "RMSprop": dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True),
+    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
+    "Adadelta": dict(lr=0.5, rho=0.8),
+}
+
+
+@pytest.mark.parametrize("name", list(RICH))
+def test_thousands_of_tensors_span_several_launches(name):
     """1500 tensors of assorted sizes (and some without grads on some steps, so the step counts
     differ between tensors of one launch)."""
     gen = generator(7)
     sizes = torch.randint(0, 5000, (1500,), generator=gen).tolist()
     shapes = [(s,) if i % 4 else (max(1, s // 9), 9) for i, s in enumerate(sizes)]
     ref_params, fast_params = make_param_pairs(shapes, device=CUDA, seed=8)
-    ref, fast = optimizer_pair(
-        "AdamW", ref_params, fast_params, lr=0.01, weight_decay=0.1, amsgrad=True
-    )
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
     for step in range(5):
         active = slice(None) if step % 2 == 0 else slice(None, None, 3)
         for p in (*ref_params, *fast_params):
@@ -106,25 +120,39 @@ def test_thousands_of_tensors_span_several_launches():
     assert counts == {3.0, 5.0}  # every third param stepped 5 times, the others 3
 
 
-def test_a_ten_million_element_tensor_across_two_launches():
+@pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad", "Adadelta"])
+def test_a_ten_million_element_tensor_across_two_launches(name):
     """A 10M element tensor after 18 tensors of 11 chunks (of 65536 elements) each: one launch
     holds 320 chunks, so the big tensor starts in one launch and ends in the next."""
     shapes = [(10 * 65536 + 17,)] * 18 + [(10_000_000,), (7,)]
     ref_params, fast_params = make_param_pairs(shapes, device=CUDA, seed=9)
-    ref, fast = optimizer_pair(
-        "Adam", ref_params, fast_params, lr=0.01, weight_decay=0.1, amsgrad=True
-    )
+    kwargs = RICH.get(name, RICH["AdamW"])
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **kwargs)
     step_and_compare(ref, fast, ref_params, fast_params, generator(10), 3)
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_cuda_graph_capture_of_step(amsgrad):
-    """opt.step() (capturable=True) captured once and replayed 5 times with new grads and a new
-    Tensor lr each time, against eager torch.optim.Adam."""
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("Adam", dict(amsgrad=False)),
+        ("Adam", dict(amsgrad=True)),
+        ("RMSprop", dict(weight_decay=0.1, momentum=0.5, centered=True)),
+        ("Adagrad", dict(lr_decay=0.1, weight_decay=0.1)),
+        ("Adadelta", dict(rho=0.8, weight_decay=0.1)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else repr(v),
+)
+def test_cuda_graph_capture_of_step(name, kwargs):
+    """opt.step() (capturable=True where torch has the argument) captured once and replayed 5
+    times with new grads and a new Tensor lr each time, against eager torch."""
     ref_params, fast_params = make_param_pairs(SHAPES, device=CUDA, seed=11)
     lr = torch.tensor(0.01, device=CUDA)
-    fast = fastopt.FusedAdam(fast_params, lr=lr, amsgrad=amsgrad, capturable=True)
-    ref = torch.optim.Adam(ref_params, lr=0.01, amsgrad=amsgrad, foreach=False)
+    fast_cls = getattr(fastopt, f"Fused{name}")
+    has_capturable = "capturable" in inspect.signature(fast_cls).parameters
+    fast = fast_cls(
+        fast_params, lr=lr, **kwargs, **(dict(capturable=True) if has_capturable else {})
+    )
+    ref = getattr(torch.optim, name)(ref_params, lr=0.01, foreach=False, **kwargs)
     gen = generator(12)
     # Warm-up on a side stream creates the state (a real step, step 1).
     set_grads(gen, ref_params, fast_params)
