@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
+from fastopt import _extension
 
 NAMES = ["RMSprop", "Adagrad", "Adadelta"]
 OPS = {"RMSprop": "rmsprop_step_", "Adagrad": "adagrad_step_", "Adadelta": "adadelta_step_"}
@@ -336,3 +337,38 @@ def test_functional_signature(function):
     assert all(p.kind is p.KEYWORD_ONLY for p in rest), function
     assert {p.name: p.default for p in rest} == keywords
     assert function in fastopt.functional.__all__
+
+
+# -- the two routes into the ops --------------------------------------------------------------
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass: the eager entry declines it and torch.ops takes over."""
+
+
+def _eager_entry(name):
+    return getattr(_extension.cpu_module(), f"{OPS[name].removesuffix('_')}_eager")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_eager_entry_and_torch_ops_agree(name, scaled, tensor_lr):
+    """The unboxed eager entry (what fastopt.functional calls) and torch.ops give bitwise the
+    same result; the entry declines a tensor subclass (NotImplemented), changing nothing."""
+    expected = _op_args(name, scaled, tensor_lr, seed=8)
+    _op(name)(*expected)
+    got = _op_args(name, scaled, tensor_lr, seed=8)
+    assert _eager_entry(name)(*got) is None
+    wrapped = list(_op_args(name, scaled, tensor_lr, seed=8))
+    wrapped[0] = [p.as_subclass(_Subclass) for p in wrapped[0]]
+    untouched = _op_args(name, scaled, tensor_lr, seed=8)
+    assert _eager_entry(name)(*wrapped) is NotImplemented
+    for got_arg, want_arg, wrapped_arg, start_arg in zip(
+        got, expected, wrapped, untouched, strict=True
+    ):
+        if not isinstance(want_arg, list):
+            continue
+        for g, w, s, u in zip(got_arg, want_arg, wrapped_arg, start_arg, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+            assert torch.equal(s.as_subclass(torch.Tensor), u)
