@@ -640,3 +640,36 @@ def test_bad_state_next_to_a_sparse_grad_changes_nothing(bad_first):
     with pytest.raises(RuntimeError, match=r"state_sums\[0\]"):
         opt.step()
     assert_unchanged(opt, params, before)
+
+
+def _lookup_model(kind: str) -> nn.Module:
+    if kind == "embedding-padding_idx":
+        return nn.Embedding(30, 5, sparse=True, padding_idx=0)
+    if kind == "embedding-max_norm":  # renormalizes looked-up rows in place, in the forward
+        return nn.Embedding(30, 5, sparse=True, max_norm=1.0)
+    return nn.EmbeddingBag(30, 5, mode=kind.removeprefix("bag-"), sparse=True)
+
+
+@pytest.mark.parametrize(
+    "kind", ["embedding-padding_idx", "embedding-max_norm", "bag-sum", "bag-mean"]
+)
+def test_other_modules_with_sparse_grads(kind):
+    """The sparse grads of nn.Embedding's variants and nn.EmbeddingBag, against torch."""
+    torch.manual_seed(34)
+    ref_model = _lookup_model(kind)
+    fast_model = copy.deepcopy(ref_model)
+    kwargs = dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.1)
+    ref, fast = optimizer_pair("Adagrad", ref_model.parameters(), fast_model.parameters(), **kwargs)
+    gen_ref, gen_fast = generator(35), generator(35)
+    for step in range(5):
+        for model, opt, gen in ((ref_model, ref, gen_ref), (fast_model, fast, gen_fast)):
+            opt.zero_grad()
+            rows = torch.randint(0, 30, (6, 4), generator=gen)  # 6 bags (or batches) of 4
+            model(rows).square().sum().backward()
+        assert fast_model.weight.grad.is_sparse
+        ref.step()
+        fast.step()
+        assert_matches_reference(
+            ref, fast, list(ref_model.parameters()), list(fast_model.parameters()), **FP32,
+            where=f"step {step}",
+        )  # fmt: skip
