@@ -3,9 +3,9 @@ Adadelta(foreach=False), step by step (dense grads; sparse Adagrad is in test_sp
 
 Every option combination torch's own test suite runs for these optimizers
 (torch/testing/_internal/common_optimizers.py), plus Tensor lr and combinations it lacks: fp32
-under every CPU instruction set and fp64 match to rounding, params and every state tensor after
+and fp64 match to rounding, params and every state tensor after
 each of 10 steps; bf16 / fp16 are judged against the error of a plain torch run in the same
-precision, both measured against an fp32 reference.
+precision, both measured against an fp32 reference; all under every CPU instruction set.
 """
 
 from __future__ import annotations
@@ -139,14 +139,15 @@ def test_fp32_matches_torch_under_every_isa(cpu_isa, name, options):
 
 
 @pytest.mark.parametrize(("name", "options"), CASES)
-def test_fp64_matches_torch(name, options):
+def test_fp64_matches_torch_under_every_isa(cpu_isa, name, options):
     run_against_torch(name, torch.float64, options, seed=7, steps=STEPS)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("name", "options"), LOW_PRECISION_CASES)
-def test_low_precision_error_is_within_torchs(dtype, name, options):
-    """fastopt in bf16/fp16 is at most ~2x as far from an fp32 reference as torch in bf16/fp16."""
+def test_low_precision_error_is_within_torchs_under_every_isa(cpu_isa, dtype, name, options):
+    """fastopt in bf16/fp16 is at most ~2x as far from an fp32 reference as torch in bf16/fp16
+    (each instruction set converts to and from float in its own way)."""
     run_against_torch(name, dtype, options, seed=21, steps=STEPS)
 
 
@@ -353,9 +354,11 @@ def _random_state(name: str, n: int, dtype: torch.dtype, gen: torch.Generator) -
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", NAMES)
-def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, name):
+def test_low_precision_step_is_the_fp32_step_rounded_once(cpu_isa, dtype, name):
     """One bf16/fp16 step from a random state equals torch's fp32 step from the same (upcast)
-    values, rounded once to the low precision: within one ulp of it, element by element."""
+    values, rounded once to the low precision: within one ulp of it, element by element; plus,
+    where the fp32 result cancels to near 0, a few fp32 ulps of the quantity's magnitude (an
+    equally exact fp32 evaluation in another order, e.g. with FMA, leaves a residue there)."""
     gen = generator(41)
     n = 4 * 4097
     param = torch.randn(n, generator=gen).to(dtype)
@@ -381,7 +384,8 @@ def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, name):
         exact = (high.detach() if key == "param" else ref.state[high][key]).to(dtype)
         assert value.dtype == dtype, key
         error = (value.float() - exact.float()).abs()
-        assert bool((error <= ulp(exact)).all()), f"{key}: {error.max().item()}"
+        residue = 4 * torch.finfo(torch.float32).eps * exact.float().abs().max()
+        assert bool((error <= ulp(exact) + residue).all()), f"{key}: {error.max().item()}"
     assert fast.state[fast_param]["step"].item() == 4.0
 
 
