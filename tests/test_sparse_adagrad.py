@@ -156,6 +156,16 @@ def _hand_made_grad(case, gen, dtype=torch.float32, device="cpu", coalesced=Fals
 @pytest.mark.parametrize("case", list(HAND_MADE))
 @pytest.mark.parametrize("coalesced", [False, True], ids=["uncoalesced", "coalesced"])
 def test_hand_made_sparse_grads(device, case, coalesced):
+    _run_hand_made(case, coalesced, device)
+
+
+@pytest.mark.parametrize("case", list(HAND_MADE))
+def test_hand_made_sparse_grads_under_every_isa(cpu_isa, case):
+    _run_hand_made(case, False, "cpu")
+
+
+def _run_hand_made(case, coalesced, device):
+    """5 steps with a fresh grad of `case` each, against torch after every step."""
     shape = HAND_MADE[case][0]
     ref_params, fast_params = make_param_pairs([shape], device=device, seed=3)
     kwargs = dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1)
@@ -232,7 +242,7 @@ def test_only_the_rows_present_are_written():
         assert torch.equal(fast.state[fast_params[0]]["sum"][untouched], sum_before[untouched])
 
 
-def test_fp64_matches_torch():
+def test_fp64_matches_torch(cpu_isa):
     ref_params, fast_params = make_param_pairs([(50, 3, 4), (20,)], torch.float64, seed=11)
     ref, fast = optimizer_pair(
         "Adagrad", ref_params, fast_params, lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1
@@ -250,7 +260,7 @@ def test_fp64_matches_torch():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["rows", "hybrid-3d-sparse_dim-1", "many-duplicates"])
-def test_low_precision_error_is_within_torchs(dtype, case):
+def test_low_precision_error_is_within_torchs(cpu_isa, dtype, case):
     """fastopt in bf16 / fp16 is at most ~2x as far from torch's fp32 run as torch's bf16 / fp16
     run, on the params and the sums (eps=1e-3: fp16 cannot hold torch's 1e-10)."""
     shape = HAND_MADE[case][0]
