@@ -289,15 +289,27 @@ def step_and_compare(
             for p, g in zip(exact_params, grads, strict=True):
                 p.grad = g.double()
             exact_opt.step()
-            noise = _rounding_noise(ref_opt, ref_params, exact_opt, exact_params)
+            noise = rounding_noise(ref_opt, ref_params, exact_opt, exact_params)
         where = f"step {step}"
         assert_matches_reference(
             ref_opt, fast_opt, ref_params, fast_params, rtol, atol, where, flat=flat, noise=noise
         )
 
 
-def _rounding_noise(ref_opt, ref_params, exact_opt, exact_params) -> dict[str, float]:
-    """Per quantity, the largest difference between torch's run and its fp64 twin."""
+def fp64_twin(
+    name: str, ref_params: Sequence[Tensor], **kwargs
+) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """torch.optim.`name`(foreach=False, **kwargs) on fp64 copies of `ref_params`: the `exact`
+    argument of `step_and_compare` (a Tensor lr is upcast too)."""
+    if isinstance(kwargs.get("lr"), Tensor):
+        kwargs["lr"] = kwargs["lr"].double()
+    exact_params = [p.detach().double().requires_grad_() for p in ref_params]
+    return getattr(torch.optim, name)(exact_params, foreach=False, **kwargs), exact_params
+
+
+def rounding_noise(ref_opt, ref_params, exact_opt, exact_params) -> dict[str, float]:
+    """Per quantity, the largest difference between torch's run and its fp64 twin (the `noise`
+    of `assert_matches_reference`); params without state in torch's run count for `param`."""
     differences: dict[str, list[Tensor]] = {"param": []}
     for r, e in zip(ref_params, exact_params, strict=True):
         differences["param"].append(r.detach().double() - e.detach())
@@ -398,12 +410,7 @@ def _judge_exact(name, options, ref_params, fast_params, gen, steps) -> None:
     if options.pop("tensor_lr", False):
         lr = torch.tensor(lr, dtype=dtype, device=device)
     ref, fast = optimizer_pair(name, ref_params, fast_params, lr=lr, **options)
-    exact = None
-    if dtype == torch.float32:
-        exact_params = [p.detach().double().requires_grad_() for p in ref_params]
-        exact_lr = lr.double() if isinstance(lr, Tensor) else lr
-        exact_opt = getattr(torch.optim, name)(exact_params, foreach=False, lr=exact_lr, **options)
-        exact = (exact_opt, exact_params)
+    exact = fp64_twin(name, ref_params, lr=lr, **options) if dtype == torch.float32 else None
     rtol, atol = TOLERANCES[dtype]
     step_and_compare(
         ref, fast, ref_params, fast_params, gen, steps, rtol=rtol, atol=atol, exact=exact
