@@ -7,7 +7,6 @@ of a plain torch run in the same precision, both measured against an fp32 refere
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import subprocess
@@ -19,15 +18,11 @@ import torch
 from conftest import (
     ADAM_OPTIONS,
     TOLERANCES,
-    assert_matches_reference,
     assert_state_format,
     generator,
-    make_param_pairs,
-    optimizer_pair,
     run_against_torch,
     set_grads,
     state_keys,
-    step_and_compare,
     supported_cpu_isas,
     ulp,
 )
@@ -107,138 +102,6 @@ def test_unsupported_isa_is_refused():
     with pytest.raises(ValueError, match="this CPU cannot run avx512"):
         module.set_cpu_isa("avx512")
     assert module.active_cpu_isa() == before
-
-
-def test_many_threads_split_tensors_mid_way():
-    """Enough elements that several threads share the work, with thread boundaries falling
-    inside tensors, around empty ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(2, previous))
-    try:
-        shapes = [(40000,), (7,), (0,), (30001,), (1,), (123, 101), (0,)]
-        run_against_torch(
-            "Adam",
-            torch.float32,
-            dict(amsgrad=True, maximize=False, weight_decay=0.1, tensor_lr=False),
-            seed=3,
-            steps=4,
-            shapes=shapes,
-        )
-    finally:
-        torch.set_num_threads(previous)
-
-
-def test_betas_eps_and_params_at_offsets():
-    """Non-default betas and eps, and params that start at odd offsets into a larger buffer."""
-    gen = generator(11)
-    buffer = torch.randn(1 + 7 + 4097 + 2, generator=gen)
-    views = [buffer[1:8].view(7), buffer[8 : 8 + 4097], buffer[-1:]]
-    ref_params = [v.clone().requires_grad_() for v in views]
-    fast_params = [v.detach().requires_grad_() for v in views]  # leaves that share `buffer`
-    assert fast_params[0].storage_offset() == 1
-    kwargs = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, amsgrad=True)
-    ref, fast = optimizer_pair("AdamW", ref_params, fast_params, **kwargs)
-    step_and_compare(ref, fast, ref_params, fast_params, gen, 6)
-
-
-def test_nan_and_inf_grads_propagate_like_torch():
-    """Without a GradScaler, a non-finite grad poisons the param and state as it does in torch."""
-    ref_params, fast_params = make_param_pairs([(9,), (4097,)], seed=5)
-    ref, fast = optimizer_pair("Adam", ref_params, fast_params, lr=0.01, amsgrad=True)
-    gen = generator(6)
-    for step in range(2):
-        set_grads(gen, ref_params, fast_params)
-        if step == 1:
-            for params in (ref_params, fast_params):
-                params[0].grad[2] = float("nan")
-                params[1].grad[5] = float("inf")
-        ref.step()
-        fast.step()
-        for r, f in zip(ref_params, fast_params, strict=True):
-            torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-6, equal_nan=True)
-            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                torch.testing.assert_close(
-                    fast.state[f][key], ref.state[r][key], rtol=1e-5, atol=1e-6, equal_nan=True
-                )
-    assert fast_params[0][2].isnan() and fast_params[1][5].isnan()
-
-
-@pytest.mark.parametrize(("name", "weight_decay"), [("Adam", 0.0), ("AdamW", 0.0), ("AdamW", 0.01)])
-def test_infinite_param_without_l2_term_stays_as_torch_leaves_it(name, weight_decay):
-    """Without Adam's L2 term the param never enters the grad: torch keeps a -inf entry (e.g. a
-    masked logit bias) at -inf with finite state, and so must fastopt (0 * inf is NaN)."""
-    start = torch.tensor([0.5, float("-inf"), 1.0, float("inf")])
-    ref_params = [start.clone().requires_grad_()]
-    fast_params = [start.clone().requires_grad_()]
-    ref, fast = optimizer_pair(name, ref_params, fast_params, lr=0.01, weight_decay=weight_decay)
-    gen = generator(10)
-    for step in range(3):
-        step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step)
-        assert ref_params[0][1] == float("-inf") and ref_params[0][3] == float("inf")
-
-
-def test_closure_is_called_and_its_loss_returned():
-    ref_params, fast_params = make_param_pairs([(5,)], seed=8)
-    ref, fast = optimizer_pair("Adam", ref_params, fast_params, lr=0.1)
-    target = torch.randn(5, generator=generator(9))
-
-    def closure_for(params, opt):
-        def closure():
-            opt.zero_grad()
-            loss = (params[0] - target).square().sum()
-            loss.backward()
-            return loss
-
-        return closure
-
-    for _ in range(3):
-        ref_loss = ref.step(closure_for(ref_params, ref))
-        fast_loss = fast.step(closure_for(fast_params, fast))
-        torch.testing.assert_close(fast_loss, ref_loss)
-    assert_matches_reference(ref, fast, ref_params, fast_params, 1e-5, 1e-6)
-
-
-@pytest.mark.parametrize(
-    ("torch_cls", "fast_cls"),
-    [
-        (torch.optim.Adam, fastopt.FusedAdam),
-        (torch.optim.AdamW, fastopt.FusedAdamW),
-    ],
-)
-def test_constructor_signature_is_torchs(torch_cls, fast_cls):
-    def shape(cls):
-        params = inspect.signature(cls).parameters.values()
-        return [(p.name, p.kind, p.default) for p in params]
-
-    assert shape(fast_cls) == shape(torch_cls)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(foreach=True),
-        dict(foreach=False),
-        dict(fused=True),
-        dict(fused=False),
-        dict(capturable=True),
-        dict(betas=(torch.tensor(0.8), torch.tensor(0.99))),
-        dict(lr=torch.tensor([0.01])),
-        dict(lr=torch.tensor(0.01, dtype=torch.float64)),
-    ],
-    ids=lambda kw: repr(kw),
-)
-def test_accepted_arguments_do_not_change_the_result(kwargs):
-    """foreach / fused / capturable are accepted and ignored; Tensor betas work, and so does a
-    Tensor lr of shape (1,) or of another float dtype than the params."""
-    ref_params, fast_params = make_param_pairs([(7,), (33, 65)], seed=12)
-    ref = torch.optim.Adam(
-        ref_params,
-        lr=0.01,
-        foreach=False,
-        betas=tuple(float(b) for b in kwargs.get("betas", (0.9, 0.999))),
-    )
-    fast = fastopt.FusedAdam(fast_params, **{"lr": 0.01, **kwargs})
-    step_and_compare(ref, fast, ref_params, fast_params, generator(13), 3)
 
 
 # -- low precision ---------------------------------------------------------------------------

@@ -405,18 +405,3 @@ def test_params_without_grad_are_skipped(name):
     step_and_compare(ref, fast, ref_params, fast_params, gen, 2, first=3)
     assert fast.state[fast_params[1]]["step"].item() == 2
     assert fast.state[fast_params[0]]["step"].item() == 5
-
-
-def test_a_model_of_1200_small_params():
-    """Many small tensors of assorted sizes in one group, against torch, flattened per step."""
-    gen = generator(21)
-    sizes = torch.randint(0, 300, (1200,), generator=gen).tolist()
-    shapes = [(s,) if i % 3 else (max(1, s // 7), 7) for i, s in enumerate(sizes)]
-    ref_params, fast_params = make_param_pairs(shapes, seed=22)
-    ref, fast = optimizer_pair(
-        "AdamW", ref_params, fast_params, lr=0.01, weight_decay=0.1, amsgrad=True
-    )
-    for step in range(4):
-        step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step, flat=True)
-        steps = torch.stack([fast.state[p]["step"] for p in fast_params])
-        assert torch.all(steps == step + 1)
