@@ -9,15 +9,10 @@ import pytest
 import torch
 from conftest import (
     SHAPES,
-    assert_matches_reference,
     generator,
-    make_param_pairs,
-    optimizer_pair,
-    set_grads,
 )
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt
 
@@ -99,29 +94,6 @@ def test_fake_implementation_checks_shapes():
     args[5] = [s.double() for s in args[5]]
     with pytest.raises(RuntimeError, match=r"steps\[0\] must be a one-element float32"):
         torch.ops.fastopt.adam_step_(*args)
-
-
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def test_optimizer_step_goes_through_the_dispatcher():
-    """A dispatch mode sees the fastopt op (whatever fast eager path the step takes)."""
-    params = [torch.randn(7, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
-    opt = fastopt.FusedAdam(params, lr=0.01)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    with _RecordOps() as mode:
-        opt.step()
-    assert "fastopt.adam_step_.default" in mode.ops
-    assert all(opt.state[p]["step"].item() == 2 for p in params)
 
 
 # -- torch.compile ---------------------------------------------------------------------------
@@ -214,39 +186,7 @@ def test_compiled_functional_adam_step_fullgraph():
     assert [s.item() for s in eager_args[5]] == [float(i + 4) for i in range(len(SHAPES))]
 
 
-def test_compiled_optimizer_step_fullgraph():
-    """torch.compile(opt.step, fullgraph=True), the way torch documents compiling a step."""
-    torch._dynamo.reset()
-    ref_params, fast_params = make_param_pairs([(7,), (33, 65), (1,), (0,)], seed=6)
-    ref, fast = optimizer_pair("AdamW", ref_params, fast_params, lr=torch.tensor(0.01))
-    counter = CompileCounterWithBackend("inductor")
-    compiled_step = torch.compile(fast.step, fullgraph=True, backend=counter)
-    gen = generator(7)
-    for step in range(4):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        compiled_step()
-        assert_matches_reference(ref, fast, ref_params, fast_params, 1e-5, 1e-6, f"{step}")
-    graph_ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
-    assert {"fastopt.adam_step_", "fastopt.adam_step_.default"} & graph_ops, graph_ops
-
-
 # -- autograd semantics of the in-place op ----------------------------------------------------
-
-
-def test_step_bumps_version_counters_like_torch():
-    """A step modifies params in place: autograd must notice, as it does after torch's step."""
-    for make_opt in (lambda ps: torch.optim.Adam(ps, foreach=False), fastopt.FusedAdam):
-        p = torch.randn(5, requires_grad=True)
-        loss = (p * p).sum()  # saves p for backward
-        opt = make_opt([p])
-        p.grad = torch.randn(5)
-        version = p._version
-        opt.step()
-        assert p._version > version
-        assert opt.state[p]["exp_avg"]._version > 0
-        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-            loss.backward()
 
 
 @pytest.mark.parametrize("entry", ["functional", "torch.ops"])

@@ -1,7 +1,8 @@
 """The ops of FusedRMSprop / FusedAdagrad / FusedAdadelta and the traffic probe, as
 test_ops.py tests adam_step_: opcheck (schema, fake, autograd registration, AOT dispatch), the
 fake implementations' checks, the dispatcher route of a step, torch.compile(fullgraph=True) of
-a step, and the in-place semantics autograd must see."""
+a step, and the in-place semantics autograd must see. The tests of an optimizer's step (the
+dispatcher route, compiling opt.step, version counters) run for FusedAdam / FusedAdamW too."""
 
 from __future__ import annotations
 
@@ -25,10 +26,15 @@ import fastopt
 from fastopt import _extension
 
 NAMES = ["RMSprop", "Adagrad", "Adadelta"]
-OPS = {"RMSprop": "rmsprop_step_", "Adagrad": "adagrad_step_", "Adadelta": "adadelta_step_"}
+OPS = {"RMSprop": "rmsprop_step_", "Adagrad": "adagrad_step_", "Adadelta": "adadelta_step_",
+       "Adam": "adam_step_", "AdamW": "adam_step_"}  # fmt: skip
+# The tests of the optimizers' route into their ops run for FusedAdam / FusedAdamW too.
+EVERY = ["Adam", "AdamW", *NAMES]
 
 # Per optimizer, arguments that take every optional path of its kernel.
 RICH = {
+    "Adam": dict(lr=0.01),
+    "AdamW": dict(lr=0.01),
     "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
     "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
     "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
@@ -210,7 +216,7 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_optimizer_step_goes_through_the_dispatcher(name):
     params = [torch.randn(7, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
     opt = getattr(fastopt, f"Fused{name}")(params, **RICH[name])
@@ -238,7 +244,7 @@ def test_sparse_adagrad_step_goes_through_the_dispatcher():
 # -- torch.compile ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_compiled_optimizer_step_fullgraph(name):
     """torch.compile(opt.step, fullgraph=True), with a Tensor lr, against torch's eager step."""
     torch._dynamo.reset()
@@ -261,10 +267,12 @@ def test_compiled_optimizer_step_fullgraph(name):
 # -- autograd semantics of the in-place ops ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", EVERY)
 def test_step_bumps_version_counters_like_torch(name):
     """A step modifies params in place: autograd must notice, as it does after torch's step."""
-    state_key = {"RMSprop": "square_avg", "Adagrad": "sum", "Adadelta": "acc_delta"}[name]
+    state_key = {"RMSprop": "square_avg", "Adagrad": "sum", "Adadelta": "acc_delta"}.get(
+        name, "exp_avg"
+    )
     for make_opt in (
         lambda ps: getattr(torch.optim, name)(ps, foreach=False),
         getattr(fastopt, f"Fused{name}"),
