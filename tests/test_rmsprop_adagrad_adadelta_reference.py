@@ -204,63 +204,7 @@ RICH = {
 # Thread splits, offsets, non-finite values, closures, signatures, accepted arguments and many
 # small params: test_every_optimizer_reference.py, for every optimizer.
 
-# -- low precision: one rounding per element --------------------------------------------------
-
-
-def _random_state(name: str, n: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
-    """A plausible mid-training state in `dtype` (RMSprop's square_avg above grad_avg**2, so the
-    centered variance stays positive once rounded)."""
-
-    def rand(scale, offset=0.0):
-        return scale * torch.rand(n, generator=gen) + offset
-
-    if name == "RMSprop":
-        grad_avg = (0.1 * torch.randn(n, generator=gen)).to(dtype)
-        return dict(
-            square_avg=(grad_avg.float().square() + rand(0.01, 1e-3)).to(dtype),
-            momentum_buffer=(0.1 * torch.randn(n, generator=gen)).to(dtype),
-            grad_avg=grad_avg,
-        )
-    if name == "Adagrad":
-        return dict(sum=rand(2.0, 0.1).to(dtype))
-    return dict(square_avg=rand(0.5, 1e-3).to(dtype), acc_delta=rand(1e-3, 1e-5).to(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", NAMES)
-def test_low_precision_step_is_the_fp32_step_rounded_once(cpu_isa, dtype, name):
-    """One bf16/fp16 step from a random state equals torch's fp32 step from the same (upcast)
-    values, rounded once to the low precision: within one ulp of it, element by element; plus,
-    where the fp32 result cancels to near 0, a few fp32 ulps of the quantity's magnitude (an
-    equally exact fp32 evaluation in another order, e.g. with FMA, leaves a residue there)."""
-    gen = generator(41)
-    n = 4 * 4097
-    param = torch.randn(n, generator=gen).to(dtype)
-    grad = torch.randn(n, generator=gen).to(dtype)
-    kwargs = {**RICH[name], "eps": 1e-3 if name != "Adadelta" else 1e-6}
-    state = _random_state(name, n, dtype, gen)
-    keys = state_keys(name, kwargs)
-    assert set(keys) == set(state)
-    high = param.float().requires_grad_()
-    high.grad = grad.float()
-    ref = getattr(torch.optim, name)([high], foreach=False, **kwargs)
-    ref.state[high] = dict(step=torch.tensor(3.0), **{k: v.float() for k, v in state.items()})
-    fast_param = param.clone().requires_grad_()
-    fast_param.grad = grad.clone()
-    fast = getattr(fastopt, f"Fused{name}")([fast_param], **kwargs)
-    fast.state[fast_param] = dict(
-        step=torch.tensor(3.0), **{k: v.clone() for k, v in state.items()}
-    )
-    ref.step()
-    fast.step()
-    for key in ("param", *keys):
-        value = fast_param.detach() if key == "param" else fast.state[fast_param][key]
-        exact = (high.detach() if key == "param" else ref.state[high][key]).to(dtype)
-        assert value.dtype == dtype, key
-        error = (value.float() - exact.float()).abs()
-        residue = 4 * torch.finfo(torch.float32).eps * exact.float().abs().max()
-        assert bool((error <= ulp(exact) + residue).all()), f"{key}: {error.max().item()}"
-    assert fast.state[fast_param]["step"].item() == 4.0
+# -- low precision (one rounding per element: test_every_optimizer_reference.py) ---------
 
 
 @pytest.mark.parametrize("name", NAMES)
