@@ -490,3 +490,36 @@ def assert_error_within_torchs(
     assert fast_error <= 2 * torch_error + torch.finfo(dtype).eps * magnitude, (
         f"{where}: fastopt error {fast_error:.3g}, torch {dtype} error {torch_error:.3g}"
     )
+
+
+def scaler_step_and_compare(
+    ref_opt: torch.optim.Optimizer,
+    fast_opt: torch.optim.Optimizer,
+    ref_params: Sequence[Tensor],
+    fast_params: Sequence[Tensor],
+    scalers: Sequence[torch.amp.GradScaler],
+    where: str,
+    *,
+    skipped: bool,
+) -> None:
+    """`scaler.step(opt)` and `scaler.update()` of torch's optimizer (with `scalers[0]`) and
+    fastopt's (with `scalers[1]`), after the backward of the scaled loss. Both scales stay equal.
+    With `skipped` (a non-finite grad): fastopt's params, grads, state and step counts are as
+    before and the scale halved; otherwise fastopt matches torch and stored its grads back
+    unscaled (exactly: the scale is a power of two), in their layout (sparse ones sparse)."""
+    before, scale = snapshot(fast_opt, fast_params), scalers[1].get_scale()
+    scaled = [p.grad.clone() for p in fast_params]
+    for opt, scaler in zip((ref_opt, fast_opt), scalers, strict=True):
+        scaler.step(opt)
+        scaler.update()
+    assert scalers[1].get_scale() == scalers[0].get_scale(), where
+    if skipped:
+        assert_unchanged(fast_opt, fast_params, before)
+        assert scalers[1].get_scale() == scale / 2, where
+        return
+    assert_matches_reference(ref_opt, fast_opt, ref_params, fast_params, **FP32, where=where)
+    for p, g in zip(fast_params, scaled, strict=True):
+        assert p.grad.layout == g.layout, where
+        torch.testing.assert_close(
+            p.grad.to_dense(), g.to_dense() / scale, rtol=0, atol=0, msg=where
+        )
