@@ -101,6 +101,15 @@ ADAM_OPTIONS = [
 ]
 
 
+# Per optimizer, arguments that take every optional path of its kernel at once and create every
+# optional state tensor: the test files' `RICH` add their FusedAdam / FusedAdamW arguments.
+RICH_OPTIONS: dict[str, dict] = {
+    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
+    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
+    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+}
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: tensors are drawn on the CPU and copied, so every device sees the same."""
     return torch.Generator().manual_seed(seed)

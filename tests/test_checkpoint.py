@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     FP32,
+    RICH_OPTIONS,
     SHAPES,
     assert_matches_reference,
     assert_state_format,
@@ -67,9 +68,7 @@ FORMAT_CASES = [
 RICH = {
     "Adam": dict(lr=0.01),
     "AdamW": dict(lr=0.01, amsgrad=True),
-    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
-    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
-    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+    **RICH_OPTIONS,
 }
 
 

@@ -15,6 +15,7 @@ from conftest import (
     ADAM_OPTIONS,
     FP32,
     ON_CUDA,
+    RICH_OPTIONS,
     SHAPES,
     assert_matches_reference,
     assert_unchanged,
@@ -95,9 +96,7 @@ def test_unaligned_and_non_contiguous_params_on_cuda():
 RICH = {
     "Adam": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
     "AdamW": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
-    "RMSprop": dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, weight_decay=0.1),
-    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
-    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+    **RICH_OPTIONS,
 }
 
 

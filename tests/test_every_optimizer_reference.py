@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import (
     FP32,
+    RICH_OPTIONS,
     assert_matches_reference,
     generator,
     make_param_pairs,
@@ -32,9 +33,7 @@ NAMES = ["Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
 RICH = {
     "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
     "AdamW": dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, amsgrad=True),
-    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
-    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
-    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+    **RICH_OPTIONS,
 }
 
 

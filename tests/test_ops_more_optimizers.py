@@ -11,6 +11,7 @@ import inspect
 import pytest
 import torch
 from conftest import (
+    RICH_OPTIONS,
     SHAPES,
     assert_matches_reference,
     generator,
@@ -35,9 +36,7 @@ EVERY = ["Adam", "AdamW", *NAMES]
 RICH = {
     "Adam": dict(lr=0.01),
     "AdamW": dict(lr=0.01),
-    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
-    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
-    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
+    **RICH_OPTIONS,
 }
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")

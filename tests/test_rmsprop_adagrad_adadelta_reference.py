@@ -18,6 +18,7 @@ import zlib
 import pytest
 import torch
 from conftest import (
+    RICH_OPTIONS,
     TOLERANCES,
     checked_cuda,
     generator,
@@ -194,12 +195,7 @@ def test_configs_cover_torchs_own(name):
     assert not missing, f"torch tests {name} with {missing}; add them to TORCH_CONFIGS"
 
 
-# One configuration per optimizer that takes every optional path of its kernel at once.
-RICH = {
-    "RMSprop": dict(lr=0.01, alpha=0.9, weight_decay=0.1, momentum=0.5, centered=True),
-    "Adagrad": dict(lr=0.1, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2),
-    "Adadelta": dict(lr=0.5, rho=0.8, weight_decay=0.1),
-}
+RICH = RICH_OPTIONS
 
 # Thread splits, offsets, non-finite values, closures, signatures, accepted arguments and many
 # small params: test_every_optimizer_reference.py, for every optimizer.
