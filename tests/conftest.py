@@ -138,6 +138,16 @@ def make_param_pairs(
     return ref, fast
 
 
+def mixed_dtype_starts(gen: torch.Generator, device: str | torch.device) -> list[Tensor]:
+    """Start values for one group of mixed dtypes: fp32, fp64, bf16, fp16 and an empty fp32."""
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]
+    shapes = [(7,), (4097,), (33, 65), (4097,), (0,)]
+    return [
+        torch.randn(s, generator=gen).to(dtype=d, device=device)
+        for s, d in zip(shapes, dtypes, strict=True)
+    ]
+
+
 def set_grads(gen: torch.Generator, *param_lists: Sequence[Tensor]) -> list[Tensor]:
     """Gives the i-th param of every list the same fresh grad, in each param's own dtype, device
     and layout. Returns the grads of the first list."""

@@ -20,6 +20,7 @@ from conftest import (
     TOLERANCES,
     assert_state_format,
     generator,
+    mixed_dtype_starts,
     run_against_torch,
     set_grads,
     state_keys,
@@ -123,12 +124,7 @@ def test_mixed_dtypes_in_one_group(device):
     """One group (so one kernel call) holding fp32, fp64, bf16 and fp16 params: each dtype is
     computed as it is alone, with state in the param's dtype."""
     gen = generator(31)
-    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]
-    shapes = [(7,), (4097,), (33, 65), (4097,), (0,)]
-    starts = [
-        torch.randn(s, generator=gen).to(dtype=d, device=device)
-        for s, d in zip(shapes, dtypes, strict=True)
-    ]
+    starts = mixed_dtype_starts(gen, device)
     fast = [s.clone().requires_grad_() for s in starts]
     # The reference: torch in the same dtype for fp32/fp64, fp32 for the low-precision ones.
     ref = [s.clone().requires_grad_() for s in starts[:2]] + [starts[4].clone().requires_grad_()]

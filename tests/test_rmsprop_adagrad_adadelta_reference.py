@@ -22,6 +22,7 @@ from conftest import (
     TOLERANCES,
     checked_cuda,
     generator,
+    mixed_dtype_starts,
     run_against_torch,
     set_grads,
     state_keys,
@@ -208,12 +209,7 @@ def test_mixed_dtypes_in_one_group(device, name):
     """One group (one kernel call) of fp32, fp64, bf16 and fp16 params: each param ends as it
     does in a group of its own dtype; fp32 / fp64 match torch, state is in the param's dtype."""
     gen = generator(31)
-    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]
-    shapes = [(7,), (4097,), (33, 65), (4097,), (0,)]
-    starts = [
-        torch.randn(s, generator=gen).to(dtype=d, device=device)
-        for s, d in zip(shapes, dtypes, strict=True)
-    ]
+    starts = mixed_dtype_starts(gen, device)
     kwargs = {**RICH[name], "eps": 1e-3 if name != "Adadelta" else 1e-6}
     mixed = [s.clone().requires_grad_() for s in starts]
     alone = [s.clone().requires_grad_() for s in starts]
