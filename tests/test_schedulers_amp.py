@@ -85,49 +85,44 @@ def test_cosine_annealing_with_warm_restarts(name):
         assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
 
 
-def test_one_cycle_lr_cycles_rmsprops_momentum():
-    """OneCycleLR with cycle_momentum drives RMSprop's `momentum` every step: the kernel must
-    read it from the group each step."""
-    ref_params, fast_params = make_param_pairs(SHAPES, seed=25)
-    ref, fast = optimizer_pair("RMSprop", ref_params, fast_params, lr=0.01, momentum=0.9)
-    kwargs = dict(max_lr=0.05, total_steps=12, cycle_momentum=True, base_momentum=0.5)
+# (optimizer, its arguments, OneCycleLR's base_momentum and total_steps, seed): OneCycleLR with
+# cycle_momentum drives RMSprop's `momentum` and Adam's beta1 every step.
+ONE_CYCLE_CASES = [
+    pytest.param("RMSprop", dict(lr=0.01, momentum=0.9), 0.5, 12, 25, id="RMSprop-momentum"),
+    *(
+        pytest.param(name, dict(lr=0.01, weight_decay=0.05), 0.8, 15, 3, id=f"{name}-betas")
+        for name in ("Adam", "AdamW")
+    ),
+]
+
+
+def _cycled_momentum(opt):
+    group = opt.param_groups[0]
+    return group["betas"] if "betas" in group else group["momentum"]
+
+
+@pytest.mark.parametrize(("name", "options", "base_momentum", "total", "seed"), ONE_CYCLE_CASES)
+def test_one_cycle_lr_changes_lr_and_momentum(name, options, base_momentum, total, seed):
+    """OneCycleLR with cycle_momentum changes lr and RMSprop's `momentum` / Adam's betas every
+    step: the kernel must read them from the group each step."""
+    ref_params, fast_params = make_param_pairs(SHAPES, seed=seed)
+    ref, fast = optimizer_pair(name, ref_params, fast_params, **options)
+    kwargs = dict(max_lr=0.05, total_steps=total, cycle_momentum=True, base_momentum=base_momentum)
     scheds = [torch.optim.lr_scheduler.OneCycleLR(opt, **kwargs) for opt in (ref, fast)]
-    gen = generator(26)
+    gen = generator(seed + 1)
     seen = set()
-    for step in range(12):
+    for step in range(total):
         set_grads(gen, ref_params, fast_params)
         ref.step()
         fast.step()
-        if step < 11:  # OneCycleLR refuses to step past total_steps
-            for s in scheds:
-                s.step()
-        assert fast.param_groups[0]["momentum"] == ref.param_groups[0]["momentum"]
-        seen.add(fast.param_groups[0]["momentum"])
-        assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
-    assert len(seen) > 5  # momentum really moved
-
-
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_one_cycle_lr_changes_lr_and_betas(name):
-    ref_params, fast_params = make_param_pairs(SHAPES, seed=3)
-    ref, fast = optimizer_pair(name, ref_params, fast_params, lr=0.01, weight_decay=0.05)
-    kwargs = dict(max_lr=0.05, total_steps=15, cycle_momentum=True, base_momentum=0.8)
-    ref_sched = torch.optim.lr_scheduler.OneCycleLR(ref, **kwargs)
-    fast_sched = torch.optim.lr_scheduler.OneCycleLR(fast, **kwargs)
-    gen = generator(4)
-    seen_beta1 = set()
-    for step in range(15):
-        set_grads(gen, ref_params, fast_params)
-        ref.step()
-        fast.step()
-        if step < 14:  # OneCycleLR refuses to step past total_steps
-            ref_sched.step()
-            fast_sched.step()
-        assert fast.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+        if step < total - 1:  # OneCycleLR refuses to step past total_steps
+            for sched in scheds:
+                sched.step()
+        assert _cycled_momentum(fast) == _cycled_momentum(ref)
         assert fast.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
-        seen_beta1.add(fast.param_groups[0]["betas"][0])
+        seen.add(str(_cycled_momentum(fast)))
         assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
-    assert len(seen_beta1) > 5  # beta1 really moved
+    assert len(seen) > 5  # momentum / beta1 really moved
 
 
 # -- GradScaler ----------------------------------------------------------------------------------
