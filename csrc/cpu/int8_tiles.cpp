@@ -1,0 +1,253 @@
+// The int8 tile micro-kernels, one set per instruction set (the layout is in int8_tiles.h).
+// Accumulators live in registers for a whole pass over K; the callers add scales and bias.
+#include "cpu/int8_tiles.h"
+
+#include <cstring>
+
+#include "cpu/isa.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace fastopt::cpu::int8 {
+namespace {
+
+// ---- Portable C++: the reference every vector variant must agree with bit for bit. ----
+
+void gemm_portable(const GemmTile& t) {
+  for (int r = 0; r < t.rows; ++r) {
+    const int8_t* a = reinterpret_cast<const int8_t*>(t.a + r * t.lda);
+    for (int j = 0; j < t.blocks * kBlockN; ++j) {
+      const int8_t* w = t.b + (j / kBlockN) * t.groups * kGroupBytes + (j % kBlockN) * kGroupK;
+      int32_t sum = 0;
+      for (int64_t g = 0; g < t.groups; ++g) {
+        for (int k = 0; k < kGroupK; ++k)
+          sum += int32_t(a[g * kGroupK + k]) * w[g * kGroupBytes + k];
+      }
+      t.c[r * kPanelCols + j] = sum;
+    }
+  }
+}
+
+void weight_only_portable(const WeightOnlyTile& t) {
+  for (int r = 0; r < t.rows; ++r) {
+    const float* x = t.x + r * t.ldx;
+    for (int j = 0; j < t.blocks * kBlockN; ++j) {
+      const int8_t* w = t.b + (j / kBlockN) * t.groups * kGroupBytes + (j % kBlockN) * kGroupK;
+      float sum = 0.0f;
+      for (int64_t g = 0; g < t.groups; ++g) {
+        for (int k = 0; k < kGroupK; ++k) sum += x[g * kGroupK + k] * float(w[g * kGroupBytes + k]);
+      }
+      t.c[r * kPanelCols + j] = sum;
+    }
+  }
+}
+
+constexpr Int8Kernels kPortable{false, gemm_portable, weight_only_portable};
+
+#if defined(__x86_64__)
+
+int32_t load_group(const uint8_t* p) {  // the 4 activation bytes of one group, as one lane
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// ---- AVX-512 VNNI: vpdpbusd does 64 exact byte products per instruction. ----
+
+#define FASTOPT_TARGET_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+
+template <int R, int NB>
+FASTOPT_TARGET_VNNI void gemm_vnni_fixed(const GemmTile& t) {
+  __m512i acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+  const int64_t block_stride = t.groups * kGroupBytes;
+  for (int64_t g = 0; g < t.groups; ++g) {
+    __m512i w[NB];
+    for (int j = 0; j < NB; ++j)
+      w[j] = _mm512_loadu_si512(t.b + j * block_stride + g * kGroupBytes);
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(load_group(t.a + r * t.lda + g * kGroupK));
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], a, w[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_si512(t.c + r * kPanelCols + j * kBlockN, acc[r][j]);
+}
+
+template <int NB>
+FASTOPT_TARGET_VNNI void gemm_vnni_blocks(const GemmTile& t) {
+  switch (t.rows) {
+    case 1:
+      return gemm_vnni_fixed<1, NB>(t);
+    case 2:
+      return gemm_vnni_fixed<2, NB>(t);
+    case 3:
+      return gemm_vnni_fixed<3, NB>(t);
+    case 4:
+      return gemm_vnni_fixed<4, NB>(t);
+    case 5:
+      return gemm_vnni_fixed<5, NB>(t);
+    case 6:
+      return gemm_vnni_fixed<6, NB>(t);
+    case 7:
+      return gemm_vnni_fixed<7, NB>(t);
+    default:
+      return gemm_vnni_fixed<8, NB>(t);
+  }
+}
+
+FASTOPT_TARGET_VNNI void gemm_vnni(const GemmTile& t) {
+  static_assert(kTileRows == 8 && kPanelBlocks == 2, "gemm_vnni_blocks covers these sizes");
+  t.blocks == 2 ? gemm_vnni_blocks<2>(t) : gemm_vnni_blocks<1>(t);
+}
+
+// ---- AVX2: exact products of sign-extended int16 with vpmaddwd (no vpmaddubsw saturation). ----
+
+#define FASTOPT_TARGET_AVX2_ONLY __attribute__((target("avx2,fma,f16c")))
+
+// Rows r0..r0+R-1 of one block. The 64 bytes of a group are 4 quarters of 4 channels x 4 weights;
+// vpmaddwd sums products in pairs, so lane 2i of quarter q holds channel 4q+i's k0*a0 + k1*a1 and
+// lane 2i+1 its k2*a2 + k3*a3; the two are added once, after the K loop.
+template <int R>
+FASTOPT_TARGET_AVX2_ONLY void gemm_avx2_rows(const GemmTile& t, int r0, int block) {
+  __m256i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
+  const int8_t* b = t.b + block * t.groups * kGroupBytes;
+  for (int64_t g = 0; g < t.groups; ++g) {
+    __m256i w[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m128i bytes =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + g * kGroupBytes + 16 * q));
+      w[q] = _mm256_cvtepi8_epi16(bytes);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int32_t group = load_group(t.a + (r0 + r) * t.lda + g * kGroupK);
+      const __m256i a = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(group)));
+      for (int q = 0; q < 4; ++q)
+        acc[r][q] = _mm256_add_epi32(acc[r][q], _mm256_madd_epi16(a, w[q]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    int32_t* c = t.c + (r0 + r) * kPanelCols + block * kBlockN;
+    for (int q = 0; q < 4; ++q) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[r][q]);
+      for (int i = 0; i < 4; ++i) c[4 * q + i] = lanes[2 * i] + lanes[2 * i + 1];
+    }
+  }
+}
+
+FASTOPT_TARGET_AVX2_ONLY void gemm_avx2(const GemmTile& t) {
+  for (int block = 0; block < t.blocks; ++block) {
+    int r = 0;
+    for (; r + 2 <= t.rows; r += 2) gemm_avx2_rows<2>(t, r, block);
+    if (r < t.rows) gemm_avx2_rows<1>(t, r, block);
+  }
+}
+
+// ---- Weight-only: int8 weights widened to fp32 in registers, fp32 FMAs. ----
+
+// Rows r0..r0+R-1 of one block: lane n of a group's 32-bit word n holds channel n's 4 weights;
+// weight k is that word shifted left by 24 - 8k and arithmetically right by 24. One accumulator
+// per (row, k) keeps 4 independent FMA chains per row.
+constexpr __mmask16 kAll = 0xFFFF;
+
+template <int R>
+FASTOPT_TARGET_VNNI void weight_only_avx512_rows(const WeightOnlyTile& t, int r0, int block) {
+  __m512 acc[R][kGroupK];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < kGroupK; ++k) acc[r][k] = _mm512_setzero_ps();
+  const int8_t* b = t.b + block * t.groups * kGroupBytes;
+  for (int64_t g = 0; g < t.groups; ++g) {
+    const __m512i words = _mm512_loadu_si512(b + g * kGroupBytes);
+    for (int k = 0; k < kGroupK; ++k) {
+      // (The maskz forms: GCC 12 warns about the undefined pass-through of the plain ones.)
+      const __m512i lane =
+          _mm512_maskz_srai_epi32(kAll, _mm512_maskz_slli_epi32(kAll, words, 24 - 8 * k), 24);
+      const __m512 w = _mm512_maskz_cvtepi32_ps(kAll, lane);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = _mm512_set1_ps(t.x[(r0 + r) * t.ldx + g * kGroupK + k]);
+        acc[r][k] = _mm512_fmadd_ps(x, w, acc[r][k]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum =
+        _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+    _mm512_storeu_ps(t.c + (r0 + r) * kPanelCols + block * kBlockN, sum);
+  }
+}
+
+template <int R>
+FASTOPT_TARGET_AVX2_ONLY void weight_only_avx2_rows(const WeightOnlyTile& t, int r0, int block) {
+  __m256 acc[R][2][2];  // [row][half of the block][even / odd k]
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) acc[r][h][0] = acc[r][h][1] = _mm256_setzero_ps();
+  const int8_t* b = t.b + block * t.groups * kGroupBytes;
+  for (int64_t g = 0; g < t.groups; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i words =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + g * kGroupBytes + 32 * h));
+      for (int k = 0; k < kGroupK; ++k) {
+        const __m256 w =
+            _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(words, 24 - 8 * k), 24));
+        for (int r = 0; r < R; ++r) {
+          const __m256 x = _mm256_set1_ps(t.x[(r0 + r) * t.ldx + g * kGroupK + k]);
+          acc[r][h][k % 2] = _mm256_fmadd_ps(x, w, acc[r][h][k % 2]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_ps(t.c + (r0 + r) * kPanelCols + block * kBlockN + 8 * h,
+                       _mm256_add_ps(acc[r][h][0], acc[r][h][1]));
+}
+
+// Runs Rows<4>, Rows<2>, Rows<1> over every row of every block of the tile.
+template <void (*Rows4)(const WeightOnlyTile&, int, int),
+          void (*Rows2)(const WeightOnlyTile&, int, int),
+          void (*Rows1)(const WeightOnlyTile&, int, int)>
+void weight_only_by_rows(const WeightOnlyTile& t) {
+  for (int block = 0; block < t.blocks; ++block) {
+    int r = 0;
+    for (; r + 4 <= t.rows; r += 4) Rows4(t, r, block);
+    for (; r + 2 <= t.rows; r += 2) Rows2(t, r, block);
+    if (r < t.rows) Rows1(t, r, block);
+  }
+}
+
+constexpr Int8Kernels kVnni{
+    true, gemm_vnni,
+    weight_only_by_rows<weight_only_avx512_rows<4>, weight_only_avx512_rows<2>,
+                        weight_only_avx512_rows<1>>};
+constexpr Int8Kernels kAvx2{false, gemm_avx2,
+                            weight_only_by_rows<weight_only_avx2_rows<4>, weight_only_avx2_rows<2>,
+                                                weight_only_avx2_rows<1>>};
+
+#endif  // __x86_64__
+
+}  // namespace
+
+const Int8Kernels& active_int8_kernels() {
+#if defined(__x86_64__)
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      // VNNI came after AVX-512 itself (Cascade Lake); earlier AVX-512 CPUs run the AVX2 kernels.
+      if (__builtin_cpu_supports("avx512vnni")) return kVnni;
+      return kAvx2;
+    case Isa::kAvx2:
+      return kAvx2;
+    case Isa::kBaseline:
+      break;
+  }
+#endif
+  return kPortable;
+}
+
+}  // namespace fastopt::cpu::int8
