@@ -59,24 +59,40 @@ int32_t load_group(const uint8_t* p) {  // the 4 activation bytes of one group, 
 #define FASTOPT_TARGET_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
+// One named accumulator per (row, block) rather than an array: GCC 12 keeps a 16-vector array
+// in memory (it exceeds its scalar-replacement limit) or copies it between registers.
+#define FASTOPT_VNNI_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define FASTOPT_VNNI_ZERO(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0;
+#define FASTOPT_VNNI_STEP(r)                                                        \
+  if constexpr (R > r) {                                                            \
+    const __m512i a = _mm512_set1_epi32(load_group(t.a + r * t.lda + g * kGroupK)); \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, a, w0);                                  \
+    if constexpr (NB > 1) c##r##1 = _mm512_dpbusd_epi32(c##r##1, a, w1);            \
+  }
+#define FASTOPT_VNNI_STORE(r)                                                           \
+  if constexpr (R > r) {                                                                \
+    _mm512_storeu_si512(t.c + r * kPanelCols, c##r##0);                                 \
+    if constexpr (NB > 1) _mm512_storeu_si512(t.c + r * kPanelCols + kBlockN, c##r##1); \
+  }
+
 template <int R, int NB>
 FASTOPT_TARGET_VNNI void gemm_vnni_fixed(const GemmTile& t) {
-  __m512i acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
-  const int64_t block_stride = t.groups * kGroupBytes;
+  static_assert(R <= 8 && NB <= 2, "FASTOPT_VNNI_ROWS names 8 rows of 2 blocks");
+  FASTOPT_VNNI_ROWS(FASTOPT_VNNI_ZERO)
+  const int8_t* b0 = t.b;
+  const int8_t* b1 = t.b + (NB > 1 ? t.groups * kGroupBytes : 0);
   for (int64_t g = 0; g < t.groups; ++g) {
-    __m512i w[NB];
-    for (int j = 0; j < NB; ++j)
-      w[j] = _mm512_loadu_si512(t.b + j * block_stride + g * kGroupBytes);
-    for (int r = 0; r < R; ++r) {
-      const __m512i a = _mm512_set1_epi32(load_group(t.a + r * t.lda + g * kGroupK));
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], a, w[j]);
-    }
+    const __m512i w0 = _mm512_loadu_si512(b0 + g * kGroupBytes);
+    const __m512i w1 = NB > 1 ? _mm512_loadu_si512(b1 + g * kGroupBytes) : w0;
+    FASTOPT_VNNI_ROWS(FASTOPT_VNNI_STEP)
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) _mm512_storeu_si512(t.c + r * kPanelCols + j * kBlockN, acc[r][j]);
+  FASTOPT_VNNI_ROWS(FASTOPT_VNNI_STORE)
 }
+
+#undef FASTOPT_VNNI_ROWS
+#undef FASTOPT_VNNI_ZERO
+#undef FASTOPT_VNNI_STEP
+#undef FASTOPT_VNNI_STORE
 
 template <int NB>
 FASTOPT_TARGET_VNNI void gemm_vnni_blocks(const GemmTile& t) {
