@@ -106,14 +106,17 @@ def _adam_traffic_probe_fake(param, grad, exp_avg, exp_avg_sq) -> None:
 
 _INT8_BLOCK_N, _INT8_GROUP_K, _INT8_MAX_IN_FEATURES = 16, 4, 65536
 
-_lib.define("int8_mm(Tensor input, Tensor packed_weight, Tensor weight_compensation) -> Tensor")
 _lib.define(
-    "int8_linear(Tensor input, Tensor packed_weight, Tensor weight_compensation, "
+    "int8_mm(Tensor input, Tensor packed_weight, Tensor weight_compensation, int in_features) "
+    "-> Tensor"
+)
+_lib.define(
+    "int8_linear(Tensor input, Tensor packed_weight, Tensor weight_compensation, int in_features, "
     "Tensor weight_scale, Tensor? bias, Tensor? input_scale, bool quantize_input) -> Tensor"
 )
 
 
-def _check_int8_packed_weight(op, input, packed_weight, weight_compensation) -> None:
+def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features) -> None:
     torch._check(
         packed_weight.dtype == torch.int8
         and packed_weight.dim() == 4
@@ -124,14 +127,20 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation) -> 
             f"{list(packed_weight.shape)}"
         ),
     )
-    in_features = input.shape[-1] if input.dim() else 0
+    features = input.shape[-1] if input.dim() else 0
+    torch._check(
+        input.dim() >= 1 and features == in_features,
+        lambda: (
+            f"{op}: input has {features} features (its last dimension) but the layer has "
+            f"in_features={in_features}; pass an input of shape [..., {in_features}]"
+        ),
+    )
     groups = packed_weight.shape[1]
     torch._check(
-        input.dim() >= 1 and (in_features + _INT8_GROUP_K - 1) // _INT8_GROUP_K == groups,
+        (in_features + _INT8_GROUP_K - 1) // _INT8_GROUP_K == groups,
         lambda: (
-            f"{op}: input has {in_features} features (its last dimension) but the weight was "
-            f"packed for {groups * _INT8_GROUP_K - 3} to {groups * _INT8_GROUP_K}; pass an input "
-            "of shape [..., in_features]"
+            f"{op}: packed_weight holds {groups} groups of 4 input features, which does not fit "
+            f"in_features={in_features}; pack the weight with fastopt.int8.pack_int8_weight"
         ),
     )
     torch._check(
@@ -163,7 +172,12 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation) -> 
 
 
 @torch.library.register_fake("fastopt::int8_mm")
-def _int8_mm_fake(input, packed_weight, weight_compensation):
+def _int8_mm_fake(input, packed_weight, weight_compensation, in_features):
+    _check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
+    return input.new_empty((input.shape[0], weight_compensation.shape[0]), dtype=torch.int32)
+
+
+def _check_int8_mm_args(input, packed_weight, weight_compensation, in_features) -> None:
     torch._check(
         input.dtype == torch.int8 and input.dim() == 2,
         lambda: (
@@ -171,14 +185,31 @@ def _int8_mm_fake(input, packed_weight, weight_compensation):
             f"{list(input.shape)}"
         ),
     )
-    _check_int8_packed_weight("fastopt.int8_mm", input, packed_weight, weight_compensation)
-    return input.new_empty((input.shape[0], weight_compensation.shape[0]), dtype=torch.int32)
+    _check_int8_packed_weight(
+        "fastopt.int8_mm", input, packed_weight, weight_compensation, in_features
+    )
 
 
 @torch.library.register_fake("fastopt::int8_linear")
 def _int8_linear_fake(
-    input, packed_weight, weight_compensation, weight_scale, bias, input_scale, quantize_input
+    input,
+    packed_weight,
+    weight_compensation,
+    in_features,
+    weight_scale,
+    bias,
+    input_scale,
+    quantize_input,
 ):
+    _check_int8_linear_args(
+        input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+    )
+    return input.new_empty((*input.shape[:-1], weight_compensation.shape[0]))
+
+
+def _check_int8_linear_args(
+    input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+) -> None:
     op = "fastopt.int8_linear"
     torch._check(
         input.dtype in (torch.float32, torch.bfloat16, torch.float16),
@@ -187,7 +218,7 @@ def _int8_linear_fake(
             "with .float()"
         ),
     )
-    _check_int8_packed_weight(op, input, packed_weight, weight_compensation)
+    _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features)
     n = weight_compensation.shape[0]
     torch._check(
         weight_scale.dtype == torch.float32
@@ -222,4 +253,3 @@ def _int8_linear_fake(
                 f"{input_scale.dtype} {list(input_scale.shape)} on {input_scale.device}"
             ),
         )
-    return input.new_empty((*input.shape[:-1], n))

@@ -90,19 +90,37 @@ def unpack_int8_weight(packed: Tensor, out_features: int, in_features: int) -> T
     return plain[:out_features, :in_features].contiguous()
 
 
+def _load_triton_kernels() -> str | None:
+    """Registers the Triton kernels for CUDA where a GPU is present; returns why not, if not."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    try:
+        from .triton import int8_linear  # noqa: F401  (registers the CUDA kernels on import)
+    except ImportError as error:
+        return f"the Triton kernels failed to import ({error}); install triton"
+    return None
+
+
+_TRITON_MISSING = _load_triton_kernels()
+
+
 def _require_kernels(device: torch.device, what: str) -> None:
     if device.type == "cuda":
-        from .triton import int8_linear as triton_int8  # noqa: F401  (registers the kernels)
-
+        if _TRITON_MISSING is not None:
+            raise RuntimeError(
+                f"{what}: no fastopt int8 kernels for cuda tensors: {_TRITON_MISSING}"
+            )
         return
     _extension.require_kernels(device, what)
 
 
-def int8_mm(input: Tensor, packed_weight: Tensor, weight_compensation: Tensor) -> Tensor:
-    """The exact int32 product ``input @ weight.T`` of an int8 [M, K] input and the int8 weight
-    packed by `pack_int8_weight`. Returns int32 [M, N]."""
+def int8_mm(
+    input: Tensor, packed_weight: Tensor, weight_compensation: Tensor, in_features: int
+) -> Tensor:
+    """The exact int32 product ``input @ weight.T`` of an int8 [M, K] input and the int8
+    [N, in_features] weight packed by `pack_int8_weight`. Returns int32 [M, N]."""
     _require_kernels(input.device, "fastopt.int8.int8_mm")
-    return torch.ops.fastopt.int8_mm(input, packed_weight, weight_compensation)
+    return torch.ops.fastopt.int8_mm(input, packed_weight, weight_compensation, in_features)
 
 
 def uses_weight_only_path(rows: int, device: torch.device) -> bool:
@@ -114,6 +132,7 @@ def int8_linear(
     input: Tensor,
     packed_weight: Tensor,
     weight_compensation: Tensor,
+    in_features: int,
     weight_scale: Tensor,
     bias: Tensor | None = None,
     input_scale: Tensor | None = None,
@@ -138,14 +157,21 @@ def int8_linear(
     rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 0
     quantize_input = mode == "dynamic" and not uses_weight_only_path(rows, input.device)
     return torch.ops.fastopt.int8_linear(
-        input, packed_weight, weight_compensation, weight_scale, bias, input_scale, quantize_input
+        input,
+        packed_weight,
+        weight_compensation,
+        in_features,
+        weight_scale,
+        bias,
+        input_scale,
+        quantize_input,
     )
 
 
 def _int8_linear_setup_context(ctx, inputs, output) -> None:
-    input, packed_weight, weight_compensation, weight_scale, _, input_scale, _ = inputs
+    _, packed_weight, weight_compensation, in_features, weight_scale, _, input_scale, _ = inputs
     ctx.save_for_backward(packed_weight, weight_scale, input_scale)
-    ctx.in_features = input.shape[-1]
+    ctx.in_features = in_features
     ctx.out_features = weight_compensation.shape[0]
 
 
@@ -156,7 +182,7 @@ def _int8_linear_backward(ctx, grad_output):
     grad_input = grad_output.float() @ dequantized
     if input_scale is not None:
         grad_input = grad_input * input_scale
-    return grad_input.to(grad_output.dtype), None, None, None, None, None, None
+    return grad_input.to(grad_output.dtype), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -26,7 +26,9 @@ def fake_quant_linear(
     v = x.float() * input_scale if input_scale is not None else x.float()
     if quantize_input:
         q, row_scale = quantize_rows(v)
-        sums = (q.double() @ weight.double().T).float()  # exact integers, rounded once like cvtdq2ps
+        sums = (
+            q.double() @ weight.double().T
+        ).float()  # exact integers, rounded once like cvtdq2ps
         y = sums * row_scale * weight_scale
     else:
         y = (v.double() @ weight.double().T).float() * weight_scale

@@ -23,19 +23,21 @@ def test_int8_mm_is_exact(cpu_isa, rows, k, n):
     gen = generator(rows * 1000 + k * 10 + n)
     a = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=gen)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
-    out = int8.int8_mm(a, *int8.pack_int8_weight(w))
+    out = int8.int8_mm(a, *int8.pack_int8_weight(w), w.shape[1])
     assert out.dtype == torch.int32 and out.shape == (rows, n)
     assert torch.equal(out.long(), reference_mm(a, w))
 
 
-@pytest.mark.parametrize(("a_value", "w_value"), [(127, 127), (-127, 127), (-127, -127), (-128, -127)])
+@pytest.mark.parametrize(
+    ("a_value", "w_value"), [(127, 127), (-127, 127), (-127, -127), (-128, -127)]
+)
 def test_int8_mm_extremes_do_not_saturate(cpu_isa, a_value, w_value):
     """Every product at the int8 limits: an int16 pairwise sum (vpmaddubsw) would saturate at
     32767, and the +128 offset of the VNNI path must still cancel exactly."""
     k, n, rows = 4099, 35, 9
     a = torch.full((rows, k), a_value, dtype=torch.int8)
     w = torch.full((n, k), w_value, dtype=torch.int8)
-    out = int8.int8_mm(a, *int8.pack_int8_weight(w))
+    out = int8.int8_mm(a, *int8.pack_int8_weight(w), w.shape[1])
     assert torch.equal(out.long(), torch.full((rows, n), a_value * w_value * k))
 
 
@@ -46,13 +48,13 @@ def test_int8_mm_alternating_signs(cpu_isa):
     signs = torch.tensor([1, -1], dtype=torch.int8).repeat(k // 2)
     a = torch.stack([signs * 127, -signs * 127, torch.full((k,), 127, dtype=torch.int8)])
     w = torch.stack([signs * 127] * n)
-    out = int8.int8_mm(a, *int8.pack_int8_weight(w))
+    out = int8.int8_mm(a, *int8.pack_int8_weight(w), w.shape[1])
     assert torch.equal(out.long(), reference_mm(a, w))
 
 
 def test_int8_mm_empty():
     w = torch.ones(5, 8, dtype=torch.int8)
-    out = int8.int8_mm(torch.empty(0, 8, dtype=torch.int8), *int8.pack_int8_weight(w))
+    out = int8.int8_mm(torch.empty(0, 8, dtype=torch.int8), *int8.pack_int8_weight(w), 8)
     assert out.shape == (0, 5) and out.dtype == torch.int32
 
 
@@ -75,4 +77,6 @@ def test_quantize_per_channel():
     assert q.dtype == torch.int8 and scale.dtype == torch.float32
     assert q.abs().amax(dim=1).tolist() == [127] * 4 + [0] + [127] * 4
     assert scale[4] == 1
-    assert ((q.double() * scale.double()[:, None] - w).abs() <= scale.double()[:, None] / 2 + 1e-7).all()
+    assert (
+        (q.double() * scale.double()[:, None] - w).abs() <= scale.double()[:, None] / 2 + 1e-7
+    ).all()

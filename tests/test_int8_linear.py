@@ -27,7 +27,14 @@ def gaussian(shape, seed, dtype=torch.float32):
 
 
 def layer_args(q: Int8Linear):
-    return (q.packed_weight, q.weight_compensation, q.weight_scale, q.bias, q.input_scale)
+    return (
+        q.packed_weight,
+        q.weight_compensation,
+        q.in_features,
+        q.weight_scale,
+        q.bias,
+        q.input_scale,
+    )
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -130,7 +137,9 @@ def test_smoothquant_calibration_tames_outlier_channels():
     assert set(stats) == {"0", "2"} and stats["0"].shape == (128,)
     assert stats["0"][3] > 20 * stats["0"][0]
     plain = fastopt_nn().quantize_(copy_of(model), filter_fn=lambda m, name: name == "0")
-    smooth = fastopt_nn().quantize_(copy_of(model), input_absmax=stats, filter_fn=lambda m, n: n == "0")
+    smooth = fastopt_nn().quantize_(
+        copy_of(model), input_absmax=stats, filter_fn=lambda m, n: n == "0"
+    )
     assert isinstance(smooth[0], Int8Linear) and smooth[0].input_scale is not None
     assert isinstance(smooth[2], nn.Linear) and not isinstance(smooth[2], Int8Linear)
     x = batch(100)

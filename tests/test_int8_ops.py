@@ -25,8 +25,8 @@ def layer(k=37, n=21, bias=True, seed=0, **kwargs):
 
 
 def op_args(q, x, quantize_input):
-    return (x, q.packed_weight, q.weight_compensation, q.weight_scale, q.bias, q.input_scale,
-            quantize_input)  # fmt: skip
+    return (x, q.packed_weight, q.weight_compensation, q.in_features, q.weight_scale, q.bias,
+            q.input_scale, quantize_input)  # fmt: skip
 
 
 @pytest.mark.parametrize("quantize_input", [True, False], ids=["w8a8", "weight-only"])
@@ -41,7 +41,7 @@ def test_opcheck_int8_linear(quantize_input, bias, smoothing):
 def test_opcheck_int8_mm():
     w = torch.randint(-127, 128, (19, 13), dtype=torch.int8, generator=generator(3))
     a = torch.randint(-128, 128, (7, 13), dtype=torch.int8, generator=generator(4))
-    torch.library.opcheck(torch.ops.fastopt.int8_mm, (a, *int8.pack_int8_weight(w)))
+    torch.library.opcheck(torch.ops.fastopt.int8_mm, (a, *int8.pack_int8_weight(w), 13))
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
@@ -107,7 +107,8 @@ def test_load_state_dict_rejects_a_wrong_weight_and_keeps_the_layer():
 BAD_INPUTS = [
     (lambda: randn(4, 37, dtype=torch.float64), "input must be float32, bfloat16 or float16"),
     (lambda: torch.ones(4, 37, dtype=torch.int32), "input must be float32, bfloat16 or float16"),
-    (lambda: randn(4, 36), "input has 36 features .* pass an input of shape"),
+    (lambda: randn(4, 36), r"input has 36 features .* in_features=37; pass an input of shape"),
+    (lambda: randn(4, 38), "input has 38 features"),  # same packed size: caught by in_features
     (lambda: randn(4, 41), "input has 41 features"),
     (lambda: torch.tensor(1.0), "input has 0 features"),
 ]
@@ -132,9 +133,11 @@ def test_bad_op_arguments():
     x = randn(2, 37)
     args = list(op_args(q, x, True))
     cases = [
-        (3, torch.ones(21, dtype=torch.float64), "weight_scale must be a float32 \\[21\\]"),
-        (4, torch.ones(21, dtype=torch.bfloat16), "bias must be a \\[21\\] tensor of the input"),
-        (5, torch.ones(36), "input_scale must be a float32 \\[37\\]"),
+        (4, torch.ones(21, dtype=torch.float64), "weight_scale must be a float32 \\[21\\]"),
+        (5, torch.ones(21, dtype=torch.bfloat16), "bias must be a \\[21\\] tensor of the input"),
+        (6, torch.ones(36), "input_scale must be a float32 \\[37\\]"),
+        (3, 41, "input has 37 features .* in_features=41"),
+        (3, 33, "input has 37 features .* in_features=33"),
         (2, torch.zeros(40, dtype=torch.int32), "weight_compensation must be the int32"),
         (1, torch.zeros(2, 10, 16, 4), "packed_weight must be the contiguous int8"),
     ]
@@ -146,7 +149,7 @@ def test_bad_op_arguments():
         with pytest.raises(RuntimeError, match=message):  # the fake says the same
             torch.ops.fastopt.int8_linear(*[a.to("meta") if torch.is_tensor(a) else a for a in bad])
     with pytest.raises(RuntimeError, match="input must be a 2-d int8 tensor"):
-        int8.int8_mm(x, q.packed_weight, q.weight_compensation)
+        int8.int8_mm(x, q.packed_weight, q.weight_compensation, 37)
 
 
 def test_bad_construction():
@@ -160,4 +163,4 @@ def test_bad_construction():
         Int8Linear.from_float(nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match="mode must be 'dynamic' or 'weight_only'"):
         q = layer()
-        int8.int8_linear(randn(2, 37), *op_args(q, None, True)[1:6], mode="w4")
+        int8.int8_linear(randn(2, 37), *op_args(q, None, True)[1:7], mode="w4")

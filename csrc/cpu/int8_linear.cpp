@@ -26,20 +26,21 @@ int64_t ceil_div(int64_t a, int64_t b) {
 // ---- Argument checks: the same rules and words as the fakes in fastopt/_library.py. ----
 
 void check_packed_weight(const char* op, const at::Tensor& input, const at::Tensor& packed,
-                         const at::Tensor& compensation) {
+                         const at::Tensor& compensation, int64_t in_features) {
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == kBlockN &&
                   packed.size(3) == kGroupK && packed.is_contiguous(),
               op,
               ": packed_weight must be the contiguous int8 [N/16, K/4, 16, 4] tensor of "
               "fastopt.int8.pack_int8_weight, got ",
               packed.scalar_type(), " ", packed.sizes());
-  const int64_t in_features = input.dim() == 0 ? 0 : input.size(-1);
-  TORCH_CHECK(input.dim() >= 1 && ceil_div(in_features, kGroupK) == packed.size(1), op,
-              ": input has ", in_features,
-              " features (its last dimension) but the weight was "
-              "packed for ",
-              packed.size(1) * kGroupK - 3, " to ", packed.size(1) * kGroupK,
-              "; pass an input of shape [..., in_features]");
+  const int64_t features = input.dim() == 0 ? 0 : input.size(-1);
+  TORCH_CHECK(input.dim() >= 1 && features == in_features, op, ": input has ", features,
+              " features (its last dimension) but the layer has in_features=", in_features,
+              "; pass an input of shape [..., ", in_features, "]");
+  TORCH_CHECK(ceil_div(in_features, kGroupK) == packed.size(1), op, ": packed_weight holds ",
+              packed.size(1),
+              " groups of 4 input features, which does not fit in_features=", in_features,
+              "; pack the weight with fastopt.int8.pack_int8_weight");
   TORCH_CHECK(in_features <= kMaxInFeatures, op, ": in_features ", in_features, " is above ",
               kMaxInFeatures, ", where int32 sums of int8 products could overflow");
   TORCH_CHECK(compensation.scalar_type() == at::kInt && compensation.dim() == 1 &&
@@ -56,15 +57,15 @@ void check_packed_weight(const char* op, const at::Tensor& input, const at::Tens
 }
 
 void check_linear_args(const at::Tensor& input, const at::Tensor& packed,
-                       const at::Tensor& compensation, const at::Tensor& weight_scale,
-                       const std::optional<at::Tensor>& bias,
+                       const at::Tensor& compensation, int64_t in_features,
+                       const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& input_scale) {
   constexpr const char* op = "fastopt.int8_linear";
   const auto dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": input must be float32, bfloat16 or float16, got ", dtype,
               "; convert it with .float()");
-  check_packed_weight(op, input, packed, compensation);
+  check_packed_weight(op, input, packed, compensation, in_features);
   const int64_t n = compensation.size(0);
   TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 &&
                   weight_scale.size(0) == n && weight_scale.device() == input.device(),
@@ -256,11 +257,11 @@ void run_gemm(const Int8Kernels& kernels, const at::Tensor& a, const at::Tensor&
 }
 
 at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
-                       const at::Tensor& weight_compensation) {
+                       const at::Tensor& weight_compensation, int64_t in_features) {
   constexpr const char* op = "fastopt.int8_mm";
   TORCH_CHECK(input.scalar_type() == at::kChar && input.dim() == 2, op,
               ": input must be a 2-d int8 tensor, got ", input.scalar_type(), " ", input.sizes());
-  check_packed_weight(op, input, packed_weight, weight_compensation);
+  check_packed_weight(op, input, packed_weight, weight_compensation, in_features);
   const Int8Kernels& kernels = active_int8_kernels();
   const int64_t rows = input.size(0), k = input.size(1), n = weight_compensation.size(0);
   const int64_t padded_k = packed_weight.size(1) * kGroupK;
@@ -287,10 +288,11 @@ at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
-                           const at::Tensor& weight_compensation, const at::Tensor& weight_scale,
-                           const std::optional<at::Tensor>& bias,
+                           const at::Tensor& weight_compensation, int64_t in_features,
+                           const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& input_scale, bool quantize_input) {
-  check_linear_args(input, packed_weight, weight_compensation, weight_scale, bias, input_scale);
+  check_linear_args(input, packed_weight, weight_compensation, in_features, weight_scale, bias,
+                    input_scale);
   const int64_t k = input.size(-1), n = weight_compensation.size(0);
   const at::Tensor x = input.reshape({-1, k}).contiguous();
   const int64_t rows = x.size(0), padded_k = packed_weight.size(1) * kGroupK;

@@ -131,6 +131,7 @@ class Int8Linear(nn.Module):
             input,
             self.packed_weight,
             self.weight_compensation,
+            self.in_features,
             self.weight_scale,
             self.bias,
             self.input_scale,
