@@ -2,12 +2,16 @@
 // Accumulators live in registers for a whole pass over K; the callers add scales and bias.
 #include "cpu/int8_tiles.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/isa.h"
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace fastopt::cpu::int8 {
@@ -116,9 +120,105 @@ FASTOPT_TARGET_VNNI void gemm_vnni_blocks(const GemmTile& t) {
   }
 }
 
+// Any number of rows, 8 at a time.
 FASTOPT_TARGET_VNNI void gemm_vnni(const GemmTile& t) {
-  static_assert(kTileRows == 8 && kPanelBlocks == 2, "gemm_vnni_blocks covers these sizes");
-  t.blocks == 2 ? gemm_vnni_blocks<2>(t) : gemm_vnni_blocks<1>(t);
+  for (int r0 = 0; r0 < t.rows; r0 += 8) {
+    GemmTile part = t;
+    part.a = t.a + r0 * t.lda;
+    part.c = t.c + r0 * kPanelCols;
+    part.rows = std::min(8, t.rows - r0);
+    t.blocks == 2 ? gemm_vnni_blocks<2>(part) : gemm_vnni_blocks<1>(part);
+  }
+}
+
+// ---- AMX: one tdpbusd multiplies a 16 x 64 byte tile by a 64 x 16 one (16K products). ----
+//
+// A block's packed bytes for 16 consecutive groups are exactly a 16-row x 64-byte B tile, so AMX
+// reads the same layout. Tiles: 0-3 accumulators (2 row tiles x 2 blocks), 4-5 activations,
+// 6-7 weights; all 16 rows x 64 bytes.
+
+#define FASTOPT_TARGET_AMX                                                           \
+  __attribute__((                                                                    \
+      target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2," \
+             "fma,f16c")))
+
+constexpr int kAmxRows = 16;
+constexpr int kAmxGroups = 16;  // K groups per tile step: 64 bytes
+
+struct alignas(64) AmxConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether this CPU has AMX-INT8 and Linux lets this process use the tile registers (asked once).
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // from asm/prctl.h
+    return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return usable;
+}
+
+template <int RT, int NB>
+FASTOPT_TARGET_AMX void gemm_amx_fixed(const GemmTile& t) {
+  _tile_zero(0);
+  if constexpr (NB > 1) _tile_zero(1);
+  if constexpr (RT > 1) _tile_zero(2);
+  if constexpr (RT > 1 && NB > 1) _tile_zero(3);
+  const int8_t* b1 = t.b + t.groups * kGroupBytes;
+  const uint8_t* a1 = t.a + kAmxRows * t.lda;
+  for (int64_t g = 0; g < t.groups; g += kAmxGroups) {
+    _tile_loadd(4, t.a + g * kGroupK, t.lda);
+    _tile_loadd(6, t.b + g * kGroupBytes, kGroupBytes);
+    _tile_dpbusd(0, 4, 6);
+    if constexpr (NB > 1) {
+      _tile_loadd(7, b1 + g * kGroupBytes, kGroupBytes);
+      _tile_dpbusd(1, 4, 7);
+    }
+    if constexpr (RT > 1) {
+      _tile_loadd(5, a1 + g * kGroupK, t.lda);
+      _tile_dpbusd(2, 5, 6);
+      if constexpr (NB > 1) _tile_dpbusd(3, 5, 7);
+    }
+  }
+  constexpr int64_t stride = kPanelCols * sizeof(int32_t);
+  _tile_stored(0, t.c, stride);
+  if constexpr (NB > 1) _tile_stored(1, t.c + kBlockN, stride);
+  if constexpr (RT > 1) _tile_stored(2, t.c + kAmxRows * kPanelCols, stride);
+  if constexpr (RT > 1 && NB > 1) _tile_stored(3, t.c + kAmxRows * kPanelCols + kBlockN, stride);
+}
+
+// Whole 16-row tiles on AMX, the rest (and any K that is not whole 64-byte steps) on VNNI.
+FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
+  static_assert(kTileRows == 2 * kAmxRows && kPanelBlocks == 2, "gemm_amx_fixed covers these");
+  const int amx_rows = t.groups % kAmxGroups == 0 ? t.rows / kAmxRows * kAmxRows : 0;
+  if (amx_rows > 0) {
+    AmxConfig config;
+    for (int i = 0; i < 8; ++i) {
+      config.rows[i] = kAmxRows;
+      config.colsb[i] = kAmxGroups * kGroupK;
+    }
+    _tile_loadconfig(&config);
+    if (amx_rows == 2 * kAmxRows) {
+      t.blocks == 2 ? gemm_amx_fixed<2, 2>(t) : gemm_amx_fixed<2, 1>(t);
+    } else {
+      t.blocks == 2 ? gemm_amx_fixed<1, 2>(t) : gemm_amx_fixed<1, 1>(t);
+    }
+    _tile_release();  // leaves no tile state for the OS to save at context switches
+  }
+  if (amx_rows < t.rows) {
+    GemmTile rest = t;
+    rest.a = t.a + amx_rows * t.lda;
+    rest.c = t.c + amx_rows * kPanelCols;
+    rest.rows = t.rows - amx_rows;
+    gemm_vnni(rest);
+  }
 }
 
 // ---- AVX2: exact products of sign-extended int16 with vpmaddwd (no vpmaddubsw saturation). ----
@@ -238,10 +338,11 @@ void weight_only_by_rows(const WeightOnlyTile& t) {
   }
 }
 
-constexpr Int8Kernels kVnni{
-    true, gemm_vnni,
+constexpr auto weight_only_avx512 =
     weight_only_by_rows<weight_only_avx512_rows<4>, weight_only_avx512_rows<2>,
-                        weight_only_avx512_rows<1>>};
+                        weight_only_avx512_rows<1>>;
+constexpr Int8Kernels kAmx{true, gemm_amx, weight_only_avx512};
+constexpr Int8Kernels kVnni{true, gemm_vnni, weight_only_avx512};
 constexpr Int8Kernels kAvx2{false, gemm_avx2,
                             weight_only_by_rows<weight_only_avx2_rows<4>, weight_only_avx2_rows<2>,
                                                 weight_only_avx2_rows<1>>};
@@ -255,7 +356,7 @@ const Int8Kernels& active_int8_kernels() {
   switch (active_isa()) {
     case Isa::kAvx512:
       // VNNI came after AVX-512 itself (Cascade Lake); earlier AVX-512 CPUs run the AVX2 kernels.
-      if (__builtin_cpu_supports("avx512vnni")) return kVnni;
+      if (__builtin_cpu_supports("avx512vnni")) return amx_usable() ? kAmx : kVnni;
       return kAvx2;
     case Isa::kAvx2:
       return kAvx2;

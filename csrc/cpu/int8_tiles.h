@@ -15,8 +15,9 @@ namespace fastopt::cpu::int8 {
 constexpr int kBlockN = 16;  // output channels per packed block
 constexpr int kGroupK = 4;   // input channels per packed group
 constexpr int kGroupBytes = kBlockN * kGroupK;
-// A tile is up to kTileRows rows of the input times kPanelBlocks packed blocks.
-constexpr int kTileRows = 8;
+// A tile is up to kTileRows rows of the input times kPanelBlocks packed blocks (two AMX tiles
+// high; the vector kernels walk it 8 or fewer rows at a time).
+constexpr int kTileRows = 32;
 constexpr int kPanelBlocks = 2;
 constexpr int kPanelCols = kPanelBlocks * kBlockN;
 
@@ -55,8 +56,9 @@ struct Int8Kernels {
   void (*weight_only)(const WeightOnlyTile&);
 };
 
-// The micro-kernels of the active instruction set (cpu/isa.h): AVX-512 VNNI where the CPU has it,
-// else AVX2 (exact int16 products with vpmaddwd), else portable C++.
+// The micro-kernels of the active instruction set (cpu/isa.h): AVX-512 VNNI where the CPU has it
+// (with AMX for whole 16-row tiles where the CPU and the OS allow it), else AVX2 (exact int16
+// products with vpmaddwd), else portable C++.
 const Int8Kernels& active_int8_kernels();
 
 }  // namespace fastopt::cpu::int8
