@@ -54,11 +54,13 @@ def summary(request):
     """Prints each device's table once every benchmark of this module has run."""
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for device in DEVICES:
-        reporter.write_line(
-            f"\nInt8Linear {FEATURES}x{FEATURES} on {device}, torch {torch.__version__}"
-        )
-        reporter.write_line(format_table(device))
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        for device in DEVICES:
+            reporter.write_line(
+                f"\nInt8Linear {FEATURES}x{FEATURES} on {device}, torch {torch.__version__}"
+            )
+            reporter.write_line(format_table(device))
 
 
 def format_table(device: str) -> str:

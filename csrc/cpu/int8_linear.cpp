@@ -102,28 +102,53 @@ struct StageArgs {
   float* widened;  // WidenRows: [rows, padded_k] fp32
 };
 
-template <typename S>
+template <typename S, bool SMOOTH>
 FASTOPT_INLINE float staged_value(const StageArgs& s, const S* x, int64_t k) {
-  return s.scale == nullptr ? float(x[k]) : float(x[k]) * s.scale[k];
+  return SMOOTH ? float(x[k]) * s.scale[k] : float(x[k]);
 }
+
+// Adding and subtracting 1.5 * 2^23 rounds |r| < 2^22 to an integer, ties to even (as
+// std::nearbyint and torch.round do), in a form every instruction set vectorizes.
+constexpr float kRoundingBias = 12582912.0f;
+// Lanes of the max|v| loop: an elementwise max over a fixed array vectorizes, where a float max
+// reduction would not (it is not associative for NaN without -ffast-math).
+constexpr int kMaxLanes = 16;
 
 // Symmetric per-row int8: scale = max|v| / 127 (1 for an all-zero row), q = round(v / scale)
 // with ties to even, as torch.round; v = x * input_scale in fp32.
 struct QuantizeRows {
   template <typename S>
   FASTOPT_INLINE static void run(const StageArgs& s) {
+    s.scale == nullptr ? rows<S, false>(s) : rows<S, true>(s);
+  }
+
+  template <typename S, bool SMOOTH>
+  FASTOPT_INLINE static void rows(const StageArgs& s) {
+    // Locals, not fields of `s`: the uint8 stores could alias those, which stops vectorization.
+    const int64_t k_end = s.k, padded_k = s.padded_k;
     const int offset = s.unsigned_activations ? 128 : 0;
     for (int64_t m = s.begin; m < s.end; ++m) {
-      const S* x = static_cast<const S*>(s.input) + m * s.k;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < s.k; ++k) amax = std::max(amax, std::fabs(staged_value(s, x, k)));
-      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-      uint8_t* q = s.quantized + m * s.padded_k;
-      for (int64_t k = 0; k < s.k; ++k) {
-        const float r = std::nearbyint(staged_value(s, x, k) / scale);
-        q[k] = uint8_t(int(std::clamp(r, -127.0f, 127.0f)) + offset);
+      const S* x = static_cast<const S*>(s.input) + m * k_end;
+      float lanes[kMaxLanes] = {};
+      int64_t k = 0;
+      for (; k + kMaxLanes <= k_end; k += kMaxLanes) {
+        for (int j = 0; j < kMaxLanes; ++j) {
+          const float v = std::fabs(staged_value<S, SMOOTH>(s, x, k + j));
+          lanes[j] = lanes[j] > v ? lanes[j] : v;
+        }
       }
-      for (int64_t k = s.k; k < s.padded_k; ++k) q[k] = uint8_t(offset);
+      float amax = 0.0f;
+      for (; k < k_end; ++k) amax = std::max(amax, std::fabs(staged_value<S, SMOOTH>(s, x, k)));
+      for (int j = 0; j < kMaxLanes; ++j) amax = std::max(amax, lanes[j]);
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      uint8_t* __restrict__ q = s.quantized + m * padded_k;
+      for (k = 0; k < k_end; ++k) {
+        float r = (staged_value<S, SMOOTH>(s, x, k) / scale + kRoundingBias) - kRoundingBias;
+        r = r < -127.0f ? -127.0f : r;
+        r = r > 127.0f ? 127.0f : r;
+        q[k] = uint8_t(int(r) + offset);
+      }
+      for (k = k_end; k < padded_k; ++k) q[k] = uint8_t(offset);
       s.row_scales[m] = scale;
     }
   }
@@ -135,7 +160,11 @@ struct WidenRows {
     for (int64_t m = s.begin; m < s.end; ++m) {
       const S* x = static_cast<const S*>(s.input) + m * s.k;
       float* y = s.widened + m * s.padded_k;
-      for (int64_t k = 0; k < s.k; ++k) y[k] = staged_value(s, x, k);
+      if (s.scale == nullptr) {
+        for (int64_t k = 0; k < s.k; ++k) y[k] = staged_value<S, false>(s, x, k);
+      } else {
+        for (int64_t k = 0; k < s.k; ++k) y[k] = staged_value<S, true>(s, x, k);
+      }
       for (int64_t k = s.k; k < s.padded_k; ++k) y[k] = 0.0f;
     }
   }
@@ -191,8 +220,10 @@ void for_each_tile_in_parallel(int64_t rows_total, int64_t blocks_total, int64_t
   });
 }
 
-// The fused epilogue of one tile: out[row][col] = S(acc * row_scale * weight_scale + bias).
+// The fused epilogue of one tile: out[row][col] = S(acc * row_scale * weight_scale + bias), acc
+// being the tile's int32 sums (W8A8) or fp32 sums (weight-only), [rows][kPanelCols].
 struct Epilogue {
+  c10::ScalarType dtype;
   const float* row_scales;    // nullptr: 1
   const float* weight_scale;  // [n]
   const void* bias;           // nullptr or [n] of the output dtype
@@ -200,34 +231,47 @@ struct Epilogue {
   int64_t n;
 };
 
-template <typename S>
-void write_tile(const Epilogue& e, const float* acc, int64_t row0, int rows, int64_t col0) {
-  const int64_t cols = std::min<int64_t>(kPanelCols, e.n - col0);
-  const S* bias = static_cast<const S*>(e.bias);
-  for (int r = 0; r < rows; ++r) {
-    const float row_scale = e.row_scales == nullptr ? 1.0f : e.row_scales[row0 + r];
-    S* out = static_cast<S*>(e.out) + (row0 + r) * e.n + col0;
-    for (int64_t j = 0; j < cols; ++j) {
-      float y = acc[r * kPanelCols + j] * row_scale * e.weight_scale[col0 + j];
-      if (bias != nullptr) y += float(bias[col0 + j]);
-      out[j] = S(y);
+struct TileEpilogue {
+  const Epilogue* e;
+  const int32_t* int_sums;  // one of these two is set
+  const float* float_sums;
+  int64_t row0;
+  int rows;
+  int64_t col0;
+};
+
+struct WriteTile {
+  template <typename S>
+  FASTOPT_INLINE static void run(const TileEpilogue& t) {
+    t.int_sums != nullptr ? write<S>(t, t.int_sums) : write<S>(t, t.float_sums);
+  }
+
+  template <typename S, typename Acc>
+  FASTOPT_INLINE static void write(const TileEpilogue& t, const Acc* acc) {
+    const Epilogue& e = *t.e;
+    const int64_t cols = std::min<int64_t>(kPanelCols, e.n - t.col0);
+    const float* weight_scale = e.weight_scale + t.col0;
+    const S* bias = e.bias == nullptr ? nullptr : static_cast<const S*>(e.bias) + t.col0;
+    for (int r = 0; r < t.rows; ++r) {
+      const float row_scale = e.row_scales == nullptr ? 1.0f : e.row_scales[t.row0 + r];
+      const Acc* sums = acc + r * kPanelCols;
+      S* out = static_cast<S*>(e.out) + (t.row0 + r) * e.n + t.col0;
+      if (bias == nullptr) {
+        for (int64_t j = 0; j < cols; ++j) out[j] = S(float(sums[j]) * row_scale * weight_scale[j]);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) {
+          out[j] = S(float(sums[j]) * row_scale * weight_scale[j] + float(bias[j]));
+        }
+      }
     }
   }
+};
+
+FASTOPT_INLINE void write_tile_body(const TileEpilogue& t) {
+  switch_param_dtype<WriteTile>(t.e->dtype, t);
 }
 
-void write_tile_of_dtype(c10::ScalarType dtype, const Epilogue& e, const float* acc, int64_t row0,
-                         int rows, int64_t col0) {
-  switch (dtype) {
-    case at::kFloat:
-      return write_tile<float>(e, acc, row0, rows, col0);
-    case at::kBFloat16:
-      return write_tile<c10::BFloat16>(e, acc, row0, rows, col0);
-    case at::kHalf:
-      return write_tile<c10::Half>(e, acc, row0, rows, col0);
-    default:
-      TORCH_CHECK(false, "fastopt.int8_linear: unsupported dtype ", dtype);
-  }
-}
+FASTOPT_DISPATCH_BY_ISA(write_tile, write_tile_body, TileEpilogue)
 
 // Runs the exact integer GEMM of `a` (staged by the caller) with the packed weight and hands
 // each tile's int32 sums, compensation already subtracted, to finish(row0, rows, col0, sums).
@@ -309,11 +353,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
       input_scale.has_value() ? input_scale->contiguous() : at::Tensor();
   const float* smoothing =
       input_scale_c.defined() ? input_scale_c.const_data_ptr<float>() : nullptr;
-  Epilogue epilogue{nullptr, scale_c.const_data_ptr<float>(),
-                    bias_c.defined() ? bias_c.const_data_ptr() : nullptr, out.mutable_data_ptr(),
+  Epilogue epilogue{input.scalar_type(),
+                    nullptr,
+                    scale_c.const_data_ptr<float>(),
+                    bias_c.defined() ? bias_c.const_data_ptr() : nullptr,
+                    out.mutable_data_ptr(),
                     n};
-  const auto dtype = input.scalar_type();
-
   StageArgs stage{};
   if (quantize_input) {
     at::Tensor a = at::empty({rows, padded_k}, input.options().dtype(at::kByte));
@@ -325,9 +370,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
     epilogue.row_scales = stage.row_scales;
     run_gemm(kernels, a, packed_weight, weight_compensation,
              [&](int64_t row0, int tile_rows, int64_t col0, const int32_t* sums) {
-               alignas(64) float acc[kTileRows * kPanelCols];
-               for (int i = 0; i < tile_rows * kPanelCols; ++i) acc[i] = float(sums[i]);
-               write_tile_of_dtype(dtype, epilogue, acc, row0, tile_rows, col0);
+               write_tile(TileEpilogue{&epilogue, sums, nullptr, row0, tile_rows, col0});
              });
   } else {
     at::Tensor widened = at::empty({rows, padded_k}, input.options().dtype(at::kFloat));
@@ -342,7 +385,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
           kernels.weight_only(WeightOnlyTile{stage.widened + row0 * padded_k, padded_k,
                                              b_data + block0 * groups * kGroupBytes, groups,
                                              tile_rows, blocks, acc});
-          write_tile_of_dtype(dtype, epilogue, acc, row0, tile_rows, block0 * kBlockN);
+          write_tile(TileEpilogue{&epilogue, nullptr, acc, row0, tile_rows, block0 * kBlockN});
         });
   }
   return out.view(out_shape);
