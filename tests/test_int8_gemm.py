@@ -57,6 +57,14 @@ def test_int8_mm_alternating_signs(cpu_isa):
     assert torch.equal(out.long(), reference_mm(a, w))
 
 
+def test_int8_mm_non_contiguous_input(cpu_isa):
+    gen = generator(7)
+    a = torch.randint(-128, 128, (40, 33), dtype=torch.int8, generator=gen).T  # [33, 40]
+    w = torch.randint(-127, 128, (18, 40), dtype=torch.int8, generator=gen)
+    out = int8.int8_mm(a, *int8.pack_int8_weight(w), 40)
+    assert torch.equal(out.long(), reference_mm(a, w))
+
+
 def test_int8_mm_empty():
     w = torch.ones(5, 8, dtype=torch.int8)
     out = int8.int8_mm(torch.empty(0, 8, dtype=torch.int8), *int8.pack_int8_weight(w), 8)

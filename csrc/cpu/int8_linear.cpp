@@ -90,14 +90,19 @@ void check_linear_args(const at::Tensor& input, const at::Tensor& packed,
 
 // ---- Staging: the input rows, read once, into the layout the tiles read. ----
 
+// Quantized rows are this many bytes longer than the packed K: rows a power of two apart (K =
+// 4096) fall in one L1 set, and a 16-row AMX tile load would evict its own lines.
+constexpr int64_t kActivationRowPad = 64;
+
 struct StageArgs {
   const void* input;   // [rows, k] of the input's dtype
   const float* scale;  // optional [k] per-input-channel multiplier (SmoothQuant)
   int64_t k;
-  int64_t padded_k;    // a multiple of kGroupK; the padding is written as zeros
-  int64_t begin, end;  // rows
-  uint8_t* quantized;  // QuantizeRows: [rows, padded_k] int8 (or uint8 + 128)
-  float* row_scales;   // QuantizeRows: [rows]
+  int64_t padded_k;          // a multiple of kGroupK; the padding is written as zeros
+  int64_t begin, end;        // rows
+  uint8_t* quantized;        // QuantizeRows: rows of padded_k int8 (or uint8 + 128) ...
+  int64_t quantized_stride;  // ... this many bytes apart
+  float* row_scales;         // QuantizeRows: [rows]
   bool unsigned_activations;
   float* widened;  // WidenRows: [rows, padded_k] fp32
 };
@@ -141,7 +146,7 @@ struct QuantizeRows {
       for (; k < k_end; ++k) amax = std::max(amax, std::fabs(staged_value<S, SMOOTH>(s, x, k)));
       for (int j = 0; j < kMaxLanes; ++j) amax = std::max(amax, lanes[j]);
       const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-      uint8_t* __restrict__ q = s.quantized + m * padded_k;
+      uint8_t* __restrict__ q = s.quantized + m * s.quantized_stride;
       for (k = 0; k < k_end; ++k) {
         float r = (staged_value<S, SMOOTH>(s, x, k) / scale + kRoundingBias) - kRoundingBias;
         r = r < -127.0f ? -127.0f : r;
@@ -278,26 +283,25 @@ FASTOPT_DISPATCH_BY_ISA(write_tile, write_tile_body, TileEpilogue)
 template <typename FinishFn>
 void run_gemm(const Int8Kernels& kernels, const at::Tensor& a, const at::Tensor& packed,
               const at::Tensor& compensation, const FinishFn& finish) {
-  const int64_t rows = a.size(0), padded_k = a.size(1), n = compensation.size(0);
+  const int64_t rows = a.size(0), lda = a.size(1), n = compensation.size(0);
+  const int64_t padded_k = packed.size(1) * kGroupK;
   const int64_t groups = packed.size(1);
   const uint8_t* a_data = a.const_data_ptr<uint8_t>();
   const int8_t* b_data = packed.const_data_ptr<int8_t>();
   const int32_t* comp = compensation.const_data_ptr<int32_t>();
-  for_each_tile_in_parallel(rows, packed.size(0), padded_k,
-                            [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
-                              alignas(64) int32_t sums[kTileRows * kPanelCols];
-                              kernels.gemm(GemmTile{a_data + row0 * padded_k, padded_k,
-                                                    b_data + block0 * groups * kGroupBytes, groups,
-                                                    tile_rows, blocks, sums});
-                              const int64_t col0 = block0 * kBlockN;
-                              if (kernels.unsigned_activations) {
-                                const int64_t cols = std::min<int64_t>(kPanelCols, n - col0);
-                                for (int r = 0; r < tile_rows; ++r)
-                                  for (int64_t j = 0; j < cols; ++j)
-                                    sums[r * kPanelCols + j] -= comp[col0 + j];
-                              }
-                              finish(row0, tile_rows, col0, sums);
-                            });
+  for_each_tile_in_parallel(
+      rows, packed.size(0), padded_k, [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
+        alignas(64) int32_t sums[kTileRows * kPanelCols];
+        kernels.gemm(GemmTile{a_data + row0 * lda, lda, b_data + block0 * groups * kGroupBytes,
+                              groups, tile_rows, blocks, sums});
+        const int64_t col0 = block0 * kBlockN;
+        if (kernels.unsigned_activations) {
+          const int64_t cols = std::min<int64_t>(kPanelCols, n - col0);
+          for (int r = 0; r < tile_rows; ++r)
+            for (int64_t j = 0; j < cols; ++j) sums[r * kPanelCols + j] -= comp[col0 + j];
+        }
+        finish(row0, tile_rows, col0, sums);
+      });
 }
 
 at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
@@ -312,13 +316,15 @@ at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
   at::Tensor out = at::empty({rows, n}, input.options().dtype(at::kInt));
   if (rows == 0 || n == 0) return out;
   // The tiles read rows padded to whole groups, offset to uint8 for the VNNI kernels.
-  at::Tensor a = at::zeros({rows, padded_k}, input.options().dtype(at::kByte));
-  const int8_t* in = input.contiguous().const_data_ptr<int8_t>();
+  at::Tensor a = at::zeros({rows, padded_k + kActivationRowPad}, input.options().dtype(at::kByte));
+  const at::Tensor in_c = input.contiguous();
+  const int8_t* in = in_c.const_data_ptr<int8_t>();
   uint8_t* staged = a.mutable_data_ptr<uint8_t>();
+  const int64_t lda = a.size(1);
   const int offset = kernels.unsigned_activations ? 128 : 0;
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t j = 0; j < padded_k; ++j) {
-      staged[m * padded_k + j] = uint8_t((j < k ? in[m * k + j] : 0) + offset);
+      staged[m * lda + j] = uint8_t((j < k ? in[m * k + j] : 0) + offset);
     }
   }
   int32_t* out_data = out.mutable_data_ptr<int32_t>();
@@ -361,9 +367,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
                     n};
   StageArgs stage{};
   if (quantize_input) {
-    at::Tensor a = at::empty({rows, padded_k}, input.options().dtype(at::kByte));
+    at::Tensor a =
+        at::empty({rows, padded_k + kActivationRowPad}, input.options().dtype(at::kByte));
     at::Tensor row_scales = at::empty({rows}, input.options().dtype(at::kFloat));
     stage.quantized = a.mutable_data_ptr<uint8_t>();
+    stage.quantized_stride = a.size(1);
     stage.row_scales = row_scales.mutable_data_ptr<float>();
     stage.unsigned_activations = kernels.unsigned_activations;
     stage_rows_in_parallel(x, smoothing, padded_k, stage, /*quantize=*/true);
