@@ -91,6 +91,16 @@ def test_state_dict_of_a_quantized_model():
     }
 
 
+def test_dtype_conversion_keeps_float32_scales():
+    q = layer(input_absmax=randn(37, seed=9).abs() + 0.1)
+    scale = q.weight_scale.clone()
+    q.to(torch.bfloat16)
+    assert q.bias.dtype == torch.bfloat16
+    assert q.weight_scale.dtype == q.input_scale.dtype == torch.float32
+    assert torch.equal(q.weight_scale, scale)
+    assert q(randn(3, 37, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_load_state_dict_rejects_a_wrong_weight_and_keeps_the_layer():
     q = layer()
     before = {name: t.clone() for name, t in q.named_buffers()}

@@ -126,6 +126,16 @@ class Int8Linear(nn.Module):
         packed, compensation = int8_ops.pack_int8_weight(weight.to(self.packed_weight.device))
         self.packed_weight, self.weight_compensation = packed, compensation
 
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` convert the bias like nn.Linear's, but the scales stay float32
+        # (the kernels' contract, and their precision): they only follow the device.
+        scales = {"weight_scale": self.weight_scale, "input_scale": self.input_scale}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            if before is not None:
+                setattr(self, name, before.to(getattr(self, name).device))
+        return self
+
     def forward(self, input: Tensor) -> Tensor:
         return int8_ops.int8_linear(
             input,
