@@ -1,6 +1,7 @@
-"""pytest-benchmark runs of a 4096x4096 linear layer: fastopt's Int8Linear (dynamic W8A8) against
-fp32 `nn.Linear` and `torch.ao.quantization.quantize_dynamic` (fbgemm, per-tensor activations),
-on the same weights and inputs in one process, at batch 1, 16 and 256.
+"""pytest-benchmark runs of a 4096x4096 linear layer: fastopt's Int8Linear (dynamic W8A8, and
+weight-only mode for reference) against fp32 `nn.Linear` and
+`torch.ao.quantization.quantize_dynamic` (fbgemm, per-tensor activations), on the same weights
+and inputs in one process, at batch 1, 16 and 256.
 
 Run (not part of the default test run):
     python -m pytest benchmarks/test_int8_linear.py --benchmark-group-by=param:batch
@@ -23,6 +24,7 @@ FEATURES = 4096
 BATCHES = [1, 16, 256]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FP32, AO, FASTOPT = "fp32 nn.Linear", "torch.ao dynamic int8", "fastopt Int8Linear"
+WEIGHT_ONLY = "fastopt Int8Linear weight_only"
 
 
 def _ao_dynamic(linear: nn.Linear) -> nn.Module:
@@ -35,7 +37,11 @@ def _ao_dynamic(linear: nn.Linear) -> nn.Module:
 def _layers(device):
     torch.manual_seed(0)
     linear = nn.Linear(FEATURES, FEATURES).to(device)
-    layers = {FP32: linear, FASTOPT: Int8Linear.from_float(linear)}
+    layers = {
+        FP32: linear,
+        FASTOPT: Int8Linear.from_float(linear),
+        WEIGHT_ONLY: Int8Linear.from_float(linear, mode="weight_only"),
+    }
     if device == "cpu":  # fbgemm runs on the CPU only
         layers[AO] = _ao_dynamic(linear)
     return linear, layers
@@ -83,7 +89,7 @@ def format_table(device: str) -> str:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("layer", [FP32, AO, FASTOPT])
+@pytest.mark.parametrize("layer", [FP32, AO, FASTOPT, WEIGHT_ONLY])
 def test_int8_linear(benchmark, layers, device, batch, layer):
     linear, by_name = layers[device]
     if layer not in by_name:
