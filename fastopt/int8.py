@@ -14,6 +14,7 @@ from torch import Tensor
 from . import _extension
 
 __all__ = [
+    "dequantize_weight",
     "int8_linear",
     "int8_mm",
     "pack_int8_weight",
@@ -63,6 +64,15 @@ def smoothing_scale(input_absmax: Tensor, weight: Tensor, alpha: float = 0.5) ->
     x_max = input_absmax.detach().float().to(weight.device).clamp(min=1e-5)
     w_max = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)
     return x_max.pow(alpha) / w_max.pow(1.0 - alpha)
+
+
+def dequantize_weight(
+    weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None
+) -> Tensor:
+    """The float32 [N, K] weight an int8 layer multiplies by: ``weight * weight_scale[:, None]``,
+    times ``input_scale`` per input channel when smoothing folded that into the input."""
+    dequantized = weight.float() * weight_scale[:, None]
+    return dequantized if input_scale is None else dequantized * input_scale
 
 
 def pack_int8_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,10 +188,7 @@ def _int8_linear_setup_context(ctx, inputs, output) -> None:
 def _int8_linear_backward(ctx, grad_output):
     packed_weight, weight_scale, input_scale = ctx.saved_tensors
     weight = unpack_int8_weight(packed_weight, ctx.out_features, ctx.in_features)
-    dequantized = weight.float() * weight_scale[:, None]
-    grad_input = grad_output.float() @ dequantized
-    if input_scale is not None:
-        grad_input = grad_input * input_scale
+    grad_input = grad_output.float() @ dequantize_weight(weight, weight_scale, input_scale)
     return grad_input.to(grad_output.dtype), None, None, None, None, None, None, None
 
 

@@ -165,13 +165,19 @@ def copy_of(model):
     return copy.deepcopy(model)
 
 
-def test_gradients_flow_to_the_input_only():
+@pytest.mark.parametrize("smoothing", [False, True])
+def test_gradients_flow_to_the_input_only(smoothing):
+    """d/dx of the layer with the activation rounding taken as identity: grad @ W, where W is the
+    dequantized weight (divided by the smoothing scale, which the input was multiplied by)."""
     linear = make_linear(48, 20, seed=12)
-    q = Int8Linear.from_float(linear)
+    absmax = gaussian((48,), seed=15).abs() + 0.1 if smoothing else None
+    q = Int8Linear.from_float(linear, input_absmax=absmax)
     x = gaussian((2, 5, 48), seed=13).requires_grad_()
     grad_out = gaussian((2, 5, 20), seed=14)
     q(x).backward(grad_out)
     dequantized = q.weight.double() * q.weight_scale.double()[:, None]
+    if smoothing:
+        dequantized = dequantized * q.input_scale.double()
     torch.testing.assert_close(x.grad, (grad_out.double() @ dequantized).float())
     assert all(not b.requires_grad for b in q.buffers())
     assert list(q.parameters()) == []
@@ -186,6 +192,14 @@ def test_from_float_to_float_round_trip():
     step = q.weight_scale[:, None]  # rounding moves each weight by at most half a step
     error = (back.weight.float() - linear.weight.float()).abs()
     assert (error <= step / 2 + 1e-2 * linear.weight.float().abs()).all()
+
+
+def test_to_float_folds_the_smoothing_back():
+    linear = make_linear(64, 24, seed=16)
+    absmax = gaussian((64,), seed=17).abs() * 10 + 0.1
+    back = Int8Linear.from_float(linear, input_absmax=absmax).to_float()
+    assert relative_error(back.weight, linear.weight) < 1e-2
+    assert torch.equal(back.bias, linear.bias)
 
 
 def test_extra_repr_and_quantize_filter():

@@ -101,9 +101,7 @@ class Int8Linear(nn.Module):
         (default: the bias's dtype, else float32)."""
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
-        weight = self.weight.float() * self.weight_scale[:, None]
-        if self.input_scale is not None:
-            weight = weight * self.input_scale
+        weight = int8_ops.dequantize_weight(self.weight, self.weight_scale, self.input_scale)
         linear = nn.Linear(
             self.in_features,
             self.out_features,
