@@ -38,7 +38,8 @@ def _quantize_rows_kernel(
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One row per program: scale = max|v| / 127 (1 for a zero row), q = round(v / scale) with
-    ties to even, v = x * input_scale in fp32: the CPU kernel's rule exactly."""
+    ties to even, v = x * input_scale in fp32: the CPU kernel's rule exactly. The divisions are
+    div_rn, IEEE-rounded like the CPU's: Triton's fp32 `/` is approximate on a GPU."""
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -48,14 +49,14 @@ def _quantize_rows_kernel(
             v = v * tl.load(input_scale_ptr + offs, mask=offs < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(v))
     row_max = tl.max(amax, axis=0)
-    scale = tl.where(row_max > 0, row_max / 127.0, 1.0)
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         v = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_INPUT_SCALE:
             v = v * tl.load(input_scale_ptr + offs, mask=offs < K, other=0.0)
         # Adding and subtracting 1.5 * 2^23 rounds |r| < 2^22 to an integer, ties to even.
-        r = (v / scale + 12582912.0) - 12582912.0
+        r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
         q = tl.minimum(tl.maximum(r, -127.0), 127.0)
         tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=offs < K)
     tl.store(row_scale_ptr + row, scale)
