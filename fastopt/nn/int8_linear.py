@@ -17,7 +17,8 @@ class Int8Linear(nn.Module):
     """``y = x @ W.T + b`` with W stored as int8, one float32 scale per output channel.
 
     ``mode="dynamic"`` (W8A8) quantizes each input row to int8 inside the op and runs an exact
-    int8 GEMM (small batches take the weight-only path, see ``fastopt.int8.int8_linear``);
+    int8 GEMM (on CUDA, batches of up to 16 rows take the weight-only kernel; see
+    ``fastopt.int8.WEIGHT_ONLY_MAX_ROWS``);
     ``mode="weight_only"`` keeps activations in float. An optional per-input-channel
     ``input_scale`` (SmoothQuant, set by `from_float` from `calibrate`'s statistics) multiplies
     the input first.
