@@ -17,7 +17,7 @@
 namespace fastopt::cpu::int8 {
 namespace {
 
-// ---- Portable C++: the reference every vector variant must agree with bit for bit. ----
+// ---- Portable C++: the integer GEMM every vector variant must match bit for bit. ----
 
 void gemm_portable(const GemmTile& t) {
   for (int r = 0; r < t.rows; ++r) {
