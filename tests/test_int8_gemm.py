@@ -10,8 +10,8 @@ from conftest import generator
 from fastopt import int8
 
 SIZES = [1, 3, 16, 17, 512]  # rows: one, a few, a full tile pair, one past it, many tiles
-# (K, N): even / odd, below and above a group / block. K = 64 and 128 are whole AMX steps: with
-# 16 rows or more they run on AMX where the CPU has it.
+# (K, N): even / odd, below and above a group / block. Where the CPU has AMX, whole 16-row tiles
+# run on it for K = 64 and 128 (whole 64-byte steps) and K = 67 (one step, then a VNNI tail).
 FEATURES = [(64, 48), (128, 16), (67, 33), (5, 130)]
 
 
@@ -33,12 +33,14 @@ def test_int8_mm_is_exact(cpu_isa, rows, k, n):
 @pytest.mark.parametrize(
     ("a_value", "w_value"), [(127, 127), (-127, 127), (-127, -127), (-128, -127)]
 )
-@pytest.mark.parametrize(("rows", "k"), [(9, 4099), (33, 4096)], ids=["vector", "amx+vector"])
+@pytest.mark.parametrize(
+    ("rows", "k"), [(9, 4099), (33, 4096), (33, 4099)], ids=["vector", "amx+rows", "amx+rows+tail"]
+)
 def test_int8_mm_extremes_do_not_saturate(cpu_isa, a_value, w_value, rows, k):
     """Every product at the int8 limits: an int16 pairwise sum (vpmaddubsw) would saturate at
-    32767, and the +128 offset of the VNNI / AMX paths must still cancel exactly. With K a
-    multiple of 64, whole 16-row tiles take AMX where the CPU has it (33 rows: two tiles, and
-    one row on the vector kernel)."""
+    32767, and the +128 offset of the VNNI / AMX paths must still cancel exactly. Where the CPU
+    has AMX, 33 rows are two AMX tiles and one row on the vector kernel; K = 4099 adds a K tail
+    on the vector kernel to the AMX sums."""
     n = 35
     a = torch.full((rows, k), a_value, dtype=torch.int8)
     w = torch.full((n, k), w_value, dtype=torch.int8)

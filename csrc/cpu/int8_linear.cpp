@@ -293,7 +293,7 @@ void run_gemm(const Int8Kernels& kernels, const at::Tensor& a, const at::Tensor&
       rows, packed.size(0), padded_k, [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
         alignas(64) int32_t sums[kTileRows * kPanelCols];
         kernels.gemm(GemmTile{a_data + row0 * lda, lda, b_data + block0 * groups * kGroupBytes,
-                              groups, tile_rows, blocks, sums});
+                              groups * kGroupBytes, groups, tile_rows, blocks, sums});
         const int64_t col0 = block0 * kBlockN;
         if (kernels.unsigned_activations) {
           const int64_t cols = std::min<int64_t>(kPanelCols, n - col0);

@@ -23,7 +23,7 @@ void gemm_portable(const GemmTile& t) {
   for (int r = 0; r < t.rows; ++r) {
     const int8_t* a = reinterpret_cast<const int8_t*>(t.a + r * t.lda);
     for (int j = 0; j < t.blocks * kBlockN; ++j) {
-      const int8_t* w = t.b + (j / kBlockN) * t.groups * kGroupBytes + (j % kBlockN) * kGroupK;
+      const int8_t* w = t.b + (j / kBlockN) * t.block_stride + (j % kBlockN) * kGroupK;
       int32_t sum = 0;
       for (int64_t g = 0; g < t.groups; ++g) {
         for (int k = 0; k < kGroupK; ++k)
@@ -84,7 +84,7 @@ FASTOPT_TARGET_VNNI void gemm_vnni_fixed(const GemmTile& t) {
   static_assert(R <= 8 && NB <= 2, "FASTOPT_VNNI_ROWS names 8 rows of 2 blocks");
   FASTOPT_VNNI_ROWS(FASTOPT_VNNI_ZERO)
   const int8_t* b0 = t.b;
-  const int8_t* b1 = t.b + (NB > 1 ? t.groups * kGroupBytes : 0);
+  const int8_t* b1 = t.b + (NB > 1 ? t.block_stride : 0);
   for (int64_t g = 0; g < t.groups; ++g) {
     const __m512i w0 = _mm512_loadu_si512(b0 + g * kGroupBytes);
     const __m512i w1 = NB > 1 ? _mm512_loadu_si512(b1 + g * kGroupBytes) : w0;
@@ -171,7 +171,7 @@ FASTOPT_TARGET_AMX void gemm_amx_fixed(const GemmTile& t) {
   if constexpr (NB > 1) _tile_zero(1);
   if constexpr (RT > 1) _tile_zero(2);
   if constexpr (RT > 1 && NB > 1) _tile_zero(3);
-  const int8_t* b1 = t.b + t.groups * kGroupBytes;
+  const int8_t* b1 = t.b + t.block_stride;
   const uint8_t* a1 = t.a + kAmxRows * t.lda;
   for (int64_t g = 0; g < t.groups; g += kAmxGroups) {
     _tile_loadd(4, t.a + g * kGroupK, t.lda);
@@ -194,10 +194,12 @@ FASTOPT_TARGET_AMX void gemm_amx_fixed(const GemmTile& t) {
   if constexpr (RT > 1 && NB > 1) _tile_stored(3, t.c + kAmxRows * kPanelCols + kBlockN, stride);
 }
 
-// Whole 16-row tiles on AMX, the rest (and any K that is not whole 64-byte steps) on VNNI.
+// Whole 16-row tiles over whole 64-byte K steps on AMX; the K tail of those rows, and the
+// remaining rows, on VNNI.
 FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
   static_assert(kTileRows == 2 * kAmxRows && kPanelBlocks == 2, "gemm_amx_fixed covers these");
-  const int amx_rows = t.groups % kAmxGroups == 0 ? t.rows / kAmxRows * kAmxRows : 0;
+  const int64_t amx_groups = t.groups / kAmxGroups * kAmxGroups;
+  const int amx_rows = amx_groups > 0 ? t.rows / kAmxRows * kAmxRows : 0;
   if (amx_rows > 0) {
     AmxConfig config;
     for (int i = 0; i < 8; ++i) {
@@ -205,12 +207,25 @@ FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
       config.colsb[i] = kAmxGroups * kGroupK;
     }
     _tile_loadconfig(&config);
+    GemmTile head = t;
+    head.groups = amx_groups;
     if (amx_rows == 2 * kAmxRows) {
-      t.blocks == 2 ? gemm_amx_fixed<2, 2>(t) : gemm_amx_fixed<2, 1>(t);
+      t.blocks == 2 ? gemm_amx_fixed<2, 2>(head) : gemm_amx_fixed<2, 1>(head);
     } else {
-      t.blocks == 2 ? gemm_amx_fixed<1, 2>(t) : gemm_amx_fixed<1, 1>(t);
+      t.blocks == 2 ? gemm_amx_fixed<1, 2>(head) : gemm_amx_fixed<1, 1>(head);
     }
     _tile_release();  // leaves no tile state for the OS to save at context switches
+    if (amx_groups < t.groups) {
+      alignas(64) int32_t tail_sums[kTileRows * kPanelCols];
+      GemmTile tail = t;
+      tail.a = t.a + amx_groups * kGroupK;
+      tail.b = t.b + amx_groups * kGroupBytes;
+      tail.groups = t.groups - amx_groups;
+      tail.rows = amx_rows;
+      tail.c = tail_sums;
+      gemm_vnni(tail);
+      for (int i = 0; i < amx_rows * kPanelCols; ++i) t.c[i] += tail_sums[i];
+    }
   }
   if (amx_rows < t.rows) {
     GemmTile rest = t;
@@ -233,7 +248,7 @@ FASTOPT_TARGET_AVX2_ONLY void gemm_avx2_rows(const GemmTile& t, int r0, int bloc
   __m256i acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
-  const int8_t* b = t.b + block * t.groups * kGroupBytes;
+  const int8_t* b = t.b + block * t.block_stride;
   for (int64_t g = 0; g < t.groups; ++g) {
     __m256i w[4];
     for (int q = 0; q < 4; ++q) {

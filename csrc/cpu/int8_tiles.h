@@ -29,11 +29,12 @@ constexpr int64_t kMaxInFeatures = 65536;
 struct GemmTile {
   const uint8_t* a;  // rows x (groups * 4) activation bytes, see Int8Kernels::unsigned_activations
   int64_t lda;       // bytes between rows of a
-  const int8_t* b;   // the panel's first packed block; block j starts at b + j * groups * 64
-  int64_t groups;    // K4 / 4
-  int rows;          // 1..kTileRows
-  int blocks;        // 1..kPanelBlocks
-  int32_t* c;        // [kTileRows][kPanelCols]
+  const int8_t* b;   // the panel's first packed block (from its first group to sum)
+  int64_t block_stride;  // bytes between blocks: K4 / 4 * 64
+  int64_t groups;        // groups to sum: K4 / 4, or a part of them
+  int rows;              // 1..kTileRows
+  int blocks;            // 1..kPanelBlocks
+  int32_t* c;            // [kTileRows][kPanelCols]
 };
 
 // One tile of the weight-only product: c[r][j] = sum_k x[r][k] * float(w[col j][k]), in fp32.
