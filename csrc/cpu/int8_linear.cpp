@@ -90,21 +90,21 @@ void check_linear_args(const at::Tensor& input, const at::Tensor& packed,
 
 // ---- Staging: the input rows, read once, into the layout the tiles read. ----
 
-// Quantized rows are this many bytes longer than the packed K: rows a power of two apart (K =
-// 4096) fall in one L1 set, and a 16-row AMX tile load would evict its own lines.
+// Staged rows are this many elements longer than the packed K: rows a power of two apart (K =
+// 4096) fall in one L1 set, and a tile reading 8 or 16 rows at once would evict its own lines.
 constexpr int64_t kActivationRowPad = 64;
 
 struct StageArgs {
   const void* input;   // [rows, k] of the input's dtype
   const float* scale;  // optional [k] per-input-channel multiplier (SmoothQuant)
   int64_t k;
-  int64_t padded_k;          // a multiple of kGroupK; the padding is written as zeros
-  int64_t begin, end;        // rows
-  uint8_t* quantized;        // QuantizeRows: rows of padded_k int8 (or uint8 + 128) ...
-  int64_t quantized_stride;  // ... this many bytes apart
-  float* row_scales;         // QuantizeRows: [rows]
+  int64_t padded_k;    // a multiple of kGroupK; the padding is written as zeros
+  int64_t begin, end;  // rows
+  int64_t row_stride;  // elements between staged rows (of either kind)
+  uint8_t* quantized;  // QuantizeRows: rows of padded_k int8 (or uint8 + 128)
+  float* row_scales;   // QuantizeRows: [rows]
   bool unsigned_activations;
-  float* widened;  // WidenRows: [rows, padded_k] fp32
+  float* widened;  // WidenRows: rows of padded_k fp32
 };
 
 template <typename S, bool SMOOTH>
@@ -146,7 +146,7 @@ struct QuantizeRows {
       for (; k < k_end; ++k) amax = std::max(amax, std::fabs(staged_value<S, SMOOTH>(s, x, k)));
       for (int j = 0; j < kMaxLanes; ++j) amax = std::max(amax, lanes[j]);
       const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-      uint8_t* __restrict__ q = s.quantized + m * s.quantized_stride;
+      uint8_t* __restrict__ q = s.quantized + m * s.row_stride;
       for (k = 0; k < k_end; ++k) {
         float r = (staged_value<S, SMOOTH>(s, x, k) / scale + kRoundingBias) - kRoundingBias;
         r = r < -127.0f ? -127.0f : r;
@@ -164,7 +164,7 @@ struct WidenRows {
   FASTOPT_INLINE static void run(const StageArgs& s) {
     for (int64_t m = s.begin; m < s.end; ++m) {
       const S* x = static_cast<const S*>(s.input) + m * s.k;
-      float* y = s.widened + m * s.padded_k;
+      float* y = s.widened + m * s.row_stride;
       if (s.scale == nullptr) {
         for (int64_t k = 0; k < s.k; ++k) y[k] = staged_value<S, false>(s, x, k);
       } else {
@@ -371,7 +371,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
         at::empty({rows, padded_k + kActivationRowPad}, input.options().dtype(at::kByte));
     at::Tensor row_scales = at::empty({rows}, input.options().dtype(at::kFloat));
     stage.quantized = a.mutable_data_ptr<uint8_t>();
-    stage.quantized_stride = a.size(1);
+    stage.row_stride = a.size(1);
     stage.row_scales = row_scales.mutable_data_ptr<float>();
     stage.unsigned_activations = kernels.unsigned_activations;
     stage_rows_in_parallel(x, smoothing, padded_k, stage, /*quantize=*/true);
@@ -381,8 +381,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
                write_tile(TileEpilogue{&epilogue, sums, nullptr, row0, tile_rows, col0});
              });
   } else {
-    at::Tensor widened = at::empty({rows, padded_k}, input.options().dtype(at::kFloat));
+    at::Tensor widened =
+        at::empty({rows, padded_k + kActivationRowPad}, input.options().dtype(at::kFloat));
     stage.widened = widened.mutable_data_ptr<float>();
+    stage.row_stride = widened.size(1);
     stage_rows_in_parallel(x, smoothing, padded_k, stage, /*quantize=*/false);
     const int64_t groups = packed_weight.size(1);
     const int8_t* b_data = packed_weight.const_data_ptr<int8_t>();
@@ -390,9 +392,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
         rows, packed_weight.size(0), padded_k,
         [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
           alignas(64) float acc[kTileRows * kPanelCols];
-          kernels.weight_only(WeightOnlyTile{stage.widened + row0 * padded_k, padded_k,
-                                             b_data + block0 * groups * kGroupBytes, groups,
-                                             tile_rows, blocks, acc});
+          kernels.weight_only(WeightOnlyTile{
+              stage.widened + row0 * stage.row_stride, stage.row_stride,
+              b_data + block0 * groups * kGroupBytes, groups, tile_rows, blocks, acc});
           write_tile(TileEpilogue{&epilogue, nullptr, acc, row0, tile_rows, block0 * kBlockN});
         });
   }

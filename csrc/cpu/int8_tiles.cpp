@@ -314,6 +314,48 @@ FASTOPT_TARGET_VNNI void weight_only_avx512_rows(const WeightOnlyTile& t, int r0
   }
 }
 
+// Many rows (up to 8) of one block: the 4 widened weight vectors of a group serve all of them,
+// so the FMAs, not the widening, set the pace. Two accumulators (even / odd k) per row, named
+// rather than an array for the reason given at FASTOPT_VNNI_ROWS.
+#define FASTOPT_WIDE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define FASTOPT_WIDE_ZERO(r) __m512 even##r = _mm512_setzero_ps(), odd##r = even##r;
+#define FASTOPT_WIDE_STEP(r)                                        \
+  if constexpr (R > r) {                                            \
+    const float* x = t.x + (r0 + r) * t.ldx + g * kGroupK;          \
+    even##r = _mm512_fmadd_ps(_mm512_set1_ps(x[0]), w[0], even##r); \
+    odd##r = _mm512_fmadd_ps(_mm512_set1_ps(x[1]), w[1], odd##r);   \
+    even##r = _mm512_fmadd_ps(_mm512_set1_ps(x[2]), w[2], even##r); \
+    odd##r = _mm512_fmadd_ps(_mm512_set1_ps(x[3]), w[3], odd##r);   \
+  }
+#define FASTOPT_WIDE_STORE(r)                                       \
+  if constexpr (R > r) {                                            \
+    _mm512_storeu_ps(t.c + (r0 + r) * kPanelCols + block * kBlockN, \
+                     _mm512_add_ps(even##r, odd##r));               \
+  }
+
+template <int R>
+FASTOPT_TARGET_VNNI void weight_only_avx512_wide_rows(const WeightOnlyTile& t, int r0, int block) {
+  static_assert(R <= 8, "FASTOPT_WIDE_ROWS names 8 rows");
+  FASTOPT_WIDE_ROWS(FASTOPT_WIDE_ZERO)
+  const int8_t* b = t.b + block * t.groups * kGroupBytes;
+  for (int64_t g = 0; g < t.groups; ++g) {
+    const __m512i words = _mm512_loadu_si512(b + g * kGroupBytes);
+    __m512 w[kGroupK];
+    for (int k = 0; k < kGroupK; ++k) {
+      const __m512i lane =
+          _mm512_maskz_srai_epi32(kAll, _mm512_maskz_slli_epi32(kAll, words, 24 - 8 * k), 24);
+      w[k] = _mm512_maskz_cvtepi32_ps(kAll, lane);
+    }
+    FASTOPT_WIDE_ROWS(FASTOPT_WIDE_STEP)
+  }
+  FASTOPT_WIDE_ROWS(FASTOPT_WIDE_STORE)
+}
+
+#undef FASTOPT_WIDE_ROWS
+#undef FASTOPT_WIDE_ZERO
+#undef FASTOPT_WIDE_STEP
+#undef FASTOPT_WIDE_STORE
+
 template <int R>
 FASTOPT_TARGET_AVX2_ONLY void weight_only_avx2_rows(const WeightOnlyTile& t, int r0, int block) {
   __m256 acc[R][2][2];  // [row][half of the block][even / odd k]
@@ -340,13 +382,16 @@ FASTOPT_TARGET_AVX2_ONLY void weight_only_avx2_rows(const WeightOnlyTile& t, int
                        _mm256_add_ps(acc[r][h][0], acc[r][h][1]));
 }
 
-// Runs Rows<4>, Rows<2>, Rows<1> over every row of every block of the tile.
-template <void (*Rows4)(const WeightOnlyTile&, int, int),
+// Runs RowsWide (WIDE rows at a time), Rows4, Rows2, Rows1 over every row of every block of the
+// tile.
+template <int WIDE, void (*RowsWide)(const WeightOnlyTile&, int, int),
+          void (*Rows4)(const WeightOnlyTile&, int, int),
           void (*Rows2)(const WeightOnlyTile&, int, int),
           void (*Rows1)(const WeightOnlyTile&, int, int)>
 void weight_only_by_rows(const WeightOnlyTile& t) {
   for (int block = 0; block < t.blocks; ++block) {
     int r = 0;
+    for (; r + WIDE <= t.rows; r += WIDE) RowsWide(t, r, block);
     for (; r + 4 <= t.rows; r += 4) Rows4(t, r, block);
     for (; r + 2 <= t.rows; r += 2) Rows2(t, r, block);
     if (r < t.rows) Rows1(t, r, block);
@@ -354,13 +399,14 @@ void weight_only_by_rows(const WeightOnlyTile& t) {
 }
 
 constexpr auto weight_only_avx512 =
-    weight_only_by_rows<weight_only_avx512_rows<4>, weight_only_avx512_rows<2>,
-                        weight_only_avx512_rows<1>>;
+    weight_only_by_rows<8, weight_only_avx512_wide_rows<8>, weight_only_avx512_rows<4>,
+                        weight_only_avx512_rows<2>, weight_only_avx512_rows<1>>;
 constexpr Int8Kernels kAmx{true, gemm_amx, weight_only_avx512};
 constexpr Int8Kernels kVnni{true, gemm_vnni, weight_only_avx512};
-constexpr Int8Kernels kAvx2{false, gemm_avx2,
-                            weight_only_by_rows<weight_only_avx2_rows<4>, weight_only_avx2_rows<2>,
-                                                weight_only_avx2_rows<1>>};
+constexpr Int8Kernels kAvx2{
+    false, gemm_avx2,
+    weight_only_by_rows<4, weight_only_avx2_rows<4>, weight_only_avx2_rows<4>,
+                        weight_only_avx2_rows<2>, weight_only_avx2_rows<1>>};
 
 #endif  // __x86_64__
 
