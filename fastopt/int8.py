@@ -28,8 +28,8 @@ BLOCK_N, GROUP_K = 16, 4  # the packed layout, csrc/cpu/int8_tiles.h
 # Up to this many rows, dynamic mode runs the weight-only kernel (weights widened in registers,
 # float math). On a GPU that regime is memory-bound, so int8 activations would buy nothing. On
 # the CPU the int8 GEMM (64 products per vpdpbusd) beats the widening + fp32 FMAs even at one row
-# (0.41 vs 0.57 ms for a 4096x4096 layer on our 2-core Xeon, benchmarks/results/cpu-int8-linear.md;
-# 0.41 vs 3.8 ms at 16 rows), so there dynamic mode never switches.
+# (0.39 vs 0.70 ms for a 4096x4096 layer on our 2-core Xeon, benchmarks/results/cpu-int8-linear.md;
+# 0.49 vs 2.4 ms at 16 rows), so there dynamic mode never switches.
 WEIGHT_ONLY_MAX_ROWS = {"cpu": 0, "cuda": 16}
 
 
