@@ -10,7 +10,7 @@ from . import _extension, _library  # noqa: F401
 
 _extension.load()
 
-from . import functional  # noqa: E402
+from . import functional, int8  # noqa: E402, F401  (int8 registers its autograd, Triton kernels)
 from .optim import (  # noqa: E402
     FusedAdadelta,
     FusedAdagrad,

@@ -219,3 +219,157 @@ def _sparse_adagrad_step_fake(
 @torch.library.register_fake("fastopt::traffic_probe_")
 def _traffic_probe_fake(updated, read) -> None:
     return None
+
+
+# ---- int8 linear layers (issue #5): fastopt.int8 wraps these; csrc/cpu/int8_tiles.h documents
+# the packed weight layout ([N/16, K/4, 16, 4] int8) they share on every device.
+
+_INT8_BLOCK_N, _INT8_GROUP_K, _INT8_MAX_IN_FEATURES = 16, 4, 65536
+
+_lib.define(
+    "int8_mm(Tensor input, Tensor packed_weight, Tensor weight_compensation, int in_features) "
+    "-> Tensor"
+)
+_lib.define(
+    "int8_linear(Tensor input, Tensor packed_weight, Tensor weight_compensation, int in_features, "
+    "Tensor weight_scale, Tensor? bias, Tensor? input_scale, bool quantize_input) -> Tensor"
+)
+
+
+def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features) -> None:
+    torch._check(
+        packed_weight.dtype == torch.int8
+        and packed_weight.dim() == 4
+        and tuple(packed_weight.shape[2:]) == (_INT8_BLOCK_N, _INT8_GROUP_K),
+        lambda: (
+            f"{op}: packed_weight must be the contiguous int8 [N/16, K/4, 16, 4] tensor of "
+            f"fastopt.int8.pack_int8_weight, got {packed_weight.dtype} "
+            f"{list(packed_weight.shape)}"
+        ),
+    )
+    features = input.shape[-1] if input.dim() else 0
+    torch._check(
+        input.dim() >= 1 and features == in_features,
+        lambda: (
+            f"{op}: input has {features} features (its last dimension) but the layer has "
+            f"in_features={in_features}; pass an input of shape [..., {in_features}]"
+        ),
+    )
+    groups = packed_weight.shape[1]
+    torch._check(
+        (in_features + _INT8_GROUP_K - 1) // _INT8_GROUP_K == groups,
+        lambda: (
+            f"{op}: packed_weight holds {groups} groups of 4 input features, which does not fit "
+            f"in_features={in_features}; pack the weight with fastopt.int8.pack_int8_weight"
+        ),
+    )
+    torch._check(
+        in_features <= _INT8_MAX_IN_FEATURES,
+        lambda: (
+            f"{op}: in_features {in_features} is above {_INT8_MAX_IN_FEATURES}, where int32 sums "
+            "of int8 products could overflow"
+        ),
+    )
+    torch._check(
+        weight_compensation.dtype == torch.int32
+        and weight_compensation.dim() == 1
+        and (weight_compensation.shape[0] + _INT8_BLOCK_N - 1) // _INT8_BLOCK_N
+        == packed_weight.shape[0],
+        lambda: (
+            f"{op}: weight_compensation must be the int32 [out_features] tensor of "
+            f"fastopt.int8.pack_int8_weight for this packed_weight, got "
+            f"{weight_compensation.dtype} {list(weight_compensation.shape)}"
+        ),
+    )
+    for t in (packed_weight, weight_compensation):
+        torch._check(
+            t.device == input.device,
+            lambda t=t: (
+                f"{op}: the weight tensors are on {t.device} but input is on {input.device}; "
+                "move the layer to the input's device"
+            ),
+        )
+
+
+@torch.library.register_fake("fastopt::int8_mm")
+def _int8_mm_fake(input, packed_weight, weight_compensation, in_features):
+    _check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
+    return input.new_empty((input.shape[0], weight_compensation.shape[0]), dtype=torch.int32)
+
+
+def _check_int8_mm_args(input, packed_weight, weight_compensation, in_features) -> None:
+    torch._check(
+        input.dtype == torch.int8 and input.dim() == 2,
+        lambda: (
+            f"fastopt.int8_mm: input must be a 2-d int8 tensor, got {input.dtype} "
+            f"{list(input.shape)}"
+        ),
+    )
+    _check_int8_packed_weight(
+        "fastopt.int8_mm", input, packed_weight, weight_compensation, in_features
+    )
+
+
+@torch.library.register_fake("fastopt::int8_linear")
+def _int8_linear_fake(
+    input,
+    packed_weight,
+    weight_compensation,
+    in_features,
+    weight_scale,
+    bias,
+    input_scale,
+    quantize_input,
+):
+    _check_int8_linear_args(
+        input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+    )
+    return input.new_empty((*input.shape[:-1], weight_compensation.shape[0]))
+
+
+def _check_int8_linear_args(
+    input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+) -> None:
+    op = "fastopt.int8_linear"
+    torch._check(
+        input.dtype in (torch.float32, torch.bfloat16, torch.float16),
+        lambda: (
+            f"{op}: input must be float32, bfloat16 or float16, got {input.dtype}; convert it "
+            "with .float()"
+        ),
+    )
+    _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features)
+    n = weight_compensation.shape[0]
+    torch._check(
+        weight_scale.dtype == torch.float32
+        and weight_scale.dim() == 1
+        and weight_scale.shape[0] == n
+        and weight_scale.device == input.device,
+        lambda: (
+            f"{op}: weight_scale must be a float32 [{n}] tensor on the input's device, got "
+            f"{weight_scale.dtype} {list(weight_scale.shape)} on {weight_scale.device}"
+        ),
+    )
+    if bias is not None:
+        torch._check(
+            bias.dtype == input.dtype
+            and bias.dim() == 1
+            and bias.shape[0] == n
+            and bias.device == input.device,
+            lambda: (
+                f"{op}: bias must be a [{n}] tensor of the input's dtype {input.dtype} on its "
+                f"device, got {bias.dtype} {list(bias.shape)} on {bias.device}"
+            ),
+        )
+    if input_scale is not None:
+        k = input.shape[-1]
+        torch._check(
+            input_scale.dtype == torch.float32
+            and input_scale.dim() == 1
+            and input_scale.shape[0] == k
+            and input_scale.device == input.device,
+            lambda: (
+                f"{op}: input_scale must be a float32 [{k}] tensor on the input's device, got "
+                f"{input_scale.dtype} {list(input_scale.shape)} on {input_scale.device}"
+            ),
+        )

@@ -1,2 +1,6 @@
 """Drop-in replacements for ``nn.Linear``: block-sparse and int8 layers, and helpers that swap
 the layers of a whole model."""
+
+from .int8_linear import Int8Linear, calibrate, quantize_
+
+__all__ = ["Int8Linear", "calibrate", "quantize_"]

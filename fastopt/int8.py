@@ -1,0 +1,198 @@
+"""fastopt's int8 functional API: weight quantization and packing (done once, at conversion
+time), and the fused ops ``torch.ops.fastopt.int8_mm`` / ``int8_linear`` with docstrings.
+
+Quantization is symmetric: weights get one scale per output channel, activations one scale per
+row (token), computed inside ``int8_linear``; an optional per-input-channel ``input_scale``
+(SmoothQuant) multiplies the input before that. ``fastopt.nn.Int8Linear`` is the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension
+
+__all__ = [
+    "dequantize_weight",
+    "int8_linear",
+    "int8_mm",
+    "pack_int8_weight",
+    "quantize_per_channel",
+    "smoothing_scale",
+    "unpack_int8_weight",
+    "uses_weight_only_path",
+]
+
+BLOCK_N, GROUP_K = 16, 4  # the packed layout, csrc/cpu/int8_tiles.h
+# Up to this many rows, dynamic mode runs the weight-only kernel (weights widened in registers,
+# float math). On a GPU that regime is memory-bound, so int8 activations would buy nothing. On
+# the CPU the int8 GEMM (64 products per vpdpbusd) beats the widening + fp32 FMAs even at one row
+# (0.39 vs 0.70 ms for a 4096x4096 layer on our 2-core Xeon, benchmarks/results/cpu-int8-linear.md;
+# 0.49 vs 2.4 ms at 16 rows), so there dynamic mode never switches.
+WEIGHT_ONLY_MAX_ROWS = {"cpu": 0, "cuda": 16}
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization of a [N, K] float weight, one scale per output channel:
+    ``scale = max|w[n]| / 127`` (1 for an all-zero row) and ``q = round(w / scale)``.
+
+    Returns ``(q, scale)``: int8 [N, K] and float32 [N].
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-d float tensor, got {weight.dtype} {weight.shape}")
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def smoothing_scale(input_absmax: Tensor, weight: Tensor, alpha: float = 0.5) -> Tensor:
+    """SmoothQuant's per-input-channel scale ``s = max|x_k|^alpha / max|w_k|^(1 - alpha)``.
+
+    The layer computes ``(x / s) @ (w * s).T``: the same product, with activation outliers moved
+    into the weight, where per-channel scales absorb them. Returns float32 [K].
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    k = weight.shape[1]
+    if input_absmax.shape != (k,):
+        raise ValueError(
+            f"input_absmax must have one entry per input feature, [{k}], got "
+            f"{list(input_absmax.shape)}; collect it with fastopt.nn.calibrate"
+        )
+    x_max = input_absmax.detach().float().to(weight.device).clamp(min=1e-5)
+    w_max = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)
+    return x_max.pow(alpha) / w_max.pow(1.0 - alpha)
+
+
+def dequantize_weight(
+    weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None
+) -> Tensor:
+    """The float32 [N, K] weight an int8 layer multiplies by: ``weight * weight_scale[:, None]``,
+    times ``input_scale`` per input channel when smoothing folded that into the input."""
+    dequantized = weight.float() * weight_scale[:, None]
+    return dequantized if input_scale is None else dequantized * input_scale
+
+
+def pack_int8_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The int8 [N, K] weight in the kernels' packed layout, and its compensation.
+
+    Returns ``(packed, compensation)``: ``packed`` is int8 [ceil(N/16), ceil(K/4), 16, 4], the
+    weight zero-padded and cut into blocks of 16 output by 4 input channels (64 contiguous bytes,
+    one vpdpbusd operand); ``compensation`` is int32 [N], ``128 * weight.sum(1)``, which the
+    AVX-512 VNNI kernel subtracts after multiplying activations offset to unsigned by +128.
+    """
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-d int8 tensor, got {weight.dtype} {weight.shape}")
+    n, k = weight.shape
+    n16, k4 = -(-n // BLOCK_N) * BLOCK_N, -(-k // GROUP_K) * GROUP_K
+    padded = torch.nn.functional.pad(weight, (0, k4 - k, 0, n16 - n))
+    packed = padded.view(n16 // BLOCK_N, BLOCK_N, k4 // GROUP_K, GROUP_K).transpose(1, 2)
+    compensation = weight.sum(dim=1, dtype=torch.int32) * 128
+    return packed.contiguous(), compensation
+
+
+def unpack_int8_weight(packed: Tensor, out_features: int, in_features: int) -> Tensor:
+    """The int8 [out_features, in_features] weight that `pack_int8_weight` packed."""
+    blocks, groups = packed.shape[:2]
+    plain = packed.transpose(1, 2).reshape(blocks * BLOCK_N, groups * GROUP_K)
+    return plain[:out_features, :in_features].contiguous()
+
+
+def _load_triton_kernels() -> str | None:
+    """Registers the Triton kernels for CUDA where a GPU is present; returns why not, if not."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available"
+    try:
+        from .triton import int8_linear  # noqa: F401  (registers the CUDA kernels on import)
+    except ImportError as error:
+        return f"the Triton kernels failed to import ({error}); install triton"
+    return None
+
+
+_TRITON_MISSING = _load_triton_kernels()
+
+
+def _require_kernels(device: torch.device, what: str) -> None:
+    if device.type == "cuda":
+        if _TRITON_MISSING is not None:
+            raise RuntimeError(
+                f"{what}: no fastopt int8 kernels for cuda tensors: {_TRITON_MISSING}"
+            )
+        return
+    _extension.require_kernels(device, what)
+
+
+def int8_mm(
+    input: Tensor, packed_weight: Tensor, weight_compensation: Tensor, in_features: int
+) -> Tensor:
+    """The exact int32 product ``input @ weight.T`` of an int8 [M, K] input and the int8
+    [N, in_features] weight packed by `pack_int8_weight`. Returns int32 [M, N]."""
+    _require_kernels(input.device, "fastopt.int8.int8_mm")
+    return torch.ops.fastopt.int8_mm(input, packed_weight, weight_compensation, in_features)
+
+
+def uses_weight_only_path(rows: int, device: torch.device) -> bool:
+    """Whether dynamic mode runs `rows` rows on the weight-only kernel (WEIGHT_ONLY_MAX_ROWS)."""
+    return rows <= WEIGHT_ONLY_MAX_ROWS.get(device.type, 16)
+
+
+def int8_linear(
+    input: Tensor,
+    packed_weight: Tensor,
+    weight_compensation: Tensor,
+    in_features: int,
+    weight_scale: Tensor,
+    bias: Tensor | None = None,
+    input_scale: Tensor | None = None,
+    *,
+    mode: str = "dynamic",
+) -> Tensor:
+    """``F.linear`` with an int8 weight: ``y = (x * input_scale) @ (q * weight_scale[:, None]).T
+    + bias``, in the input's dtype (float32, bfloat16 or float16), for any batch shape [..., K].
+
+    ``mode="dynamic"`` (W8A8): each row of ``x * input_scale`` is quantized to int8 with its own
+    scale (``max|row| / 127``, round half to even), multiplied with the int8 weight in exact int32
+    sums, then scaled by both scales, biased and cast, in one fused op. Up to
+    ``WEIGHT_ONLY_MAX_ROWS`` rows (the memory-bound regime) take the weight-only path instead.
+    ``mode="weight_only"``: activations stay float; the weight is widened in registers.
+
+    Gradients flow to ``input`` only (the quantized weight is frozen): the backward uses the
+    dequantized weight, treating the activation rounding as identity.
+    """
+    if mode not in ("dynamic", "weight_only"):
+        raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {mode!r}")
+    _require_kernels(input.device, "fastopt.int8.int8_linear")
+    rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 0
+    quantize_input = mode == "dynamic" and not uses_weight_only_path(rows, input.device)
+    return torch.ops.fastopt.int8_linear(
+        input,
+        packed_weight,
+        weight_compensation,
+        in_features,
+        weight_scale,
+        bias,
+        input_scale,
+        quantize_input,
+    )
+
+
+def _int8_linear_setup_context(ctx, inputs, output) -> None:
+    _, packed_weight, weight_compensation, in_features, weight_scale, _, input_scale, _ = inputs
+    ctx.save_for_backward(packed_weight, weight_scale, input_scale)
+    ctx.in_features = in_features
+    ctx.out_features = weight_compensation.shape[0]
+
+
+def _int8_linear_backward(ctx, grad_output):
+    packed_weight, weight_scale, input_scale = ctx.saved_tensors
+    weight = unpack_int8_weight(packed_weight, ctx.out_features, ctx.in_features)
+    grad_input = grad_output.float() @ dequantize_weight(weight, weight_scale, input_scale)
+    return grad_input.to(grad_output.dtype), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastopt::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
+)

@@ -1,0 +1,229 @@
+"""``Int8Linear``: a drop-in ``nn.Linear`` with an int8 weight, and the helpers that convert a
+whole model (`quantize_`) and collect SmoothQuant statistics (`calibrate`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .. import int8 as int8_ops
+
+MODES = ("dynamic", "weight_only")
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ W.T + b`` with W stored as int8, one float32 scale per output channel.
+
+    ``mode="dynamic"`` (W8A8) quantizes each input row to int8 inside the op and runs an exact
+    int8 GEMM (on CUDA, batches of up to 16 rows take the weight-only kernel; see
+    ``fastopt.int8.WEIGHT_ONLY_MAX_ROWS``);
+    ``mode="weight_only"`` keeps activations in float. An optional per-input-channel
+    ``input_scale`` (SmoothQuant, set by `from_float` from `calibrate`'s statistics) multiplies
+    the input first.
+
+    The weight is frozen: gradients flow to the input only. The ``state_dict`` holds plain
+    tensors (``weight`` int8 [out, in], ``weight_scale``, ``bias``, and ``input_scale`` when
+    smoothing is on), loadable with ``torch.load(weights_only=True)``; the packed layout the
+    kernels read is rebuilt from ``weight`` when a state_dict is loaded.
+
+    Build one with `from_float`; the constructor makes an all-zero layer to load weights into.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        mode: str = "dynamic",
+        smoothing: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if smoothing and mode != "dynamic":
+            raise ValueError("smoothing (an input_scale) only applies to mode='dynamic'")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        packed, compensation = int8_ops.pack_int8_weight(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        # Derived from `weight` (see _state_dict_hook): not saved, rebuilt on load.
+        self.register_buffer("packed_weight", packed, persistent=False)
+        self.register_buffer("weight_compensation", compensation, persistent=False)
+        self.register_buffer(
+            "weight_scale", torch.ones(out_features, dtype=torch.float32, device=device)
+        )
+        bias_tensor = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self.register_buffer("bias", bias_tensor)
+        scale = torch.ones(in_features, dtype=torch.float32, device=device) if smoothing else None
+        self.register_buffer("input_scale", scale)
+        self.register_state_dict_post_hook(_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_load_state_dict_hook)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        mode: str = "dynamic",
+        input_absmax: Tensor | None = None,
+        alpha: float = 0.5,
+    ) -> Int8Linear:
+        """The int8 twin of `linear` (its weight quantized per output channel; bias kept in its
+        dtype). `input_absmax` ([in_features], from `calibrate`) turns on SmoothQuant with
+        migration strength `alpha`."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_float takes an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            mode=mode,
+            smoothing=input_absmax is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        if input_absmax is not None:
+            smooth = int8_ops.smoothing_scale(input_absmax, weight, alpha)
+            weight = weight.float() * smooth
+            q.input_scale.copy_(1.0 / smooth)
+        int8_weight, scale = int8_ops.quantize_per_channel(weight)
+        q._set_weight(int8_weight)
+        q.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias.detach())
+        return q
+
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An ``nn.Linear`` with the dequantized weight (smoothing folded back), in `dtype`
+        (default: the bias's dtype, else float32)."""
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else torch.float32
+        weight = int8_ops.dequantize_weight(self.weight, self.weight_scale, self.input_scale)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=weight.device,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @property
+    def weight(self) -> Tensor:
+        """The int8 [out_features, in_features] weight (a copy out of the packed layout)."""
+        return int8_ops.unpack_int8_weight(self.packed_weight, self.out_features, self.in_features)
+
+    def _set_weight(self, weight: Tensor) -> None:
+        packed, compensation = int8_ops.pack_int8_weight(weight.to(self.packed_weight.device))
+        self.packed_weight, self.weight_compensation = packed, compensation
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` / `.half()` convert the bias like nn.Linear's, but the scales stay float32
+        # (the kernels' contract, and their precision): they only follow the device.
+        scales = {"weight_scale": self.weight_scale, "input_scale": self.input_scale}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            if before is not None:
+                setattr(self, name, before.to(getattr(self, name).device))
+        return self
+
+    def forward(self, input: Tensor) -> Tensor:
+        return int8_ops.int8_linear(
+            input,
+            self.packed_weight,
+            self.weight_compensation,
+            self.in_features,
+            self.weight_scale,
+            self.bias,
+            self.input_scale,
+            mode=self.mode,
+        )
+
+    def extra_repr(self) -> str:
+        smoothing = ", smoothing=True" if self.input_scale is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, mode={self.mode}{smoothing}"
+        )
+
+
+def _state_dict_hook(module: Int8Linear, state_dict, prefix, local_metadata) -> None:
+    state_dict[prefix + "weight"] = module.weight
+
+
+def _load_state_dict_hook(
+    module: Int8Linear, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+) -> None:
+    key = prefix + "weight"
+    if key not in state_dict:
+        missing.append(key)
+        return
+    weight = state_dict.pop(key)
+    expected = (module.out_features, module.in_features)
+    if weight.dtype != torch.int8 or tuple(weight.shape) != expected:
+        errors.append(
+            f"{key} must be int8 {list(expected)} for this Int8Linear, got {weight.dtype} "
+            f"{list(weight.shape)}"
+        )
+        return
+    module._set_weight(weight)
+
+
+def quantize_(
+    model: nn.Module,
+    mode: str = "dynamic",
+    filter_fn: Callable[[nn.Linear, str], bool] | None = None,
+    input_absmax: dict[str, Tensor] | None = None,
+    alpha: float = 0.5,
+) -> nn.Module:
+    """Replaces, in place, every ``nn.Linear`` of `model` (the model itself excluded) for which
+    ``filter_fn(module, qualified_name)`` is true (default: all) with `Int8Linear.from_float`.
+    `input_absmax` maps names to `calibrate`'s statistics, for SmoothQuant. Returns `model`."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, nn.Linear) and (filter_fn is None or filter_fn(module, name))
+    ]
+    for name, linear in targets:
+        absmax = input_absmax.get(name) if input_absmax is not None else None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Int8Linear.from_float(linear, mode, absmax, alpha))
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable) -> dict[str, Tensor]:
+    """Runs `model` on each batch (a tensor, or a tuple of positional arguments) and returns, for
+    every ``nn.Linear`` it holds, the largest magnitude seen in each input feature: float32
+    [in_features] by qualified name, the `input_absmax` of `quantize_`."""
+    stats: dict[str, Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach()
+            absmax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], absmax) if name in stats else absmax
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(record(name))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        for batch in batches:
+            model(*batch) if isinstance(batch, tuple | list) else model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats

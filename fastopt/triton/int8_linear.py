@@ -1,0 +1,203 @@
+"""Triton kernels of ``fastopt::int8_mm`` and ``fastopt::int8_linear`` (registered for CUDA), and
+their launchers, plain functions of tensors that tests call on CPU tensors under
+``TRITON_INTERPRET=1``.
+
+They read the packed weight of ``fastopt.int8.pack_int8_weight`` ([N/16, K/4, 16, 4] int8, see
+csrc/cpu/int8_tiles.h), so one layer moves between devices unchanged. ``tl.dot`` multiplies
+int8 tiles exactly into int32 (IMMA on the GPU), signed, so the compensation that the CPU's VNNI
+kernel needs is only read for its shape here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _library
+
+BLOCK_N_PACKED, GROUP_K_PACKED = 16, 4
+
+
+@triton.jit
+def _packed_weight_tile(packed_ptr, groups, offs_k, offs_n, K, N):
+    """The [BLOCK_K, BLOCK_N] tile w[n, k].T of the packed weight (0 outside [N, K])."""
+    offset = (
+        (offs_n[None, :] // 16) * (groups * 64)
+        + (offs_k[:, None] // 4) * 64
+        + (offs_n[None, :] % 16) * 4
+        + (offs_k[:, None] % 4)
+    )
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    return tl.load(packed_ptr + offset, mask=mask, other=0)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, input_scale_ptr, q_ptr, row_scale_ptr, K, HAS_INPUT_SCALE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One row per program: scale = max|v| / 127 (1 for a zero row), q = round(v / scale) with
+    ties to even, v = x * input_scale in fp32: the CPU kernel's rule exactly. The divisions are
+    div_rn, IEEE-rounded like the CPU's: Triton's fp32 `/` is approximate on a GPU."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_INPUT_SCALE:
+            v = v * tl.load(input_scale_ptr + offs, mask=offs < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(v))
+    row_max = tl.max(amax, axis=0)
+    scale = tl.where(row_max > 0, tl.math.div_rn(row_max, 127.0), 1.0)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_INPUT_SCALE:
+            v = v * tl.load(input_scale_ptr + offs, mask=offs < K, other=0.0)
+        # Adding and subtracting 1.5 * 2^23 rounds |r| < 2^22 to an integer, ties to even.
+        r = (tl.math.div_rn(v, scale) + 12582912.0) - 12582912.0
+        q = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=offs < K)
+    tl.store(row_scale_ptr + row, scale)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, packed_ptr, groups, row_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    DEQUANTIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out = a @ w.T in exact int32; with DEQUANTIZE, the epilogue applies both scales and the
+    bias and stores the output dtype instead."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        a = tl.load(
+            a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=a_mask, other=0
+        )
+        b = _packed_weight_tile(packed_ptr, groups, offs_k, offs_n, K, N)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if DEQUANTIZE:
+        row_scale = tl.load(row_scale_ptr + offs_m, mask=offs_m < M, other=0.0)
+        weight_scale = tl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        y = acc.to(tl.float32) * row_scale[:, None] * weight_scale[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + out_offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _weight_only_kernel(
+    x_ptr, input_scale_ptr, packed_ptr, groups, weight_scale_ptr, bias_ptr, out_ptr, M, N, K,
+    HAS_INPUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out = (x * input_scale) @ (w * weight_scale).T + bias, the int8 weight widened to fp32 in
+    registers. The products are fp32 (not bf16 tensor-core ones): this kernel serves the small,
+    memory-bound batches, and Triton's interpreter computes bf16 dots wrongly."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x_offs = offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+        x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+        if HAS_INPUT_SCALE:
+            x = x * tl.load(input_scale_ptr + offs_k, mask=offs_k < K, other=0.0)[None, :]
+        w = _packed_weight_tile(packed_ptr, groups, offs_k, offs_n, K, N).to(tl.float32)
+        acc += tl.dot(x, w, input_precision="ieee")
+    y = acc * tl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _gemm_blocks(rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small-M tiles for decode-like batches (tl.dot needs
+    16 rows at least), large tiles where the GEMM is compute-bound."""
+    if rows <= 16:
+        return 16, 64, 128, 4
+    if rows <= 64:
+        return 64, 128, 64, 4
+    return 128, 128, 64, 8
+
+
+def _launch_gemm(a, packed_weight, n, out, row_scale=None, weight_scale=None, bias=None):
+    rows, k = a.shape
+    block_m, block_n, block_k, warps = _gemm_blocks(rows)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    dequantize = row_scale is not None
+    _int8_gemm_kernel[grid](
+        a, packed_weight, packed_weight.shape[1], row_scale if dequantize else out,
+        weight_scale if dequantize else out, bias if bias is not None else out, out, rows, n, k,
+        DEQUANTIZE=dequantize, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+
+
+def int8_mm(input, packed_weight, weight_compensation, in_features):
+    """``fastopt::int8_mm``: the exact int32 product of an int8 [M, K] input and the packed
+    int8 weight."""
+    _library._check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
+    n = weight_compensation.shape[0]
+    out = torch.empty((input.shape[0], n), dtype=torch.int32, device=input.device)
+    if out.numel():
+        _launch_gemm(input.contiguous(), packed_weight, n, out)
+    return out
+
+
+def int8_linear(
+    input,
+    packed_weight,
+    weight_compensation,
+    in_features,
+    weight_scale,
+    bias,
+    input_scale,
+    quantize_input,
+):
+    """``fastopt::int8_linear``: per-row int8 quantization, then the int8 GEMM with the
+    dequantize + bias epilogue (``quantize_input``), or the weight-only kernel."""
+    _library._check_int8_linear_args(
+        input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+    )
+    k, n = input.shape[-1], weight_compensation.shape[0]
+    x = input.reshape(-1, k).contiguous()
+    rows = x.shape[0]
+    out = torch.empty((rows, n), dtype=input.dtype, device=input.device)
+    if out.numel() == 0:
+        return out.view(*input.shape[:-1], n)
+    has_scale = input_scale is not None
+    if quantize_input:
+        q = torch.empty((rows, k), dtype=torch.int8, device=input.device)
+        row_scale = torch.empty(rows, dtype=torch.float32, device=input.device)
+        _quantize_rows_kernel[(rows,)](
+            x, input_scale if has_scale else x, q, row_scale, k, HAS_INPUT_SCALE=has_scale,
+            BLOCK_K=min(1024, triton.next_power_of_2(k)),
+        )  # fmt: skip
+        _launch_gemm(q, packed_weight, n, out, row_scale, weight_scale, bias)
+    else:
+        block_m, block_n, block_k, warps = _gemm_blocks(rows)
+        grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+        _weight_only_kernel[grid](
+            x, input_scale if has_scale else x, packed_weight, packed_weight.shape[1], weight_scale,
+            bias if bias is not None else x, out, rows, n, k, HAS_INPUT_SCALE=has_scale,
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps,
+        )  # fmt: skip
+    return out.view(*input.shape[:-1], n)
+
+
+torch.library.register_kernel("fastopt::int8_mm", "cuda", int8_mm)
+torch.library.register_kernel("fastopt::int8_linear", "cuda", int8_linear)

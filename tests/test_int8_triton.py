@@ -1,0 +1,96 @@
+"""The Triton int8 kernels, by their launchers: under TRITON_INTERPRET=1 on CPU tensors (no GPU,
+as in CI; tiny shapes, the interpreter is slow), on CUDA tensors where a GPU is present. The
+references are the same eager ones as the CPU kernels'."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import generator
+from int8_reference import fake_quant_linear
+
+from fastopt import int8
+from fastopt.triton import int8_linear as triton_int8
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="without a GPU the Triton kernels need TRITON_INTERPRET=1 (set by conftest.py)",
+)
+
+SHAPES = [(1, 37, 21), (3, 64, 48), (17, 5, 130)]  # (rows, K, N): odd / even, one past a tile
+
+
+def weight_and_input(rows, k, n, seed, dtype=torch.float32):
+    gen = generator(seed)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=gen).to(dtype)
+    return w, x, scale, bias
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize(("rows", "k", "n"), SHAPES)
+def test_int8_mm_is_exact(rows, k, n):
+    gen = generator(rows + k + n)
+    a = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    a[0, :] = 127  # one row at the limit
+    w[0, :] = -127
+    out = triton_int8.int8_mm(*on_device(a, *int8.pack_int8_weight(w)), k)
+    assert out.dtype == torch.int32
+    assert torch.equal(out.cpu().long(), a.long() @ w.long().T)
+
+
+@pytest.mark.parametrize(("rows", "k", "n"), SHAPES)
+@pytest.mark.parametrize("smoothing", [False, True])
+def test_w8a8_matches_fake_quantization(rows, k, n, smoothing):
+    w, x, scale, bias = weight_and_input(rows, k, n, seed=rows * k)
+    input_scale = torch.rand(k, generator=generator(5)) + 0.5 if smoothing else None
+    packed, compensation = int8.pack_int8_weight(w)
+    packed, compensation = on_device(packed, compensation)
+    args = on_device(x, scale, bias, input_scale)
+    y = triton_int8.int8_linear(args[0], packed, compensation, k, *args[1:], True)
+    ref = fake_quant_linear(x, w, scale, bias, input_scale, quantize_input=True)
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "k", "n"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_matches_reference(rows, k, n, dtype):
+    w, x, scale, bias = weight_and_input(rows, k, n, seed=rows + 2 * k, dtype=dtype)
+    packed, compensation = int8.pack_int8_weight(w)
+    x, packed, compensation, scale, bias = on_device(x, packed, compensation, scale, bias)
+    y = triton_int8.int8_linear(x, packed, compensation, k, scale, bias, None, False)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    ref = fake_quant_linear(x, w, scale, bias, quantize_input=False)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y.cpu(), ref, rtol=tol, atol=tol)
+
+
+def test_batch_shape_and_bad_input():
+    w, x, scale, bias = weight_and_input(6, 12, 20, seed=9)
+    packed, compensation = int8.pack_int8_weight(w)
+    x, packed, compensation, scale, bias = on_device(x, packed, compensation, scale, bias)
+    args = [x.reshape(2, 3, 12), packed, compensation, 12, scale, bias, None, True]
+    assert triton_int8.int8_linear(*args).shape == (2, 3, 20)
+    args[0] = args[0][..., :11]
+    with pytest.raises(RuntimeError, match="input has 11 features"):
+        triton_int8.int8_linear(*args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_dispatch_to_triton_and_agree_with_cpu():
+    from fastopt.nn import Int8Linear
+
+    torch.manual_seed(0)
+    q = Int8Linear.from_float(torch.nn.Linear(96, 40))
+    x = torch.randn(33, 96)
+    torch.testing.assert_close(q.cuda()(x.cuda()).cpu(), q.cpu()(x), rtol=1e-5, atol=1e-5)
