@@ -15,3 +15,6 @@ from .optim import FusedAdam, FusedAdamW  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["FusedAdam", "FusedAdamW", "functional"]
+
+# Block-sparse linear products: their autograd and CUDA (Triton) registrations.
+from . import blocksparse  # noqa: E402, F401

@@ -1,2 +1,6 @@
 """Drop-in replacements for ``nn.Linear``: block-sparse and int8 layers, and helpers that swap
 the layers of a whole model."""
+
+from .blocksparse_linear import BlockSparseLinear, sparsify_
+
+__all__ = ["BlockSparseLinear", "sparsify_"]
