@@ -48,9 +48,9 @@ FASTOPT_INLINE void write_tile_as(c10::ScalarType dtype, const float* tile, int6
 
 // One thread's share of a dsd product: output block columns [first, last).
 struct DsdShare {
-  const float* panels;   // the dense operand, pack_row_panels
-  int64_t depth;         // its width
-  const float* blocks;   // pack_blocks, in entry order
+  const float* panels;  // the dense operand, pack_row_panels
+  int64_t depth;        // its width
+  const float* blocks;  // pack_blocks, in entry order
   const int64_t* offsets;
   const int64_t* indices;  // the dense operand's block column of each entry
   const float* bias;       // [out_width] or null
@@ -175,8 +175,8 @@ void check_compressed(const char* op, const char* offsets_name, const at::Tensor
   const int64_t n = offsets.numel() - 1;
   bool monotone = o[0] == 0 && o[n] == indices.numel();
   for (int64_t i = 0; i < n && monotone; ++i) monotone = o[i] <= o[i + 1];
-  TORCH_CHECK(monotone, op, ": ", offsets_name, " must rise from 0 to the length of ",
-              indices_name, " (", indices.numel(), ")");
+  TORCH_CHECK(monotone, op, ": ", offsets_name, " must rise from 0 to the length of ", indices_name,
+              " (", indices.numel(), ")");
   const int64_t* x = indices.const_data_ptr<int64_t>();
   TORCH_CHECK(std::all_of(x, x + indices.numel(), [&](int64_t v) { return 0 <= v && v < bound; }),
               op, ": ", indices_name, " must lie in [0, ", bound, ")");
@@ -337,9 +337,8 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
     check_index(kGradValues, name, *t);
     TORCH_CHECK(t->numel() == nnz, kGradValues, ": row_indices and col_indices differ in length");
     const int64_t* x = t->const_data_ptr<int64_t>();
-    TORCH_CHECK(
-        std::all_of(x, x + nnz, [&](int64_t v) { return 0 <= v && v < bound / block; }),
-        kGradValues, ": ", name, " must lie in [0, ", bound / block, ")");
+    TORCH_CHECK(std::all_of(x, x + nnz, [&](int64_t v) { return 0 <= v && v < bound / block; }),
+                kGradValues, ": ", name, " must lie in [0, ", bound / block, ")");
   }
 
   at::Tensor out = at::empty({nnz, block, block}, input.options());

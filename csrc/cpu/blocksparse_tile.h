@@ -26,13 +26,13 @@ namespace fastopt::cpu::blocksparse {
 struct VecScalar {
   using T = float;
   static constexpr int kLanes = 1;
-  static constexpr int kMaxVectors = 8;         // columns of the tile
-  static constexpr int kAccumulators = 32;      // tile rows x columns
+  static constexpr int kMaxVectors = 8;     // columns of the tile
+  static constexpr int kAccumulators = 32;  // tile rows x columns
   FASTOPT_INLINE static T zero() { return 0.0f; }
   FASTOPT_INLINE static T load(const float* p) { return *p; }
   FASTOPT_INLINE static void store(float* p, T v) { *p = v; }
-  FASTOPT_INLINE static T broadcast(float x) { return x; }
-  FASTOPT_INLINE static T fma(T a, T b, T c) { return a * b + c; }
+  FASTOPT_INLINE static T broadcast(const float& x) { return x; }
+  FASTOPT_INLINE static T fma(const T& a, const T& b, const T& c) { return a * b + c; }
 };
 
 #if defined(__x86_64__)
@@ -40,8 +40,8 @@ struct VecScalar {
 // GCC vector types rather than intrinsics: an intrinsic cannot be inlined into a helper without
 // the target attribute (the tile helpers below are shared by all variants), while these plain
 // operations are lowered to the instruction set of the variant they end up inlined into (a * b + c
-// contracts to an FMA there).
-// (Declared outside the template: GCC drops vector_size from a dependent alias.)
+// contracts to an FMA there). Declared outside the template: GCC drops vector_size from a
+// dependent alias.
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef float Floats16 __attribute__((vector_size(64)));
 
@@ -55,9 +55,18 @@ struct VecGcc {
     __builtin_memcpy(&v, p, sizeof(T));
     return v;
   }
-  FASTOPT_INLINE static void store(float* p, T v) { __builtin_memcpy(p, &v, sizeof(T)); }
-  FASTOPT_INLINE static T broadcast(float x) { return T{} + x; }
-  FASTOPT_INLINE static T fma(T a, T b, T c) { return a * b + c; }
+  FASTOPT_INLINE static void store(float* p, const T& v) { __builtin_memcpy(p, &v, sizeof(T)); }
+  // *p in every lane: one broadcast load, written in assembly because GCC builds the vector lane
+  // by lane with masked broadcasts from `T{x, x, ...}` or a splat shuffle in the innermost loop,
+  // and `T{} + x` adds x to +0 first (to honour -0). The asm reads memory it does not declare
+  // (an "m" operand would make GCC spill the accumulators around it, as if they could alias):
+  // correct here because the packed operands are never written while the kernels run.
+  FASTOPT_INLINE static T broadcast(const float& x) {
+    T v;
+    asm("vbroadcastss (%1), %0" : "=v"(v) : "r"(&x));
+    return v;
+  }
+  FASTOPT_INLINE static T fma(const T& a, const T& b, const T& c) { return a * b + c; }
 };
 
 struct VecAvx2 : VecGcc<Floats8> {
@@ -72,31 +81,31 @@ struct VecAvx512 : VecGcc<Floats16> {
 
 // Defines `static void name(const Args&)`, which runs `body<Vec>(args)` compiled for the active
 // instruction set, Vec being that set's vector type.
-#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args)                                      \
-  FASTOPT_TARGET_AVX512 static void name##_avx512(const Args& args) {                     \
-    body<::fastopt::cpu::blocksparse::VecAvx512>(args);                                   \
-  }                                                                                       \
-  FASTOPT_TARGET_AVX2 static void name##_avx2(const Args& args) {                         \
-    body<::fastopt::cpu::blocksparse::VecAvx2>(args);                                     \
-  }                                                                                       \
-  static void name##_baseline(const Args& args) {                                         \
-    body<::fastopt::cpu::blocksparse::VecScalar>(args);                                   \
-  }                                                                                       \
-  static void name(const Args& args) {                                                    \
-    switch (::fastopt::cpu::active_isa()) {                                               \
-      case ::fastopt::cpu::Isa::kAvx512:                                                  \
-        return name##_avx512(args);                                                       \
-      case ::fastopt::cpu::Isa::kAvx2:                                                    \
-        return name##_avx2(args);                                                         \
-      default:                                                                            \
-        return name##_baseline(args);                                                     \
-    }                                                                                     \
+#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args)                  \
+  FASTOPT_TARGET_AVX512 static void name##_avx512(const Args& args) { \
+    body<::fastopt::cpu::blocksparse::VecAvx512>(args);               \
+  }                                                                   \
+  FASTOPT_TARGET_AVX2 static void name##_avx2(const Args& args) {     \
+    body<::fastopt::cpu::blocksparse::VecAvx2>(args);                 \
+  }                                                                   \
+  static void name##_baseline(const Args& args) {                     \
+    body<::fastopt::cpu::blocksparse::VecScalar>(args);               \
+  }                                                                   \
+  static void name(const Args& args) {                                \
+    switch (::fastopt::cpu::active_isa()) {                           \
+      case ::fastopt::cpu::Isa::kAvx512:                              \
+        return name##_avx512(args);                                   \
+      case ::fastopt::cpu::Isa::kAvx2:                                \
+        return name##_avx2(args);                                     \
+      default:                                                        \
+        return name##_baseline(args);                                 \
+    }                                                                 \
   }
 
 #else  // other CPUs: the scalar variant only
 
-#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args) \
-  static void name(const Args& args) {               \
+#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args)    \
+  static void name(const Args& args) {                  \
     body<::fastopt::cpu::blocksparse::VecScalar>(args); \
   }
 
@@ -131,10 +140,15 @@ FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const
                                     int64_t lda, const float* b, int64_t ldb, int64_t depth) {
   for (int64_t k = 0; k < depth; ++k) {
     typename V::T bk[kVectors];
+#pragma GCC unroll 8
     for (int v = 0; v < kVectors; ++v) bk[v] = V::load(b + k * ldb + v * V::kLanes);
     const float* ak = a + k * lda;
+    // Unrolled before GCC's loop vectorizer sees it, which would otherwise vectorize across the
+    // tile's rows with masked broadcasts instead of keeping one register per accumulator.
+#pragma GCC unroll 32
     for (int m = 0; m < kRows; ++m) {
       const typename V::T am = V::broadcast(ak[m]);
+#pragma GCC unroll 8
       for (int v = 0; v < kVectors; ++v) acc[m][v] = V::fma(am, bk[v], acc[m][v]);
     }
   }
@@ -142,8 +156,8 @@ FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const
 
 // Writes acc to out (row stride ldo) as float, the first `rows` rows only.
 template <typename V, int kRows, int kVectors>
-FASTOPT_INLINE void store_tile(const typename V::T (&acc)[kRows][kVectors], float* out,
-                               int64_t ldo, int rows) {
+FASTOPT_INLINE void store_tile(const typename V::T (&acc)[kRows][kVectors], float* out, int64_t ldo,
+                               int rows) {
   for (int m = 0; m < rows; ++m) {
     for (int v = 0; v < kVectors; ++v) V::store(out + m * ldo + v * V::kLanes, acc[m][v]);
   }
