@@ -129,7 +129,9 @@ def _check_features(op: str, name: str, t: torch.Tensor, features: int, like: to
     )
     torch._check(
         t.dtype == like.dtype and t.device == like.device,
-        lambda: f"{op}: {name} is {t.dtype} on {t.device}, the weight {like.dtype} on {like.device}",
+        lambda: (
+            f"{op}: {name} is {t.dtype} on {t.device}, the weight {like.dtype} on {like.device}"
+        ),
     )
 
 

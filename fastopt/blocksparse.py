@@ -42,7 +42,9 @@ class BlockSparseIndex(NamedTuple):
 def index_from_mask(mask: Tensor) -> BlockSparseIndex:
     """The index of a block layout given as a boolean mask [out / B, in / B], on its device."""
     if mask.dim() != 2:
-        raise ValueError(f"a block layout is a 2-D mask [out/B, in/B], got shape {tuple(mask.shape)}")
+        raise ValueError(
+            f"a block layout is a 2-D mask [out/B, in/B], got shape {tuple(mask.shape)}"
+        )
     mask = mask.to(torch.bool)
     rows, cols = mask.nonzero(as_tuple=True)  # row-major: the order of `values`
     zero = torch.zeros(1, dtype=torch.long, device=mask.device)
