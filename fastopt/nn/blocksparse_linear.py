@@ -158,18 +158,37 @@ class BlockSparseLinear(nn.Module):
             f"density={self.density:.4g}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args) -> None:
-        # A checkpoint of another layout: take its mask, resize `values` to its block count.
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
+    ) -> None:
+        # All or nothing: a checkpoint of another block grid, or whose values do not match its
+        # layout, loads nothing (not even the bias). One of another layout on the same grid
+        # brings its mask, and `values` is resized to its block count.
         layout = state_dict.get(prefix + "layout")
-        if layout is not None and layout.shape == self.layout.shape:
+        values = state_dict.get(prefix + "values")
+        if layout is not None:
+            expected = (int(layout.sum()), self.block_size, self.block_size)
+            if layout.shape != self.layout.shape:
+                error_msgs.append(
+                    f"size mismatch for {prefix}layout: a block grid of {tuple(layout.shape)} "
+                    f"cannot load into this layer's {tuple(self.layout.shape)} (features or "
+                    "block_size differ)"
+                )
+                return
+            if values is not None and tuple(values.shape) != expected:
+                error_msgs.append(
+                    f"size mismatch for {prefix}values: {tuple(values.shape)} does not match the "
+                    f"checkpoint's layout, which holds {expected}"
+                )
+                return
             layout = layout.to(device=self.layout.device, dtype=torch.bool)
             if not torch.equal(layout, self.layout):
                 self.layout = layout.clone()
                 self._set_index()
-                nnz = int(layout.sum())
-                shape = (nnz, self.block_size, self.block_size)
-                self.values.data = self.values.new_empty(shape)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+                self.values.data = self.values.new_empty(expected)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
+        )
 
 
 def sparsify_(
