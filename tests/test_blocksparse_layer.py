@@ -182,7 +182,7 @@ def test_opcheck_gradient_ops():
 
 def test_compile_fullgraph_forward_and_backward():
     layer = BlockSparseLinear(64, 32, block_size=16, density=0.5)
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(3, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     out = compiled(x)
