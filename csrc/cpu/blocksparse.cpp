@@ -231,8 +231,8 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   at::Tensor out = at::empty(out_shape, dense.options());
   if (out.numel() == 0) return out;
 
-  const at::Tensor panels = pack_row_panels(a);
-  const at::Tensor blocks = pack_blocks(values, order, indices.numel(), transpose);
+  const float* panels = pack_row_panels(a, 0);
+  const float* blocks = pack_blocks(values, order, indices.numel(), transpose, 1);
   std::optional<at::Tensor> bias_float;
   if (bias.has_value()) bias_float = bias->to(at::kFloat).contiguous();
   const int64_t* o = offsets.const_data_ptr<int64_t>();
@@ -241,9 +241,9 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   for (int64_t j = 0; j < out_blocks; ++j) cost[j] = o[j + 1] - o[j] + 1;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), out_blocks);
   const std::vector<int64_t> cuts = balanced_cuts(cost, threads);
-  const DsdShare base{panels.const_data_ptr<float>(),
+  const DsdShare base{panels,
                       a.size(1),
-                      blocks.const_data_ptr<float>(),
+                      blocks,
                       o,
                       indices.const_data_ptr<int64_t>(),
                       bias_float ? bias_float->const_data_ptr<float>() : nullptr,
@@ -345,10 +345,8 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
   if (nnz == 0) return out;
   const at::Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
   const at::Tensor dy = grad_output.reshape({-1, grad_output.size(-1)}).contiguous();
-  const at::Tensor left = pack_column_panels(dy, block);
-  const at::Tensor right = pack_column_panels(x, block);
-  const SddShare base{left.const_data_ptr<float>(),
-                      right.const_data_ptr<float>(),
+  const SddShare base{pack_column_panels(dy, block, 0),
+                      pack_column_panels(x, block, 1),
                       row_indices.const_data_ptr<int64_t>(),
                       col_indices.const_data_ptr<int64_t>(),
                       out.data_ptr(),

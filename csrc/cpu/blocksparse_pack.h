@@ -5,12 +5,13 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common/macros.h"
 
@@ -19,6 +20,16 @@ namespace fastopt::cpu::blocksparse {
 // Rows of a dense operand per packed panel of the dsd products: a multiple of every tile height
 // of blocksparse_tile.h's dsd tiles (24, 12, 6 and 4 rows), so each tile reads inside one panel.
 constexpr int64_t kPanelRows = 24;
+
+// A buffer of at least `size` floats owned by the calling thread and reused by its later calls
+// (slot: which of the call's buffers). A fresh multi-megabyte allocation is mapped and page-faulted
+// anew on every call, which costs more than the packing itself.
+inline float* workspace(int slot, int64_t size) {
+  thread_local std::vector<float> buffers[2];
+  std::vector<float>& buffer = buffers[slot];
+  if (int64_t(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
 
 // Calls f.template operator()<S>() with S the C++ type of `dtype` (float or bfloat16).
 template <typename F>
@@ -33,39 +44,36 @@ void switch_float_or_bfloat16(c10::ScalarType dtype, const F& f) {
   }
 }
 
-// src [rows, width] (contiguous) -> dst [ceil(rows / kPanelRows)][width][kPanelRows]: panel p
-// holds rows p * kPanelRows.., transposed, rows past the end being zeros.
-inline at::Tensor pack_row_panels(const at::Tensor& src) {
+// src [rows, width] (contiguous) -> [ceil(rows / kPanelRows)][width][kPanelRows] in workspace
+// `slot`: panel p holds rows p * kPanelRows.., transposed, rows past the end being zeros.
+inline const float* pack_row_panels(const at::Tensor& src, int slot) {
   const int64_t rows = src.size(0), width = src.size(1);
   const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
-  at::Tensor dst = at::empty({panels, width, kPanelRows}, src.options().dtype(at::kFloat));
-  float* out = dst.data_ptr<float>();
+  float* out = workspace(slot, panels * width * kPanelRows);
   switch_float_or_bfloat16(src.scalar_type(), [&]<typename S>() {
     const S* in = src.const_data_ptr<S>();
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         float* panel = out + p * width * kPanelRows;
-        for (int64_t m = 0; m < kPanelRows; ++m) {
-          const int64_t row = p * kPanelRows + m;
-          if (row < rows) {
-            const S* line = in + row * width;
-            for (int64_t k = 0; k < width; ++k) panel[k * kPanelRows + m] = float(line[k]);
-          } else {
-            for (int64_t k = 0; k < width; ++k) panel[k * kPanelRows + m] = 0.0f;
-          }
+        const S* first = in + p * kPanelRows * width;
+        const int64_t valid = std::min(kPanelRows, rows - p * kPanelRows);
+        // Written in order, read along kPanelRows rows at once.
+        for (int64_t k = 0; k < width; ++k) {
+          float* line = panel + k * kPanelRows;
+          for (int64_t m = 0; m < valid; ++m) line[m] = float(first[m * width + k]);
+          for (int64_t m = valid; m < kPanelRows; ++m) line[m] = 0.0f;
         }
       }
     });
   });
-  return dst;
+  return out;
 }
 
-// src [rows, width] (contiguous), width = blocks * block -> dst [blocks][rows][block]: the
-// columns of each block of columns, row after row (the operands of the sdd product).
-inline at::Tensor pack_column_panels(const at::Tensor& src, int64_t block) {
+// src [rows, width] (contiguous), width = blocks * block -> [blocks][rows][block] in workspace
+// `slot`: the columns of each block of columns, row after row (the operands of the sdd product).
+inline const float* pack_column_panels(const at::Tensor& src, int64_t block, int slot) {
   const int64_t rows = src.size(0), width = src.size(1), blocks = width / block;
-  at::Tensor dst = at::empty({blocks, rows, block}, src.options().dtype(at::kFloat));
-  float* out = dst.data_ptr<float>();
+  float* out = workspace(slot, blocks * rows * block);
   switch_float_or_bfloat16(src.scalar_type(), [&]<typename S>() {
     const S* in = src.const_data_ptr<S>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -78,17 +86,16 @@ inline at::Tensor pack_column_panels(const at::Tensor& src, int64_t block) {
       }
     });
   });
-  return dst;
+  return out;
 }
 
-// values [nnz, block, block] -> dst [entries][block][block] with entry e holding the block
-// values[order[e]] (values[e] without `order`), transposed when `transpose`: each entry is then
-// the [depth][columns] operand of one step of a dsd product.
-inline at::Tensor pack_blocks(const at::Tensor& values, const int64_t* order, int64_t entries,
-                              bool transpose) {
+// values [nnz, block, block] -> [entries][block][block] in workspace `slot`, entry e holding the
+// block values[order[e]] (values[e] without `order`), transposed when `transpose`: each entry is
+// then the [depth][columns] operand of one step of a dsd product.
+inline const float* pack_blocks(const at::Tensor& values, const int64_t* order, int64_t entries,
+                                bool transpose, int slot) {
   const int64_t block = values.size(1);
-  at::Tensor dst = at::empty({entries, block, block}, values.options().dtype(at::kFloat));
-  float* out = dst.data_ptr<float>();
+  float* out = workspace(slot, entries * block * block);
   switch_float_or_bfloat16(values.scalar_type(), [&]<typename S>() {
     const S* in = values.const_data_ptr<S>();
     at::parallel_for(0, entries, 1, [&](int64_t begin, int64_t end) {
@@ -103,7 +110,7 @@ inline at::Tensor pack_blocks(const at::Tensor& values, const int64_t* order, in
       }
     });
   });
-  return dst;
+  return out;
 }
 
 }  // namespace fastopt::cpu::blocksparse
