@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "common/macros.h"
 #include "cpu/isa.h"
@@ -31,7 +33,10 @@ struct VecScalar {
   FASTOPT_INLINE static T zero() { return 0.0f; }
   FASTOPT_INLINE static T load(const float* p) { return *p; }
   FASTOPT_INLINE static void store(float* p, T v) { *p = v; }
-  FASTOPT_INLINE static T broadcast(const float& x) { return x; }
+  template <int kIndex>
+  FASTOPT_INLINE static T broadcast(const float* p) {
+    return p[kIndex];
+  }
   FASTOPT_INLINE static T fma(const T& a, const T& b, const T& c) { return a * b + c; }
 };
 
@@ -56,14 +61,16 @@ struct VecGcc {
     return v;
   }
   FASTOPT_INLINE static void store(float* p, const T& v) { __builtin_memcpy(p, &v, sizeof(T)); }
-  // *p in every lane: one broadcast load, written in assembly because GCC builds the vector lane
-  // by lane with masked broadcasts from `T{x, x, ...}` or a splat shuffle in the innermost loop,
-  // and `T{} + x` adds x to +0 first (to honour -0). The asm reads memory it does not declare
-  // (an "m" operand would make GCC spill the accumulators around it, as if they could alias):
-  // correct here because the packed operands are never written while the kernels run.
-  FASTOPT_INLINE static T broadcast(const float& x) {
+  // p[kIndex] in every lane: one broadcast load, its offset folded into the address. Written in
+  // assembly because GCC builds the vector lane by lane with masked broadcasts from
+  // `T{x, x, ...}` or a splat shuffle in the innermost loop, and `T{} + x` adds x to +0 first (to
+  // honour -0). The asm reads memory it does not declare (an "m" operand makes GCC keep the
+  // accumulators in memory, as if they could alias): correct here because the packed operands
+  // are never written while the kernels run.
+  template <int kIndex>
+  FASTOPT_INLINE static T broadcast(const float* p) {
     T v;
-    asm("vbroadcastss (%1), %0" : "=v"(v) : "r"(&x));
+    asm("vbroadcastss %c2(%1), %0" : "=v"(v) : "r"(p), "i"(kIndex * sizeof(float)));
     return v;
   }
   FASTOPT_INLINE static T fma(const T& a, const T& b, const T& c) { return a * b + c; }
@@ -132,6 +139,18 @@ FASTOPT_INLINE void zero_tile(typename V::T (&acc)[kRows][kVectors]) {
   }
 }
 
+// acc[m][:] += a[m] * b[:] for every row m of the tile, unrolled at compile time.
+template <typename V, int kVectors, int... kRow>
+FASTOPT_INLINE void accumulate_rows(typename V::T (&acc)[sizeof...(kRow)][kVectors], const float* a,
+                                    const typename V::T (&b)[kVectors],
+                                    std::integer_sequence<int, kRow...>) {
+  const auto row = [&]<int kM>(std::integral_constant<int, kM>) FASTOPT_INLINE_LAMBDA {
+    const typename V::T am = V::template broadcast<kM>(a);
+    for (int v = 0; v < kVectors; ++v) acc[kM][v] = V::fma(am, b[v], acc[kM][v]);
+  };
+  (row(std::integral_constant<int, kRow>{}), ...);
+}
+
 // acc[m][:] += sum over k < depth of a[k * lda + m] * b[k * ldb + :], the columns being the
 // kVectors vectors from b. Each step loads kVectors vectors of b once and broadcasts kRows
 // elements of a: kRows * kVectors FMAs for kRows + kVectors loads.
@@ -140,17 +159,8 @@ FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const
                                     int64_t lda, const float* b, int64_t ldb, int64_t depth) {
   for (int64_t k = 0; k < depth; ++k) {
     typename V::T bk[kVectors];
-#pragma GCC unroll 8
     for (int v = 0; v < kVectors; ++v) bk[v] = V::load(b + k * ldb + v * V::kLanes);
-    const float* ak = a + k * lda;
-    // Unrolled before GCC's loop vectorizer sees it, which would otherwise vectorize across the
-    // tile's rows with masked broadcasts instead of keeping one register per accumulator.
-#pragma GCC unroll 32
-    for (int m = 0; m < kRows; ++m) {
-      const typename V::T am = V::broadcast(ak[m]);
-#pragma GCC unroll 8
-      for (int v = 0; v < kVectors; ++v) acc[m][v] = V::fma(am, bk[v], acc[m][v]);
-    }
+    accumulate_rows<V>(acc, a + k * lda, bk, std::make_integer_sequence<int, kRows>{});
   }
 }
 
