@@ -48,49 +48,72 @@ FASTOPT_INLINE void write_tile_as(c10::ScalarType dtype, const float* tile, int6
 
 // One thread's share of a dsd product: output block columns [first, last).
 struct DsdShare {
-  const float* panels;  // the dense operand, pack_row_panels
-  int64_t depth;        // its width
-  const float* blocks;  // pack_blocks, in entry order
-  const int64_t* offsets;
+  const float* panels;     // the dense operand, pack_row_panels of panel_rows rows
+  int64_t depth;           // its width
+  const float* values;     // the weight's blocks as float32 [nnz, block, block]
+  const int64_t* offsets;  // entries of output block column j: offsets[j]..offsets[j + 1]
   const int64_t* indices;  // the dense operand's block column of each entry
+  const int64_t* order;    // the block of each entry (null: entry e is block e)
   const float* bias;       // [out_width] or null
   void* out;               // [rows, out_width]
   c10::ScalarType out_dtype;
   int64_t rows;
   int64_t out_width;
   int64_t block;
+  int64_t panel_rows;
+  bool wide;     // DsdTile<..., wide>
+  bool by_rows;  // output features are the rows of the blocks (forward), else their columns
   int64_t first;
   int64_t last;
 };
 
-template <typename V, int kBlock>
+// For output block column j and the batch rows of one panel: tiles of kRows features by
+// kPanelRows rows, accumulated over the entries of j, each broadcasting weights straight from
+// its block and loading batch rows from the panel; gathered (transposed) into the panel's
+// [rows, block] piece of the output, which is then written whole rows at a time.
+template <typename V, int kBlock, bool kWide, bool kByRows>
 FASTOPT_INLINE void dsd_share(const DsdShare& s) {
-  using T = Tile<V, kBlock>;
-  constexpr int kRows = T::kRows;
-  static_assert(kPanelRows % kRows == 0);
-  alignas(64) float tile[kRows * T::kColumns];
+  using T = DsdTile<V, kBlock, kWide>;
+  constexpr int kRows = T::kRows, kPanel = T::kPanelRows;
+  // Within a block, the weight of feature f at depth k sits at f * kRowStride + k * kDepthStride.
+  constexpr int kRowStride = kByRows ? kBlock : 1;
+  constexpr int64_t kDepthStride = kByRows ? 1 : kBlock;
+  TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
+  alignas(64) float tile[kRows * kPanel];
+  alignas(64) float piece[kPanel * kBlock];
   typename V::T acc[kRows][T::kVectors];
-  const int64_t panels = (s.rows + kPanelRows - 1) / kPanelRows;
+  const int64_t panels = (s.rows + kPanel - 1) / kPanel;
   for (int64_t j = s.first; j < s.last; ++j) {
     const int64_t begin = s.offsets[j], end = s.offsets[j + 1];
     for (int64_t p = 0; p < panels; ++p) {
-      const float* panel = s.panels + p * s.depth * kPanelRows;
-      for (int64_t m0 = 0; m0 < kPanelRows && p * kPanelRows + m0 < s.rows; m0 += kRows) {
-        const int rows = int(std::min<int64_t>(kRows, s.rows - p * kPanelRows - m0));
-        for (int c0 = 0; c0 < kBlock; c0 += T::kColumns) {
-          zero_tile<V>(acc);
-          for (int64_t e = begin; e < end; ++e) {
-            accumulate_tile<V>(acc, panel + s.indices[e] * kBlock * kPanelRows + m0, kPanelRows,
-                               s.blocks + e * kBlock * kBlock + c0, kBlock, kBlock);
-          }
-          store_tile<V>(acc, tile, T::kColumns, rows);
-          const int64_t column = j * kBlock + c0;
-          write_tile_as(s.out_dtype, tile, T::kColumns, rows, T::kColumns,
-                        s.bias ? s.bias + column : nullptr, s.out,
-                        (p * kPanelRows + m0) * s.out_width + column, s.out_width);
+      const float* panel = s.panels + p * s.depth * kPanel;
+      for (int f0 = 0; f0 < kBlock; f0 += kRows) {
+        zero_tile<V>(acc);
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t stored = s.order ? s.order[e] : e;
+          const float* weights = s.values + stored * kBlock * kBlock + f0 * kRowStride;
+          accumulate_tile<V, kRowStride>(acc, weights, kDepthStride,
+                                         panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock);
+        }
+        store_tile<V>(acc, tile, kPanel, kRows);
+        for (int n = 0; n < kPanel; ++n) {
+          for (int f = 0; f < kRows; ++f) piece[n * kBlock + f0 + f] = tile[f * kPanel + n];
         }
       }
+      const int valid = int(std::min<int64_t>(kPanel, s.rows - p * kPanel));
+      const int64_t column = j * kBlock;
+      write_tile_as(s.out_dtype, piece, kBlock, valid, kBlock, s.bias ? s.bias + column : nullptr,
+                    s.out, p * kPanel * s.out_width + column, s.out_width);
     }
+  }
+}
+
+template <typename V, int kBlock>
+FASTOPT_INLINE void dsd_share_by_block(const DsdShare& s) {
+  if (s.wide) {
+    s.by_rows ? dsd_share<V, kBlock, true, true>(s) : dsd_share<V, kBlock, true, false>(s);
+  } else {
+    s.by_rows ? dsd_share<V, kBlock, false, true>(s) : dsd_share<V, kBlock, false, false>(s);
   }
 }
 
@@ -98,11 +121,11 @@ template <typename V>
 FASTOPT_INLINE void dsd_share_body(const DsdShare& s) {
   switch (s.block) {
     case 16:
-      return dsd_share<V, 16>(s);
+      return dsd_share_by_block<V, 16>(s);
     case 32:
-      return dsd_share<V, 32>(s);
+      return dsd_share_by_block<V, 32>(s);
     case 64:
-      return dsd_share<V, 64>(s);
+      return dsd_share_by_block<V, 64>(s);
   }
 }
 
@@ -134,7 +157,7 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
     for (int i0 = 0; i0 < kBlock; i0 += kRows) {
       for (int c0 = 0; c0 < kBlock; c0 += T::kColumns) {
         zero_tile<V>(acc);
-        accumulate_tile<V>(acc, left + i0, kBlock, right + c0, kBlock, s.rows);
+        accumulate_tile<V, 1>(acc, left + i0, kBlock, right + c0, kBlock, s.rows);
         store_tile<V>(acc, tile, T::kColumns, kRows);
         write_tile_as(s.out_dtype, tile, T::kColumns, kRows, T::kColumns, nullptr, s.out,
                       (e * kBlock + i0) * kBlock + c0, kBlock);
@@ -218,9 +241,10 @@ std::vector<int64_t> balanced_cuts(const std::vector<int64_t>& cost, int64_t par
   return cuts;
 }
 
-// out [rows, (offsets.numel() - 1) * B] (+ bias): see the file comment.
+// out [rows, (offsets.numel() - 1) * B] (+ bias): see the file comment. `by_rows`: the output
+// features are the rows of the blocks (forward), else their columns (grad_input).
 at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tensor& offsets,
-               const at::Tensor& indices, const int64_t* order, bool transpose,
+               const at::Tensor& indices, const int64_t* order, bool by_rows,
                const std::optional<at::Tensor>& bias) {
   const int64_t block = values.size(1);
   const at::Tensor a = dense.reshape({-1, dense.size(-1)}).contiguous();
@@ -231,8 +255,12 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   at::Tensor out = at::empty(out_shape, dense.options());
   if (out.numel() == 0) return out;
 
-  const float* panels = pack_row_panels(a, 0);
-  const float* blocks = pack_blocks(values, order, indices.numel(), transpose, 1);
+  // A batch that fits one vector takes the narrow tile; others the wide one.
+  const bool wide = rows > dsd_panel_rows(false);
+  const int64_t panel_rows = dsd_panel_rows(wide);
+  const float* panels = pack_row_panels(a, panel_rows, 0);
+  // The kernel reads the blocks in place: only bf16 ones are converted (no transposition).
+  const at::Tensor values_float = values.to(at::kFloat).contiguous();
   std::optional<at::Tensor> bias_float;
   if (bias.has_value()) bias_float = bias->to(at::kFloat).contiguous();
   const int64_t* o = offsets.const_data_ptr<int64_t>();
@@ -243,15 +271,19 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   const std::vector<int64_t> cuts = balanced_cuts(cost, threads);
   const DsdShare base{panels,
                       a.size(1),
-                      blocks,
+                      values_float.const_data_ptr<float>(),
                       o,
                       indices.const_data_ptr<int64_t>(),
+                      order,
                       bias_float ? bias_float->const_data_ptr<float>() : nullptr,
                       out.data_ptr(),
                       out.scalar_type(),
                       rows,
                       out_width,
                       block,
+                      panel_rows,
+                      wide,
+                      by_rows,
                       0,
                       0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
@@ -285,7 +317,7 @@ at::Tensor blocksparse_linear_cpu(const at::Tensor& input, const at::Tensor& val
                 out_features, "], got ", bias->sizes());
     check_dense(kForward, "bias", *bias, out_features, values.scalar_type());
   }
-  return dsd(input, values, crow_indices, col_indices, nullptr, /*transpose=*/true, bias);
+  return dsd(input, values, crow_indices, col_indices, nullptr, /*by_rows=*/true, bias);
 }
 
 at::Tensor blocksparse_linear_grad_input_cpu(const at::Tensor& grad_output,
@@ -308,7 +340,7 @@ at::Tensor blocksparse_linear_grad_input_cpu(const at::Tensor& grad_output,
   TORCH_CHECK(std::all_of(order, order + nnz, [&](int64_t v) { return 0 <= v && v < nnz; }),
               kGradInput, ": t_block_indices must lie in [0, ", nnz, ")");
   check_dense(kGradInput, "grad_output", grad_output, out_blocks * block, values.scalar_type());
-  return dsd(grad_output, values, ccol_indices, t_row_indices, order, /*transpose=*/false,
+  return dsd(grad_output, values, ccol_indices, t_row_indices, order, /*by_rows=*/false,
              std::nullopt);
 }
 

@@ -131,6 +131,35 @@ struct Tile {
   static_assert(kBlock % kColumns == 0 && kBlock % kPow2Rows == 0);
 };
 
+// The register tile of the dsd products: kRows output features (rows or columns of one weight
+// block, broadcast from it) by kVectors vectors of batch rows (loaded from a packed panel of
+// kPanelRows rows). Wide: three vectors of batch rows, for batches beyond one vector; narrow: one,
+// so that a small batch is not padded to three.
+template <typename V, int kBlock, bool kWide>
+struct DsdTile {
+  static constexpr int kVectors = kWide ? 3 : 1;
+  static constexpr int kFit = V::kAccumulators / kVectors;
+  static constexpr int kRows = std::min(kBlock, kFit >= 16 ? 16 : kFit >= 8 ? 8 : 4);
+  static constexpr int kPanelRows = kVectors * V::kLanes;
+  static_assert(kBlock % kRows == 0);
+};
+
+// DsdTile<V, *, wide>::kPanelRows of the active instruction set's V.
+inline int64_t dsd_panel_rows(bool wide) {
+  const int vectors = wide ? 3 : 1;
+#if defined(__x86_64__)
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      return vectors * VecAvx512::kLanes;
+    case Isa::kAvx2:
+      return vectors * VecAvx2::kLanes;
+    default:
+      break;
+  }
+#endif
+  return vectors * VecScalar::kLanes;
+}
+
 // acc[m][v] = 0.
 template <typename V, int kRows, int kVectors>
 FASTOPT_INLINE void zero_tile(typename V::T (&acc)[kRows][kVectors]) {
@@ -140,27 +169,27 @@ FASTOPT_INLINE void zero_tile(typename V::T (&acc)[kRows][kVectors]) {
 }
 
 // acc[m][:] += a[m] * b[:] for every row m of the tile, unrolled at compile time.
-template <typename V, int kVectors, int... kRow>
+template <typename V, int kRowStride, int kVectors, int... kRow>
 FASTOPT_INLINE void accumulate_rows(typename V::T (&acc)[sizeof...(kRow)][kVectors], const float* a,
                                     const typename V::T (&b)[kVectors],
                                     std::integer_sequence<int, kRow...>) {
   const auto row = [&]<int kM>(std::integral_constant<int, kM>) FASTOPT_INLINE_LAMBDA {
-    const typename V::T am = V::template broadcast<kM>(a);
+    const typename V::T am = V::template broadcast<kM * kRowStride>(a);
     for (int v = 0; v < kVectors; ++v) acc[kM][v] = V::fma(am, b[v], acc[kM][v]);
   };
   (row(std::integral_constant<int, kRow>{}), ...);
 }
 
-// acc[m][:] += sum over k < depth of a[k * lda + m] * b[k * ldb + :], the columns being the
-// kVectors vectors from b. Each step loads kVectors vectors of b once and broadcasts kRows
-// elements of a: kRows * kVectors FMAs for kRows + kVectors loads.
-template <typename V, int kRows, int kVectors>
+// acc[m][:] += sum over k < depth of a[k * lda + m * kRowStride] * b[k * ldb + :], the columns
+// being the kVectors vectors from b. Each step loads kVectors vectors of b once and broadcasts
+// kRows elements of a: kRows * kVectors FMAs for kRows + kVectors loads.
+template <typename V, int kRowStride, int kRows, int kVectors>
 FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const float* a,
                                     int64_t lda, const float* b, int64_t ldb, int64_t depth) {
   for (int64_t k = 0; k < depth; ++k) {
     typename V::T bk[kVectors];
     for (int v = 0; v < kVectors; ++v) bk[v] = V::load(b + k * ldb + v * V::kLanes);
-    accumulate_rows<V>(acc, a + k * lda, bk, std::make_integer_sequence<int, kRows>{});
+    accumulate_rows<V, kRowStride>(acc, a + k * lda, bk, std::make_integer_sequence<int, kRows>{});
   }
 }
 
