@@ -36,13 +36,24 @@ FASTOPT_INLINE void write_tile(const float* tile, int64_t ldt, int rows, int col
   }
 }
 
+// write_tile, or with `transposed` its transpose: out[m * ldo + j] = tile[j * ldt + m] (plus
+// bias[j]), where tile holds `columns` rows of `rows` floats.
+template <bool kTransposed = false>
 FASTOPT_INLINE void write_tile_as(c10::ScalarType dtype, const float* tile, int64_t ldt, int rows,
                                   int columns, const float* bias, void* out, int64_t offset,
                                   int64_t ldo) {
+  const auto write = [&]<typename S>(S* to) FASTOPT_INLINE_LAMBDA {
+    if (!kTransposed) return write_tile(tile, ldt, rows, columns, bias, to, ldo);
+    for (int m = 0; m < rows; ++m) {
+      for (int j = 0; j < columns; ++j) {
+        to[m * ldo + j] = S(tile[j * ldt + m] + (bias ? bias[j] : 0.0f));
+      }
+    }
+  };
   if (dtype == c10::ScalarType::BFloat16) {
-    write_tile(tile, ldt, rows, columns, bias, static_cast<c10::BFloat16*>(out) + offset, ldo);
+    write(static_cast<c10::BFloat16*>(out) + offset);
   } else {
-    write_tile(tile, ldt, rows, columns, bias, static_cast<float*>(out) + offset, ldo);
+    write(static_cast<float*>(out) + offset);
   }
 }
 
@@ -69,8 +80,8 @@ struct DsdShare {
 
 // For output block column j and the batch rows of one panel: tiles of kRows features by
 // kPanelRows rows, accumulated over the entries of j, each broadcasting weights straight from
-// its block and loading batch rows from the panel; gathered (transposed) into the panel's
-// [rows, block] piece of the output, which is then written whole rows at a time.
+// its block and loading batch rows from the panel; stored as the panel's [block, rows] piece of
+// the output, which is then written transposed, whole rows of the output at a time.
 template <typename V, int kBlock, bool kWide, bool kByRows>
 FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   using T = DsdTile<V, kBlock, kWide>;
@@ -79,8 +90,7 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   constexpr int kRowStride = kByRows ? kBlock : 1;
   constexpr int64_t kDepthStride = kByRows ? 1 : kBlock;
   TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
-  alignas(64) float tile[kRows * kPanel];
-  alignas(64) float piece[kPanel * kBlock];
+  alignas(64) float piece[kBlock * kPanel];
   typename V::T acc[kRows][T::kVectors];
   const int64_t panels = (s.rows + kPanel - 1) / kPanel;
   for (int64_t j = s.first; j < s.last; ++j) {
@@ -95,15 +105,13 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
           accumulate_tile<V, kRowStride>(acc, weights, kDepthStride,
                                          panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock);
         }
-        store_tile<V>(acc, tile, kPanel, kRows);
-        for (int n = 0; n < kPanel; ++n) {
-          for (int f = 0; f < kRows; ++f) piece[n * kBlock + f0 + f] = tile[f * kPanel + n];
-        }
+        store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
       }
       const int valid = int(std::min<int64_t>(kPanel, s.rows - p * kPanel));
       const int64_t column = j * kBlock;
-      write_tile_as(s.out_dtype, piece, kBlock, valid, kBlock, s.bias ? s.bias + column : nullptr,
-                    s.out, p * kPanel * s.out_width + column, s.out_width);
+      write_tile_as<true>(s.out_dtype, piece, kPanel, valid, kBlock,
+                          s.bias ? s.bias + column : nullptr, s.out,
+                          p * kPanel * s.out_width + column, s.out_width);
     }
   }
 }
