@@ -102,8 +102,10 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
         for (int64_t e = begin; e < end; ++e) {
           const int64_t stored = s.order ? s.order[e] : e;
           const float* weights = s.values + stored * kBlock * kBlock + f0 * kRowStride;
+          const int64_t next = e + 1 < end ? e + 1 : begin;  // the next f0 starts over
           accumulate_tile<V, kRowStride>(acc, weights, kDepthStride,
-                                         panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock);
+                                         panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock,
+                                         panel + s.indices[next] * kBlock * kPanel);
         }
         store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
       }

@@ -182,13 +182,19 @@ FASTOPT_INLINE void accumulate_rows(typename V::T (&acc)[sizeof...(kRow)][kVecto
 
 // acc[m][:] += sum over k < depth of a[k * lda + m * kRowStride] * b[k * ldb + :], the columns
 // being the kVectors vectors from b. Each step loads kVectors vectors of b once and broadcasts
-// kRows elements of a: kRows * kVectors FMAs for kRows + kVectors loads.
+// kRows elements of a: kRows * kVectors FMAs for kRows + kVectors loads. With `next_b`, each
+// step also prefetches the b of the call that follows (same shape), whose memory the hardware
+// prefetcher cannot guess.
 template <typename V, int kRowStride, int kRows, int kVectors>
 FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const float* a,
-                                    int64_t lda, const float* b, int64_t ldb, int64_t depth) {
+                                    int64_t lda, const float* b, int64_t ldb, int64_t depth,
+                                    const float* next_b = nullptr) {
   for (int64_t k = 0; k < depth; ++k) {
     typename V::T bk[kVectors];
     for (int v = 0; v < kVectors; ++v) bk[v] = V::load(b + k * ldb + v * V::kLanes);
+    if (next_b) {
+      for (int v = 0; v < kVectors; ++v) __builtin_prefetch(next_b + k * ldb + v * V::kLanes);
+    }
     accumulate_rows<V, kRowStride>(acc, a + k * lda, bk, std::make_integer_sequence<int, kRows>{});
   }
 }
