@@ -168,9 +168,14 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
       for (int c0 = 0; c0 < kBlock; c0 += T::kColumns) {
         zero_tile<V>(acc);
         accumulate_tile<V, 1>(acc, left + i0, kBlock, right + c0, kBlock, s.rows);
-        store_tile<V>(acc, tile, T::kColumns, kRows);
-        write_tile_as(s.out_dtype, tile, T::kColumns, kRows, T::kColumns, nullptr, s.out,
-                      (e * kBlock + i0) * kBlock + c0, kBlock);
+        const int64_t offset = (e * kBlock + i0) * kBlock + c0;
+        if (s.out_dtype == c10::ScalarType::Float) {  // straight to the output, vector stores
+          store_tile<V>(acc, static_cast<float*>(s.out) + offset, kBlock, kRows);
+        } else {
+          store_tile<V>(acc, tile, T::kColumns, kRows);
+          write_tile_as(s.out_dtype, tile, T::kColumns, kRows, T::kColumns, nullptr, s.out, offset,
+                        kBlock);
+        }
       }
     }
   }
