@@ -103,7 +103,7 @@ def test_blocksparse_linear(benchmark, layers, case, impl, pass_):
     run = _runner(impl, pass_, layer, dense, bsr, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        benchmark.pedantic(run, rounds=7, warmup_rounds=2)
+        benchmark.pedantic(run, rounds=11, warmup_rounds=2)
     ms = benchmark.stats.stats.median * 1e3
     _RESULTS.setdefault(case, {})[(impl, pass_)] = ms
     products = 1 if pass_ == "forward" else 3

@@ -6,7 +6,8 @@
 // each block) and the transposed index over its block columns (ccol, row, block position).
 //
 // Both dsd products are one routine: output block column j sums, over the entries of its index
-// row, a [rows, B] panel of the dense operand times a B x B block. Threads own ranges of output
+// row, a [rows, B] panel of the dense operand times a B x B block (as stored, or transposed for
+// the forward pass). Threads own ranges of output
 // block columns balanced by their entry counts; the sdd product splits its blocks evenly.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -157,8 +158,8 @@ struct SddShare {
 
 template <typename V, int kBlock>
 FASTOPT_INLINE void sdd_share(const SddShare& s) {
-  using T = Tile<V, kBlock>;
-  constexpr int kRows = T::kPow2Rows;
+  using T = SddTile<V, kBlock>;
+  constexpr int kRows = T::kRows;
   alignas(64) float tile[kRows * T::kColumns];
   typename V::T acc[kRows][T::kVectors];
   for (int64_t e = s.first; e < s.last; ++e) {

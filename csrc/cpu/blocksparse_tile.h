@@ -78,7 +78,7 @@ struct VecGcc {
 
 struct VecAvx2 : VecGcc<Floats8> {
   static constexpr int kMaxVectors = 2;
-  static constexpr int kAccumulators = 12;  // + 2 loaded vectors + 1 broadcast of 16 registers
+  static constexpr int kAccumulators = 12;  // + up to 3 loaded vectors + 1 broadcast: 16 registers
 };
 
 struct VecAvx512 : VecGcc<Floats16> {
@@ -118,17 +118,20 @@ struct VecAvx512 : VecGcc<Floats16> {
 
 #endif
 
-// The register tile for blocks of kBlock x kBlock: kVectors vectors of columns (the block's
-// width, or a part of it when the registers cannot hold it), and as many rows as the remaining
-// accumulators allow. Rows of the sampled product (sdd) cut a block's rows, so they must divide
-// kBlock: a power of two.
+// A power of two of at most 16 rows that `accumulators` accumulators hold, 4 at least: tile rows
+// cut a block's rows or columns, so they must divide the block size.
+constexpr int tile_rows(int accumulators) {
+  return accumulators >= 16 ? 16 : accumulators >= 8 ? 8 : 4;
+}
+
+// The register tile of the sampled product (sdd): kRows rows of one output block by kVectors
+// vectors of its columns (the block's width, or part of it when the registers cannot hold it).
 template <typename V, int kBlock>
-struct Tile {
+struct SddTile {
   static constexpr int kVectors = std::min(kBlock / V::kLanes, V::kMaxVectors);
   static constexpr int kColumns = kVectors * V::kLanes;
-  static constexpr int kRows = V::kAccumulators / kVectors;
-  static constexpr int kPow2Rows = kRows >= 16 ? 16 : kRows >= 8 ? 8 : kRows >= 4 ? 4 : 2;
-  static_assert(kBlock % kColumns == 0 && kBlock % kPow2Rows == 0);
+  static constexpr int kRows = tile_rows(V::kAccumulators / kVectors);
+  static_assert(kBlock % kColumns == 0 && kBlock % kRows == 0);
 };
 
 // The register tile of the dsd products: kRows output features (rows or columns of one weight
@@ -138,8 +141,7 @@ struct Tile {
 template <typename V, int kBlock, bool kWide>
 struct DsdTile {
   static constexpr int kVectors = kWide ? 3 : 1;
-  static constexpr int kFit = V::kAccumulators / kVectors;
-  static constexpr int kRows = std::min(kBlock, kFit >= 16 ? 16 : kFit >= 8 ? 8 : 4);
+  static constexpr int kRows = std::min(kBlock, tile_rows(V::kAccumulators / kVectors));
   static constexpr int kPanelRows = kVectors * V::kLanes;
   static_assert(kBlock % kRows == 0);
 };
