@@ -7,8 +7,8 @@
 //
 // Both dsd products are one routine: output block column j sums, over the entries of its index
 // row, a [rows, B] panel of the dense operand times a B x B block (as stored, or transposed for
-// the forward pass). Threads own ranges of output
-// block columns balanced by their entry counts; the sdd product splits its blocks evenly.
+// the forward pass). Threads own ranges of output block columns balanced by their entry counts;
+// the sdd product splits its blocks evenly.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
