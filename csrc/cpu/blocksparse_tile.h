@@ -65,8 +65,8 @@ struct VecGcc {
   // assembly because GCC builds the vector lane by lane with masked broadcasts from
   // `T{x, x, ...}` or a splat shuffle in the innermost loop, and `T{} + x` adds x to +0 first (to
   // honour -0). The asm reads memory it does not declare (an "m" operand makes GCC keep the
-  // accumulators in memory, as if they could alias): correct here because the packed operands
-  // are never written while the kernels run.
+  // accumulators in memory, as if they could alias): correct here because what it reads (packed
+  // panels, the weights' blocks) is never written while the kernels run.
   template <int kIndex>
   FASTOPT_INLINE static T broadcast(const float* p) {
     T v;
