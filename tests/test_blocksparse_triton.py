@@ -74,3 +74,19 @@ def test_triton_rejects_a_block_size_it_cannot_tile():
     index = bs.index_from_mask(torch.ones(1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="blocks of 16 to 128, got 8"):
         triton_blocksparse.blocksparse_linear(torch.randn(2, 8), values, None, *index)
+
+
+@pytest.mark.parametrize("name", bs._OPS)
+def test_every_op_has_a_cuda_kernel(name):
+    """Each op has a CUDA kernel (fastopt builds no C++ one for them: it is the Triton one)."""
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastopt::{name}", "CUDA")
+
+
+def test_registered_cuda_kernel_runs_the_launcher():
+    """The function registered for CUDA, called on CPU tensors here, imports the launchers and
+    gives their result."""
+    mask = make_mask("random", 2, 2, torch.Generator().manual_seed(3))
+    case = make_case(mask, 16, (3,), torch.float32, seed=4)
+    index = bs.index_from_mask(mask)
+    out = bs._triton_kernel("blocksparse_linear")(case.x, case.values, case.bias, *index)
+    assert_close_to_reference({"out": out}, case)
