@@ -93,7 +93,7 @@ def _backward(ctx, grad_output):
             grad_output, input, row, col, values.shape[1]
         )
     if ctx.needs_input_grad[2]:
-        grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        grad_bias = grad_output.sum(tuple(range(grad_output.dim() - 1)))
     return grad_input, grad_values, grad_bias, None, None, None, None, None, None
 
 

@@ -222,3 +222,18 @@ def test_forward_with_wrong_features_fails_and_changes_nothing():
         layer(torch.randn(3, 48))
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("in_features, out_features", [(0, 32), (32, 0)])
+def test_zero_features_behave_like_nn_linear(in_features, out_features):
+    layer = BlockSparseLinear(in_features, out_features, block_size=16, density=0.5)
+    assert layer.values.shape == (0, 16, 16)
+    dense = layer.to_dense()
+    x = torch.randn(3, in_features, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = layer(x), dense(x_ref)
+    assert torch.equal(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad) and torch.equal(layer.bias.grad, dense.bias.grad)

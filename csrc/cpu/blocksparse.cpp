@@ -245,6 +245,14 @@ int64_t check_values(const char* op, const at::Tensor& values, int64_t nnz) {
 
 // ---- the products ---------------------------------------------------------------------------
 
+// t [..., features] as a contiguous [rows, features] matrix (also for 0 features, where
+// reshape(-1, 0) is ambiguous).
+at::Tensor as_matrix(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d < t.dim() - 1; ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)}).contiguous();
+}
+
 // Cuts [0, n) into `parts` contiguous ranges of about equal total cost[i].
 std::vector<int64_t> balanced_cuts(const std::vector<int64_t>& cost, int64_t parts) {
   int64_t total = 0;
@@ -265,7 +273,7 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
                const at::Tensor& indices, const int64_t* order, bool by_rows,
                const std::optional<at::Tensor>& bias) {
   const int64_t block = values.size(1);
-  const at::Tensor a = dense.reshape({-1, dense.size(-1)}).contiguous();
+  const at::Tensor a = as_matrix(dense);
   const int64_t rows = a.size(0), out_blocks = offsets.numel() - 1;
   const int64_t out_width = out_blocks * block;
   std::vector<int64_t> out_shape(dense.sizes().begin(), dense.sizes().end());
@@ -393,8 +401,8 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
 
   at::Tensor out = at::empty({nnz, block, block}, input.options());
   if (nnz == 0) return out;
-  const at::Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
-  const at::Tensor dy = grad_output.reshape({-1, grad_output.size(-1)}).contiguous();
+  const at::Tensor x = as_matrix(input);
+  const at::Tensor dy = as_matrix(grad_output);
   const SddShare base{pack_column_panels(dy, block, 0),
                       pack_column_panels(x, block, 1),
                       row_indices.const_data_ptr<int64_t>(),

@@ -30,9 +30,8 @@ def blocks_per_row(density: float, shape: tuple[int, int], balanced: bool) -> in
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
     rows, cols = shape
-    if balanced:
-        return max(1, round(density * cols))
-    return max(1, round(density * rows * cols))
+    count = cols if balanced else rows * cols
+    return min(count, max(1, round(density * count)))  # at least one block, where there is one
 
 
 def _mask_of_top(scores: Tensor, density: float, balanced: bool) -> Tensor:

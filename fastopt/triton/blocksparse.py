@@ -139,13 +139,18 @@ def _check(name: str, values_or_block: Tensor | int, *dense: tuple[str, Tensor])
     return block
 
 
+def _as_matrix(t: Tensor) -> Tensor:
+    """t [..., features] as a contiguous [rows, features] matrix (reshape(-1, 0) is ambiguous)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1]).contiguous()
+
+
 def _rows_tile(rows: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(rows, 1))))
 
 
 def _dsd(a: Tensor, values: Tensor, offsets: Tensor, indices: Tensor, order, transpose, bias):
     block = values.shape[-1]
-    a2 = a.reshape(-1, a.shape[-1]).contiguous()
+    a2 = _as_matrix(a)
     values = values.contiguous()
     out_blocks = offsets.numel() - 1
     out = a2.new_empty((a2.shape[0], out_blocks * block))
@@ -195,8 +200,8 @@ def blocksparse_linear_grad_input(
 def blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size):
     """The stored blocks of ``grad_output^T @ input`` (the op's CUDA kernel)."""
     block = _check("blocksparse_linear_grad_values", block_size, ("input", input))
-    x = input.reshape(-1, input.shape[-1]).contiguous()
-    dy = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
+    x = _as_matrix(input)
+    dy = _as_matrix(grad_output)
     nnz = col_indices.numel()
     out = x.new_empty((nnz, block, block))
     if nnz:
