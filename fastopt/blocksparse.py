@@ -93,7 +93,8 @@ def _backward(ctx, grad_output):
             grad_output, input, row, col, values.shape[1]
         )
     if ctx.needs_input_grad[2]:
-        grad_bias = grad_output.sum(tuple(range(grad_output.dim() - 1)))
+        batch_dims = tuple(range(grad_output.dim() - 1))  # sum(()) would sum every dim
+        grad_bias = grad_output.sum(batch_dims) if batch_dims else grad_output
     return grad_input, grad_values, grad_bias, None, None, None, None, None, None
 
 
