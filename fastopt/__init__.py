@@ -10,7 +10,8 @@ from . import _extension, _library  # noqa: F401
 
 _extension.load()
 
-from . import functional, int8  # noqa: E402, F401  (int8 registers its autograd, Triton kernels)
+# blocksparse and int8 register their ops' autograd and CUDA (Triton) kernels when imported.
+from . import blocksparse, functional, int8  # noqa: E402, F401
 from .optim import (  # noqa: E402
     FusedAdadelta,
     FusedAdagrad,

@@ -373,3 +373,94 @@ def _check_int8_linear_args(
                 f"{input_scale.dtype} {list(input_scale.shape)} on {input_scale.device}"
             ),
         )
+
+
+# ---- block-sparse linear (fastopt.nn.BlockSparseLinear) ----------------------------------------
+# W [out, in] is stored as blocks `values` [nnz, B, B] with two indexes over its block grid:
+# block-CSR over block rows (crow_indices, col_indices, and row_indices: the block row of each
+# stored block), and the transposed one over block columns (ccol_indices, t_row_indices, and
+# t_block_indices: the position in `values` of each entry). See fastopt.blocksparse.
+
+_lib.define(
+    "blocksparse_linear(Tensor input, Tensor values, Tensor? bias, Tensor crow_indices, "
+    "Tensor col_indices, Tensor row_indices, Tensor ccol_indices, Tensor t_row_indices, "
+    "Tensor t_block_indices) -> Tensor"
+)
+_lib.define(
+    "blocksparse_linear_grad_input(Tensor grad_output, Tensor values, Tensor ccol_indices, "
+    "Tensor t_row_indices, Tensor t_block_indices) -> Tensor"
+)
+_lib.define(
+    "blocksparse_linear_grad_values(Tensor grad_output, Tensor input, Tensor row_indices, "
+    "Tensor col_indices, int block_size) -> Tensor"
+)
+
+
+def _check_features(op: str, name: str, t: torch.Tensor, features: int, like: torch.Tensor):
+    torch._check(
+        t.dim() >= 1 and t.shape[-1] == features,
+        lambda: f"{op}: {name} must end in {features} features, got shape {tuple(t.shape)}",
+    )
+    torch._check(
+        t.dtype == like.dtype and t.device == like.device,
+        lambda: (
+            f"{op}: {name} is {t.dtype} on {t.device}, the weight {like.dtype} on {like.device}"
+        ),
+    )
+
+
+def _check_blocks(op: str, values: torch.Tensor, nnz: int) -> int:
+    torch._check(
+        values.dim() == 3 and values.shape[1] == values.shape[2] and values.shape[0] == nnz,
+        lambda: f"{op}: values must be [{nnz}, B, B], got {tuple(values.shape)}",
+    )
+    return values.shape[1]
+
+
+@torch.library.register_fake("fastopt::blocksparse_linear")
+def _blocksparse_linear_fake(
+    input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
+    t_block_indices,
+):  # fmt: skip
+    op = "blocksparse_linear"
+    block = _check_blocks(op, values, col_indices.shape[0])
+    _check_features(op, "input", input, (ccol_indices.shape[0] - 1) * block, values)
+    out_features = (crow_indices.shape[0] - 1) * block
+    if bias is not None:
+        torch._check(bias.dim() == 1, lambda: f"{op}: bias must be 1-D")
+        _check_features(op, "bias", bias, out_features, values)
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("fastopt::blocksparse_linear_grad_input")
+def _blocksparse_linear_grad_input_fake(
+    grad_output, values, ccol_indices, t_row_indices, t_block_indices
+):
+    op = "blocksparse_linear_grad_input"
+    block = _check_blocks(op, values, t_row_indices.shape[0])
+    torch._check(
+        grad_output.dim() >= 1 and grad_output.shape[-1] % block == 0,
+        lambda: f"{op}: grad_output must end in a multiple of {block} features",
+    )
+    _check_features(op, "grad_output", grad_output, grad_output.shape[-1], values)
+    return grad_output.new_empty((*grad_output.shape[:-1], (ccol_indices.shape[0] - 1) * block))
+
+
+@torch.library.register_fake("fastopt::blocksparse_linear_grad_values")
+def _blocksparse_linear_grad_values_fake(grad_output, input, row_indices, col_indices, block_size):
+    op = "blocksparse_linear_grad_values"
+    for name, t in (("input", input), ("grad_output", grad_output)):
+        torch._check(
+            t.dim() >= 1 and t.shape[-1] % block_size == 0,
+            lambda name=name: f"{op}: {name} must end in a multiple of {block_size} features",
+        )
+    _check_features(op, "grad_output", grad_output, grad_output.shape[-1], input)
+    torch._check(
+        input.shape[:-1] == grad_output.shape[:-1],
+        lambda: f"{op}: input and grad_output must have the same batch shape",
+    )
+    torch._check(
+        row_indices.shape == col_indices.shape,
+        lambda: f"{op}: row_indices and col_indices differ in length",
+    )
+    return input.new_empty((col_indices.shape[0], block_size, block_size))

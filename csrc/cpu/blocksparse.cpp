@@ -1,0 +1,433 @@
+// The block-sparse linear layer's three products on the CPU (fp32 and bf16 in, fp32 accumulate):
+//   blocksparse_linear             Y = X W^T + b       dense = dense x sparse^T  (dsd)
+//   blocksparse_linear_grad_input  dX = dY W           dense = dense x sparse    (dsd)
+//   blocksparse_linear_grad_values dW = dY^T X at W's stored blocks              (sdd)
+// W is kept as blocks [nnz, B, B] with a block-CSR index over its block rows (crow, col, row of
+// each block) and the transposed index over its block columns (ccol, row, block position).
+//
+// Both dsd products are one routine: output block column j sums, over the entries of its index
+// row, a [rows, B] panel of the dense operand times a B x B block (as stored, or transposed for
+// the forward pass). Threads own ranges of output block columns balanced by their entry counts;
+// the sdd product splits its blocks evenly.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/blocksparse_pack.h"
+#include "cpu/blocksparse_tile.h"
+
+namespace fastopt::cpu::blocksparse {
+namespace {
+
+// Writes `rows` x `columns` floats of tile (row stride `ldt`), plus bias[column] when given, to
+// out (row stride `ldo`) as S.
+template <typename S>
+FASTOPT_INLINE void write_tile(const float* tile, int64_t ldt, int rows, int columns,
+                               const float* bias, S* out, int64_t ldo) {
+  for (int m = 0; m < rows; ++m) {
+    for (int j = 0; j < columns; ++j) {
+      out[m * ldo + j] = S(tile[m * ldt + j] + (bias ? bias[j] : 0.0f));
+    }
+  }
+}
+
+// write_tile, or with `transposed` its transpose: out[m * ldo + j] = tile[j * ldt + m] (plus
+// bias[j]), where tile holds `columns` rows of `rows` floats.
+template <bool kTransposed = false>
+FASTOPT_INLINE void write_tile_as(c10::ScalarType dtype, const float* tile, int64_t ldt, int rows,
+                                  int columns, const float* bias, void* out, int64_t offset,
+                                  int64_t ldo) {
+  const auto write = [&]<typename S>(S* to) FASTOPT_INLINE_LAMBDA {
+    if (!kTransposed) return write_tile(tile, ldt, rows, columns, bias, to, ldo);
+    for (int m = 0; m < rows; ++m) {
+      for (int j = 0; j < columns; ++j) {
+        to[m * ldo + j] = S(tile[j * ldt + m] + (bias ? bias[j] : 0.0f));
+      }
+    }
+  };
+  if (dtype == c10::ScalarType::BFloat16) {
+    write(static_cast<c10::BFloat16*>(out) + offset);
+  } else {
+    write(static_cast<float*>(out) + offset);
+  }
+}
+
+// One thread's share of a dsd product: output block columns [first, last).
+struct DsdShare {
+  const float* panels;     // the dense operand, pack_row_panels of panel_rows rows
+  int64_t depth;           // its width
+  const float* values;     // the weight's blocks as float32 [nnz, block, block]
+  const int64_t* offsets;  // entries of output block column j: offsets[j]..offsets[j + 1]
+  const int64_t* indices;  // the dense operand's block column of each entry
+  const int64_t* order;    // the block of each entry (null: entry e is block e)
+  const float* bias;       // [out_width] or null
+  void* out;               // [rows, out_width]
+  c10::ScalarType out_dtype;
+  int64_t rows;
+  int64_t out_width;
+  int64_t block;
+  int64_t panel_rows;
+  bool wide;     // DsdTile<..., wide>
+  bool by_rows;  // output features are the rows of the blocks (forward), else their columns
+  int64_t first;
+  int64_t last;
+};
+
+// Block column j outer, panels inner: the weights of j stay in cache across the panels (the
+// other order re-reads all weights per panel, 40% slower at density 50%). For output block
+// column j and the batch rows of one panel: tiles of kRows features by
+// kPanelRows rows, accumulated over the entries of j, each broadcasting weights straight from
+// its block and loading batch rows from the panel; stored as the panel's [block, rows] piece of
+// the output, which is then written transposed, whole rows of the output at a time.
+template <typename V, int kBlock, bool kWide, bool kByRows>
+FASTOPT_INLINE void dsd_share(const DsdShare& s) {
+  using T = DsdTile<V, kBlock, kWide>;
+  constexpr int kRows = T::kRows, kPanel = T::kPanelRows;
+  // Within a block, the weight of feature f at depth k sits at f * kRowStride + k * kDepthStride.
+  constexpr int kRowStride = kByRows ? kBlock : 1;
+  constexpr int64_t kDepthStride = kByRows ? 1 : kBlock;
+  TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
+  alignas(64) float piece[kBlock * kPanel];
+  typename V::T acc[kRows][T::kVectors];
+  const int64_t panels = (s.rows + kPanel - 1) / kPanel;
+  for (int64_t j = s.first; j < s.last; ++j) {
+    const int64_t begin = s.offsets[j], end = s.offsets[j + 1];
+    for (int64_t p = 0; p < panels; ++p) {
+      const float* panel = s.panels + p * s.depth * kPanel;
+      for (int f0 = 0; f0 < kBlock; f0 += kRows) {
+        zero_tile<V>(acc);
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t stored = s.order ? s.order[e] : e;
+          const float* weights = s.values + stored * kBlock * kBlock + f0 * kRowStride;
+          const int64_t next = e + 1 < end ? e + 1 : begin;  // the next f0 starts over
+          accumulate_tile<V, kRowStride>(acc, weights, kDepthStride,
+                                         panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock,
+                                         panel + s.indices[next] * kBlock * kPanel);
+        }
+        store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
+      }
+      const int valid = int(std::min<int64_t>(kPanel, s.rows - p * kPanel));
+      const int64_t column = j * kBlock;
+      write_tile_as<true>(s.out_dtype, piece, kPanel, valid, kBlock,
+                          s.bias ? s.bias + column : nullptr, s.out,
+                          p * kPanel * s.out_width + column, s.out_width);
+    }
+  }
+}
+
+template <typename V, int kBlock>
+FASTOPT_INLINE void dsd_share_by_block(const DsdShare& s) {
+  if (s.wide) {
+    s.by_rows ? dsd_share<V, kBlock, true, true>(s) : dsd_share<V, kBlock, true, false>(s);
+  } else {
+    s.by_rows ? dsd_share<V, kBlock, false, true>(s) : dsd_share<V, kBlock, false, false>(s);
+  }
+}
+
+template <typename V>
+FASTOPT_INLINE void dsd_share_body(const DsdShare& s) {
+  switch (s.block) {
+    case 16:
+      return dsd_share_by_block<V, 16>(s);
+    case 32:
+      return dsd_share_by_block<V, 32>(s);
+    case 64:
+      return dsd_share_by_block<V, 64>(s);
+  }
+}
+
+FASTOPT_DISPATCH_BY_VECTOR(run_dsd_share, dsd_share_body, DsdShare)
+
+// One thread's share of the sdd product: stored blocks [first, last).
+struct SddShare {
+  const float* left;   // pack_column_panels of dY: [row blocks][rows][block]
+  const float* right;  // pack_column_panels of X: [column blocks][rows][block]
+  const int64_t* block_rows;
+  const int64_t* block_cols;
+  void* out;  // [nnz, block, block]
+  c10::ScalarType out_dtype;
+  int64_t rows;
+  int64_t block;
+  int64_t first;
+  int64_t last;
+};
+
+template <typename V, int kBlock>
+FASTOPT_INLINE void sdd_share(const SddShare& s) {
+  using T = SddTile<V, kBlock>;
+  constexpr int kRows = T::kRows;
+  alignas(64) float tile[kRows * T::kColumns];
+  typename V::T acc[kRows][T::kVectors];
+  for (int64_t e = s.first; e < s.last; ++e) {
+    const float* left = s.left + s.block_rows[e] * s.rows * kBlock;
+    const float* right = s.right + s.block_cols[e] * s.rows * kBlock;
+    for (int i0 = 0; i0 < kBlock; i0 += kRows) {
+      for (int c0 = 0; c0 < kBlock; c0 += T::kColumns) {
+        zero_tile<V>(acc);
+        accumulate_tile<V, 1>(acc, left + i0, kBlock, right + c0, kBlock, s.rows);
+        const int64_t offset = (e * kBlock + i0) * kBlock + c0;
+        if (s.out_dtype == c10::ScalarType::Float) {  // straight to the output, vector stores
+          store_tile<V>(acc, static_cast<float*>(s.out) + offset, kBlock, kRows);
+        } else {
+          store_tile<V>(acc, tile, T::kColumns, kRows);
+          write_tile_as(s.out_dtype, tile, T::kColumns, kRows, T::kColumns, nullptr, s.out, offset,
+                        kBlock);
+        }
+      }
+    }
+  }
+}
+
+template <typename V>
+FASTOPT_INLINE void sdd_share_body(const SddShare& s) {
+  switch (s.block) {
+    case 16:
+      return sdd_share<V, 16>(s);
+    case 32:
+      return sdd_share<V, 32>(s);
+    case 64:
+      return sdd_share<V, 64>(s);
+  }
+}
+
+FASTOPT_DISPATCH_BY_VECTOR(run_sdd_share, sdd_share_body, SddShare)
+
+// ---- checks ---------------------------------------------------------------------------------
+
+void check_index(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), op, ": ", name,
+              " must be a 1-D int64 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ",
+              t.device());
+}
+
+// offsets is a valid offsets array over `entries` entries whose indices lie in [0, bound).
+void check_compressed(const char* op, const char* offsets_name, const at::Tensor& offsets,
+                      const char* indices_name, const at::Tensor& indices, int64_t bound) {
+  check_index(op, offsets_name, offsets);
+  check_index(op, indices_name, indices);
+  TORCH_CHECK(offsets.numel() >= 1, op, ": ", offsets_name, " needs at least one element");
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  const int64_t n = offsets.numel() - 1;
+  bool monotone = o[0] == 0 && o[n] == indices.numel();
+  for (int64_t i = 0; i < n && monotone; ++i) monotone = o[i] <= o[i + 1];
+  TORCH_CHECK(monotone, op, ": ", offsets_name, " must rise from 0 to the length of ", indices_name,
+              " (", indices.numel(), ")");
+  const int64_t* x = indices.const_data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(x, x + indices.numel(), [&](int64_t v) { return 0 <= v && v < bound; }),
+              op, ": ", indices_name, " must lie in [0, ", bound, ")");
+}
+
+void check_dense(const char* op, const char* name, const at::Tensor& t, int64_t width,
+                 c10::ScalarType dtype) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == width, op, ": ", name, " must end in ", width,
+              " features, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype && t.device().is_cpu(), op, ": ", name,
+              " must be a CPU tensor of the weight's dtype ", dtype, ", got ", t.scalar_type(),
+              " on ", t.device());
+}
+
+int64_t check_values(const char* op, const at::Tensor& values, int64_t nnz) {
+  TORCH_CHECK(values.dim() == 3 && values.size(1) == values.size(2) && values.size(0) == nnz, op,
+              ": values must be [", nnz, ", B, B] (one block per index entry), got ",
+              values.sizes());
+  const int64_t block = values.size(1);
+  TORCH_CHECK(block == 16 || block == 32 || block == 64, op,
+              ": the CPU kernels take block sizes 16, 32 and 64, got ", block);
+  TORCH_CHECK(values.device().is_cpu(), op, ": values must be on the CPU");
+  return block;
+}
+
+// ---- the products ---------------------------------------------------------------------------
+
+// t [..., features] as a contiguous [rows, features] matrix (also for 0 features, where
+// reshape(-1, 0) is ambiguous).
+at::Tensor as_matrix(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d < t.dim() - 1; ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)}).contiguous();
+}
+
+// Cuts [0, n) into `parts` contiguous ranges of about equal total cost[i].
+std::vector<int64_t> balanced_cuts(const std::vector<int64_t>& cost, int64_t parts) {
+  int64_t total = 0;
+  for (int64_t c : cost) total += c;
+  std::vector<int64_t> cuts(parts + 1, int64_t(cost.size()));
+  cuts[0] = 0;
+  int64_t sum = 0, part = 1;
+  for (size_t i = 0; i < cost.size() && part < parts; ++i) {
+    sum += cost[i];
+    while (part < parts && sum * parts >= total * part) cuts[part++] = int64_t(i) + 1;
+  }
+  return cuts;
+}
+
+// out [rows, (offsets.numel() - 1) * B] (+ bias): see the file comment. `by_rows`: the output
+// features are the rows of the blocks (forward), else their columns (grad_input).
+at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tensor& offsets,
+               const at::Tensor& indices, const int64_t* order, bool by_rows,
+               const std::optional<at::Tensor>& bias) {
+  const int64_t block = values.size(1);
+  const at::Tensor a = as_matrix(dense);
+  const int64_t rows = a.size(0), out_blocks = offsets.numel() - 1;
+  const int64_t out_width = out_blocks * block;
+  std::vector<int64_t> out_shape(dense.sizes().begin(), dense.sizes().end());
+  out_shape.back() = out_width;
+  at::Tensor out = at::empty(out_shape, dense.options());
+  if (out.numel() == 0) return out;
+
+  // A batch that fits one vector takes the narrow tile; others the wide one.
+  const bool wide = rows > dsd_panel_rows(false);
+  const int64_t panel_rows = dsd_panel_rows(wide);
+  const float* panels = pack_row_panels(a, panel_rows, 0);
+  // The kernel reads the blocks in place: only bf16 ones are converted (no transposition).
+  const at::Tensor values_float = values.to(at::kFloat).contiguous();
+  std::optional<at::Tensor> bias_float;
+  if (bias.has_value()) bias_float = bias->to(at::kFloat).contiguous();
+  const int64_t* o = offsets.const_data_ptr<int64_t>();
+  // Cost of an output block column: its entries, and one for writing it.
+  std::vector<int64_t> cost(out_blocks);
+  for (int64_t j = 0; j < out_blocks; ++j) cost[j] = o[j + 1] - o[j] + 1;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), out_blocks);
+  const std::vector<int64_t> cuts = balanced_cuts(cost, threads);
+  const DsdShare base{panels,
+                      a.size(1),
+                      values_float.const_data_ptr<float>(),
+                      o,
+                      indices.const_data_ptr<int64_t>(),
+                      order,
+                      bias_float ? bias_float->const_data_ptr<float>() : nullptr,
+                      out.data_ptr(),
+                      out.scalar_type(),
+                      rows,
+                      out_width,
+                      block,
+                      panel_rows,
+                      wide,
+                      by_rows,
+                      0,
+                      0};
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      DsdShare share = base;
+      share.first = cuts[t];
+      share.last = cuts[t + 1];
+      run_dsd_share(share);
+    }
+  });
+  return out;
+}
+
+constexpr const char* kForward = "fastopt::blocksparse_linear";
+constexpr const char* kGradInput = "fastopt::blocksparse_linear_grad_input";
+constexpr const char* kGradValues = "fastopt::blocksparse_linear_grad_values";
+
+at::Tensor blocksparse_linear_cpu(const at::Tensor& input, const at::Tensor& values,
+                                  const std::optional<at::Tensor>& bias,
+                                  const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                  const at::Tensor& row_indices, const at::Tensor& ccol_indices,
+                                  const at::Tensor& t_row_indices,
+                                  const at::Tensor& t_block_indices) {
+  const int64_t block = check_values(kForward, values, col_indices.numel());
+  const int64_t in_blocks = ccol_indices.numel() - 1;
+  check_compressed(kForward, "crow_indices", crow_indices, "col_indices", col_indices, in_blocks);
+  check_dense(kForward, "input", input, in_blocks * block, values.scalar_type());
+  if (bias.has_value()) {
+    const int64_t out_features = (crow_indices.numel() - 1) * block;
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, kForward, ": bias must be [",
+                out_features, "], got ", bias->sizes());
+    check_dense(kForward, "bias", *bias, out_features, values.scalar_type());
+  }
+  return dsd(input, values, crow_indices, col_indices, nullptr, /*by_rows=*/true, bias);
+}
+
+at::Tensor blocksparse_linear_grad_input_cpu(const at::Tensor& grad_output,
+                                             const at::Tensor& values,
+                                             const at::Tensor& ccol_indices,
+                                             const at::Tensor& t_row_indices,
+                                             const at::Tensor& t_block_indices) {
+  const int64_t nnz = t_row_indices.numel();
+  const int64_t block = check_values(kGradInput, values, nnz);
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) % block == 0, kGradInput,
+              ": grad_output must end in a multiple of the block size ", block, ", got shape ",
+              grad_output.sizes());
+  const int64_t out_blocks = grad_output.size(-1) / block;
+  check_compressed(kGradInput, "ccol_indices", ccol_indices, "t_row_indices", t_row_indices,
+                   out_blocks);
+  check_index(kGradInput, "t_block_indices", t_block_indices);
+  TORCH_CHECK(t_block_indices.numel() == nnz, kGradInput,
+              ": t_block_indices must have one entry per block");
+  const int64_t* order = t_block_indices.const_data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(order, order + nnz, [&](int64_t v) { return 0 <= v && v < nnz; }),
+              kGradInput, ": t_block_indices must lie in [0, ", nnz, ")");
+  check_dense(kGradInput, "grad_output", grad_output, out_blocks * block, values.scalar_type());
+  return dsd(grad_output, values, ccol_indices, t_row_indices, order, /*by_rows=*/false,
+             std::nullopt);
+}
+
+at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
+                                              const at::Tensor& input,
+                                              const at::Tensor& row_indices,
+                                              const at::Tensor& col_indices, int64_t block) {
+  TORCH_CHECK(block == 16 || block == 32 || block == 64, kGradValues,
+              ": the CPU kernels take block sizes 16, 32 and 64, got ", block);
+  const c10::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) % block == 0, kGradValues,
+              ": input must end in a multiple of the block size ", block, ", got shape ",
+              input.sizes());
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) % block == 0, kGradValues,
+              ": grad_output must end in a multiple of the block size ", block, ", got shape ",
+              grad_output.sizes());
+  check_dense(kGradValues, "input", input, input.size(-1), dtype);
+  check_dense(kGradValues, "grad_output", grad_output, grad_output.size(-1), dtype);
+  TORCH_CHECK(input.sizes().slice(0, input.dim() - 1) ==
+                  grad_output.sizes().slice(0, grad_output.dim() - 1),
+              kGradValues, ": input ", input.sizes(), " and grad_output ", grad_output.sizes(),
+              " must have the same batch shape");
+  const int64_t nnz = col_indices.numel();
+  for (auto [name, t, bound] : {std::tuple{"row_indices", &row_indices, grad_output.size(-1)},
+                                std::tuple{"col_indices", &col_indices, input.size(-1)}}) {
+    check_index(kGradValues, name, *t);
+    TORCH_CHECK(t->numel() == nnz, kGradValues, ": row_indices and col_indices differ in length");
+    const int64_t* x = t->const_data_ptr<int64_t>();
+    TORCH_CHECK(std::all_of(x, x + nnz, [&](int64_t v) { return 0 <= v && v < bound / block; }),
+                kGradValues, ": ", name, " must lie in [0, ", bound / block, ")");
+  }
+
+  at::Tensor out = at::empty({nnz, block, block}, input.options());
+  if (nnz == 0) return out;
+  const at::Tensor x = as_matrix(input);
+  const at::Tensor dy = as_matrix(grad_output);
+  const SddShare base{pack_column_panels(dy, block, 0),
+                      pack_column_panels(x, block, 1),
+                      row_indices.const_data_ptr<int64_t>(),
+                      col_indices.const_data_ptr<int64_t>(),
+                      out.data_ptr(),
+                      dtype,
+                      x.size(0),
+                      block,
+                      0,
+                      0};
+  at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
+    SddShare share = base;
+    share.first = begin;
+    share.last = end;
+    run_sdd_share(share);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("blocksparse_linear", &blocksparse_linear_cpu);
+  m.impl("blocksparse_linear_grad_input", &blocksparse_linear_grad_input_cpu);
+  m.impl("blocksparse_linear_grad_values", &blocksparse_linear_grad_values_cpu);
+}
+
+}  // namespace fastopt::cpu::blocksparse

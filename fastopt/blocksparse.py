@@ -1,0 +1,124 @@
+"""Block-sparse linear products: the layout's index tensors, the op's autograd, and the functional
+entry point ``blocksparse_linear``.
+
+A weight W [out, in] with a block layout (a boolean mask [out / B, in / B]) is stored as its
+nonzero blocks ``values`` [nnz, B, B], in row-major order of the mask, and a
+``BlockSparseIndex``: plain integer tensors built once per layout, which the kernels read:
+
+- forward ``Y = X W^T + b`` walks block rows (block-CSR: ``crow_indices``, ``col_indices``);
+- ``grad_X = grad_Y W`` walks block columns (the transposed index: ``ccol_indices``,
+  ``t_row_indices``, and ``t_block_indices``, the position in ``values`` of each entry);
+- ``grad_values = grad_Y^T X`` sampled at the stored blocks (``row_indices``, ``col_indices``).
+
+On CPU tensors the ops run fastopt's C++ kernels, on CUDA tensors its Triton kernels
+(``fastopt.triton.blocksparse``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _extension
+
+__all__ = ["BlockSparseIndex", "blocksparse_linear", "index_from_mask"]
+
+_OPS = ("blocksparse_linear", "blocksparse_linear_grad_input", "blocksparse_linear_grad_values")
+
+
+class BlockSparseIndex(NamedTuple):
+    """The index tensors (int64, on the weight's device) of one block layout."""
+
+    crow_indices: Tensor  # [out/B + 1]: block row r holds entries crow[r]..crow[r+1]
+    col_indices: Tensor  # [nnz]: block column of each stored block
+    row_indices: Tensor  # [nnz]: block row of each stored block
+    ccol_indices: Tensor  # [in/B + 1]: block column c holds entries ccol[c]..ccol[c+1]
+    t_row_indices: Tensor  # [nnz]: block row of each entry, in block-column order
+    t_block_indices: Tensor  # [nnz]: position in `values` of each entry, in block-column order
+
+
+def index_from_mask(mask: Tensor) -> BlockSparseIndex:
+    """The index of a block layout given as a boolean mask [out / B, in / B], on its device."""
+    if mask.dim() != 2:
+        raise ValueError(
+            f"a block layout is a 2-D mask [out/B, in/B], got shape {tuple(mask.shape)}"
+        )
+    mask = mask.to(torch.bool)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major: the order of `values`
+    zero = torch.zeros(1, dtype=torch.long, device=mask.device)
+    crow = torch.cat([zero, mask.sum(1).cumsum(0)])
+    ccol = torch.cat([zero, mask.sum(0).cumsum(0)])
+    t_block = torch.argsort(cols * mask.shape[0] + rows)  # column-major order of the blocks
+    return BlockSparseIndex(crow, cols, rows, ccol, rows[t_block], t_block)
+
+
+def blocksparse_linear(
+    input: Tensor, values: Tensor, index: BlockSparseIndex, bias: Tensor | None = None
+) -> Tensor:
+    """``input @ W.T + bias`` for the block-sparse W held by ``values`` and ``index``.
+
+    Args:
+        input: [..., in_features], of the dtype and device of ``values``.
+        values: the stored blocks [nnz, B, B], in the row-major order of the layout's mask;
+            block i is ``W[r*B:(r+1)*B, c*B:(c+1)*B]`` for the i-th nonzero (r, c) of the mask.
+        index: ``index_from_mask(mask)``, on the device of ``values``.
+        bias: optional [out_features].
+
+    Returns [..., out_features]. Differentiable in ``input``, ``values`` and ``bias``: the
+    gradient of ``values`` is that of the stored blocks only. CPU: float32 and bfloat16 (fp32
+    accumulation), block sizes 16, 32, 64; CUDA (Triton): float16, bfloat16, float32 (TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32``).
+    """
+    if input.device.type == "cpu":
+        _extension.require_kernels(input.device, "fastopt.blocksparse.blocksparse_linear")
+    return torch.ops.fastopt.blocksparse_linear(input, values, bias, *index)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    input, values, bias, _crow, col, row, ccol, t_row, t_block = inputs
+    ctx.save_for_backward(input, values, col, row, ccol, t_row, t_block)
+
+
+def _backward(ctx, grad_output):
+    input, values, col, row, ccol, t_row, t_block = ctx.saved_tensors
+    grad_input = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastopt.blocksparse_linear_grad_input(
+            grad_output, values, ccol, t_row, t_block
+        )
+    if ctx.needs_input_grad[1]:
+        grad_values = torch.ops.fastopt.blocksparse_linear_grad_values(
+            grad_output, input, row, col, values.shape[1]
+        )
+    if ctx.needs_input_grad[2]:
+        batch_dims = tuple(range(grad_output.dim() - 1))  # sum(()) would sum every dim
+        grad_bias = grad_output.sum(batch_dims) if batch_dims else grad_output
+    return grad_input, grad_values, grad_bias, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastopt::blocksparse_linear", _backward, setup_context=_setup_context
+)
+
+
+def _triton_kernel(name: str):
+    """The CUDA kernel of op `name`: its Triton launcher, imported on first use so that importing
+    fastopt does not import Triton."""
+
+    def kernel(*args):
+        try:
+            from .triton import blocksparse as launchers
+        except ImportError as error:
+            raise RuntimeError(
+                f"fastopt::{name} runs on CUDA tensors with Triton, which failed to import "
+                f"({error}); install triton"
+            ) from error
+        return getattr(launchers, name)(*args)
+
+    return kernel
+
+
+for _name in _OPS:
+    torch.library.register_kernel(f"fastopt::{_name}", "cuda", _triton_kernel(_name))
