@@ -1,6 +1,7 @@
-"""fastopt: fused kernels for PyTorch's optimizer step, on CPU and CUDA.
+"""fastopt: fused kernels for PyTorch's optimizer step and linear layers, on CPU and CUDA.
 
     opt = fastopt.FusedAdam(model.parameters(), lr=1e-3)   # was torch.optim.Adam
+    layer = fastopt.nn.Int8Linear.from_float(linear)        # was nn.Linear
 
 Ops live under ``torch.ops.fastopt``; ``fastopt.functional`` wraps them with docstrings.
 """
@@ -11,7 +12,7 @@ from . import _extension, _library  # noqa: F401
 _extension.load()
 
 # blocksparse and int8 register their ops' autograd and CUDA (Triton) kernels when imported.
-from . import blocksparse, functional, int8  # noqa: E402, F401
+from . import blocksparse, functional, int8, nn  # noqa: E402, F401
 from .optim import (  # noqa: E402
     FusedAdadelta,
     FusedAdagrad,
@@ -28,4 +29,5 @@ __all__ = [
     "FusedAdamW",
     "FusedRMSprop",
     "functional",
+    "nn",
 ]
