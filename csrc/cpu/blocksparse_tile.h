@@ -98,16 +98,7 @@ struct VecAvx512 : VecGcc<Floats16> {
   static void name##_baseline(const Args& args) {                     \
     body<::fastopt::cpu::blocksparse::VecScalar>(args);               \
   }                                                                   \
-  static void name(const Args& args) {                                \
-    switch (::fastopt::cpu::active_isa()) {                           \
-      case ::fastopt::cpu::Isa::kAvx512:                              \
-        return name##_avx512(args);                                   \
-      case ::fastopt::cpu::Isa::kAvx2:                                \
-        return name##_avx2(args);                                     \
-      default:                                                        \
-        return name##_baseline(args);                                 \
-    }                                                                 \
-  }
+  FASTOPT_ISA_SWITCH(name, Args)
 
 #else  // other CPUs: the scalar variant only
 

@@ -32,6 +32,20 @@ Isa parse_isa(const std::string& name);
 #define FASTOPT_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
+// Defines `static void name(const Args&)`, which calls name##_avx512, name##_avx2 or
+// name##_baseline (defined before it) by the active instruction set.
+#define FASTOPT_ISA_SWITCH(name, Args)      \
+  static void name(const Args& args) {      \
+    switch (::fastopt::cpu::active_isa()) { \
+      case ::fastopt::cpu::Isa::kAvx512:    \
+        return name##_avx512(args);         \
+      case ::fastopt::cpu::Isa::kAvx2:      \
+        return name##_avx2(args);           \
+      default:                              \
+        return name##_baseline(args);       \
+    }                                       \
+  }
+
 // Defines `static void name(const Args&)`, which runs `body(args)` compiled for the active
 // instruction set. `body` must be always-inline so that each variant gets its own vector code.
 #define FASTOPT_DISPATCH_BY_ISA(name, body, Args)                     \
@@ -44,16 +58,7 @@ Isa parse_isa(const std::string& name);
   static void name##_baseline(const Args& args) {                     \
     body(args);                                                       \
   }                                                                   \
-  static void name(const Args& args) {                                \
-    switch (::fastopt::cpu::active_isa()) {                           \
-      case ::fastopt::cpu::Isa::kAvx512:                              \
-        return name##_avx512(args);                                   \
-      case ::fastopt::cpu::Isa::kAvx2:                                \
-        return name##_avx2(args);                                     \
-      default:                                                        \
-        return name##_baseline(args);                                 \
-    }                                                                 \
-  }
+  FASTOPT_ISA_SWITCH(name, Args)
 
 #else  // other CPUs (aarch64, ...) get the baseline variant, vectorized for their own baseline
 
