@@ -109,6 +109,29 @@ def test_load_state_dict_of_another_grid_fails_and_changes_nothing():
         assert torch.equal(value, before[key]), key
 
 
+def _layer_state(layer):
+    """Everything a load could change: parameters and every buffer (index included)."""
+    state = {name: t.clone() for name, t in layer.named_parameters()}
+    state |= {name: t.clone() for name, t in layer.named_buffers()}
+    return state
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_of_another_layout_without_values_fails_and_changes_nothing(strict):
+    torch.manual_seed(11)
+    layer = BlockSparseLinear(64, 32, block_size=16, density=0.5)
+    before = _layer_state(layer)
+    other_mask = ~layer.layout  # another layout on the same grid
+    with pytest.raises(RuntimeError, match=r"missing values: .*include values in the state_dict"):
+        layer.load_state_dict({"layout": other_mask, "bias": torch.randn(32)}, strict=strict)
+    after = _layer_state(layer)
+    assert after.keys() == before.keys()
+    for key, value in after.items():
+        assert value.shape == before[key].shape and torch.equal(value, before[key]), key
+    x = torch.randn(4, 64)
+    assert torch.isfinite(layer(x)).all()
+
+
 def test_sparsify_replaces_the_selected_linears():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 3))
     x = torch.randn(2, 64)

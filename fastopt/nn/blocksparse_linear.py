@@ -183,6 +183,14 @@ class BlockSparseLinear(nn.Module):
                 return
             layout = layout.to(device=self.layout.device, dtype=torch.bool)
             if not torch.equal(layout, self.layout):
+                if values is None:
+                    # Without the values of the new layout, `values` would be left uninitialized.
+                    error_msgs.append(
+                        f"missing {prefix}values: the checkpoint's {prefix}layout differs from "
+                        "this layer's, and its blocks cannot be loaded without the values; "
+                        f"include {prefix}values in the state_dict"
+                    )
+                    return
                 self.layout = layout.clone()
                 self._set_index()
                 self.values.data = self.values.new_empty(expected)
