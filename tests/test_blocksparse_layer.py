@@ -132,6 +132,24 @@ def test_load_state_dict_of_another_layout_without_values_fails_and_changes_noth
     assert torch.isfinite(layer(x)).all()
 
 
+def test_half_on_cpu_says_which_tensor_and_what_to_use():
+    torch.manual_seed(12)
+    layer = BlockSparseLinear(64, 32, block_size=16, density=0.5).half()
+    before = _layer_state(layer)
+    with pytest.raises(RuntimeError, match=r"values is Half.*use \.float\(\) or \.bfloat16\(\)"):
+        layer(torch.randn(3, 64, dtype=torch.float16))
+    index = bs.index_from_mask(layer.layout)
+    x = torch.randn(3, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"input is Half.*use \.float\(\) or \.bfloat16\(\)"):
+        torch.ops.fastopt.blocksparse_linear_grad_values(
+            torch.randn(3, 32, dtype=torch.float16), x, index.row_indices, index.col_indices, 16
+        )
+    for key, value in _layer_state(layer).items():
+        assert torch.equal(value, before[key]), key
+    # The advice works: .float() runs.
+    assert layer.float()(x.float()).shape == (3, 32)
+
+
 def test_sparsify_replaces_the_selected_linears():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 3))
     x = torch.randn(2, 64)

@@ -206,6 +206,14 @@ void check_index(const char* op, const char* name, const at::Tensor& t) {
               t.device());
 }
 
+// The CPU kernels compute in float32 or bfloat16 only.
+void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " is ", t.scalar_type(),
+              ", but the CPU kernels take float32 or bfloat16: use .float() or .bfloat16() on "
+              "the CPU (float16 runs on CUDA)");
+}
+
 // offsets is a valid offsets array over `entries` entries whose indices lie in [0, bound).
 void check_compressed(const char* op, const char* offsets_name, const at::Tensor& offsets,
                       const char* indices_name, const at::Tensor& indices, int64_t bound) {
@@ -240,6 +248,7 @@ int64_t check_values(const char* op, const at::Tensor& values, int64_t nnz) {
   TORCH_CHECK(block == 16 || block == 32 || block == 64, op,
               ": the CPU kernels take block sizes 16, 32 and 64, got ", block);
   TORCH_CHECK(values.device().is_cpu(), op, ": values must be on the CPU");
+  check_float_dtype(op, "values", values);
   return block;
 }
 
@@ -377,6 +386,7 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
   TORCH_CHECK(block == 16 || block == 32 || block == 64, kGradValues,
               ": the CPU kernels take block sizes 16, 32 and 64, got ", block);
   const c10::ScalarType dtype = input.scalar_type();
+  check_float_dtype(kGradValues, "input", input);
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) % block == 0, kGradValues,
               ": input must end in a multiple of the block size ", block, ", got shape ",
               input.sizes());

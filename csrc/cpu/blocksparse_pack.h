@@ -36,7 +36,8 @@ void switch_float_or_bfloat16(c10::ScalarType dtype, const F& f) {
     case c10::ScalarType::BFloat16:
       return f.template operator()<c10::BFloat16>();
     default:
-      TORCH_CHECK(false, "fastopt block-sparse CPU kernels take float32 or bfloat16, not ", dtype);
+      TORCH_CHECK(false, "fastopt block-sparse CPU kernels take float32 or bfloat16, not ", dtype,
+                  ": use .float() or .bfloat16() on the CPU");
   }
 }
 
