@@ -73,6 +73,8 @@ def blocksparse_linear(
     """
     if input.device.type == "cpu":
         _extension.require_kernels(input.device, "fastopt.blocksparse.blocksparse_linear")
+    # The kernels read the index tensors as plain arrays: they must be contiguous.
+    index = [t.contiguous() for t in index]
     return torch.ops.fastopt.blocksparse_linear(input, values, bias, *index)
 
 

@@ -113,6 +113,50 @@ def test_cpu_rejects_an_index_out_of_range():
         bs.blocksparse_linear(case.x, case.values, bad, case.bias)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """t as a non-contiguous view (a stride of 2) with the same values."""
+    return torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+
+
+def test_non_contiguous_index_gives_the_right_result():
+    """The functional passes contiguous index tensors to the kernels."""
+    mask = make_mask("random", 3, 4, torch.Generator().manual_seed(21))
+    case = make_case(mask, 16, (7,), torch.float32, seed=22)
+    strided = bs.BlockSparseIndex(*(_strided(t) for t in bs.index_from_mask(mask)))
+    assert not any(t.is_contiguous() for t in strided if t.numel() > 1)
+    leaves = [t.clone().requires_grad_() for t in (case.x, case.values, case.bias)]
+    out = bs.blocksparse_linear(leaves[0], leaves[1], strided, leaves[2])
+    out.backward(case.grad_out)
+    results = {"out": out.detach()} | {
+        k: t.grad for k, t in zip(("input", "values", "bias"), leaves, strict=True)
+    }
+    assert_close_to_reference(results, case)
+
+
+@pytest.mark.parametrize("field", bs.BlockSparseIndex._fields)
+def test_op_rejects_a_non_contiguous_index(field):
+    """The ops themselves read the index as plain arrays: a strided one is a clear error."""
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    case = make_case(mask, 16, (3,), torch.float32, seed=23)
+    index = bs.index_from_mask(mask)
+    bad = index._replace(**{field: _strided(getattr(index, field))})
+    before = [t.clone() for t in (case.x, case.values, case.bias, *index)]
+    with pytest.raises(RuntimeError, match=rf"{field} must be contiguous.*{field}\.contiguous\(\)"):
+        if field in ("crow_indices", "col_indices"):
+            torch.ops.fastopt.blocksparse_linear(case.x, case.values, case.bias, *bad)
+        elif field in ("ccol_indices", "t_row_indices", "t_block_indices"):
+            torch.ops.fastopt.blocksparse_linear_grad_input(
+                case.grad_out, case.values, bad.ccol_indices, bad.t_row_indices,
+                bad.t_block_indices,
+            )  # fmt: skip
+        else:
+            torch.ops.fastopt.blocksparse_linear_grad_values(
+                case.grad_out, case.x, bad.row_indices, bad.col_indices, 16
+            )
+    for t, b in zip((case.x, case.values, case.bias, *index), before, strict=True):
+        assert torch.equal(t, b)
+
+
 @ON_CUDA[0]
 @ON_CUDA[1]
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -204,6 +204,9 @@ void check_index(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.device().is_cpu(), op, ": ", name,
               " must be a 1-D int64 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ",
               t.device());
+  // The kernels read the index as a plain array.
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (stride 1), got stride ",
+              t.stride(0), "; pass ", name, ".contiguous()");
 }
 
 // The CPU kernels compute in float32 or bfloat16 only.
