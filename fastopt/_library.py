@@ -417,38 +417,80 @@ def _check_blocks(op: str, values: torch.Tensor, nnz: int) -> int:
     return values.shape[1]
 
 
-@torch.library.register_fake("fastopt::blocksparse_linear")
-def _blocksparse_linear_fake(
+def _check_index(op: str, name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    torch._check(
+        t.dim() == 1 and t.dtype == torch.int64 and t.device == like.device,
+        lambda: (
+            f"{op}: {name} must be a 1-D int64 tensor on {like.device}, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device}"
+        ),
+    )
+    torch._check(
+        t.is_contiguous(),
+        lambda: f"{op}: {name} must be contiguous (stride 1); pass {name}.contiguous()",
+    )
+
+
+def check_blocksparse_linear(
     input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
     t_block_indices,
-):  # fmt: skip
+) -> tuple[int, int]:  # fmt: skip
+    """Checks the arguments of fastopt::blocksparse_linear (shapes, dtypes, devices; shared by the
+    fake implementation and the Triton launcher). Returns (block size, out_features)."""
     op = "blocksparse_linear"
     block = _check_blocks(op, values, col_indices.shape[0])
+    for name, t in (
+        ("crow_indices", crow_indices),
+        ("col_indices", col_indices),
+        ("row_indices", row_indices),
+        ("ccol_indices", ccol_indices),
+        ("t_row_indices", t_row_indices),
+        ("t_block_indices", t_block_indices),
+    ):
+        _check_index(op, name, t, values)
     _check_features(op, "input", input, (ccol_indices.shape[0] - 1) * block, values)
     out_features = (crow_indices.shape[0] - 1) * block
     if bias is not None:
-        torch._check(bias.dim() == 1, lambda: f"{op}: bias must be 1-D")
+        torch._check(
+            bias.dim() == 1,
+            lambda: f"{op}: bias must be 1-D [{out_features}], got {tuple(bias.shape)}",
+        )
         _check_features(op, "bias", bias, out_features, values)
-    return input.new_empty((*input.shape[:-1], out_features))
+    return block, out_features
 
 
-@torch.library.register_fake("fastopt::blocksparse_linear_grad_input")
-def _blocksparse_linear_grad_input_fake(
+def check_blocksparse_linear_grad_input(
     grad_output, values, ccol_indices, t_row_indices, t_block_indices
-):
+) -> int:
+    """Checks the arguments of fastopt::blocksparse_linear_grad_input (shared by the fake
+    implementation and the Triton launcher). Returns the block size."""
     op = "blocksparse_linear_grad_input"
     block = _check_blocks(op, values, t_row_indices.shape[0])
+    for name, t in (
+        ("ccol_indices", ccol_indices),
+        ("t_row_indices", t_row_indices),
+        ("t_block_indices", t_block_indices),
+    ):
+        _check_index(op, name, t, values)
+    torch._check(
+        t_block_indices.shape[0] == t_row_indices.shape[0],
+        lambda: f"{op}: t_block_indices must have one entry per block",
+    )
     torch._check(
         grad_output.dim() >= 1 and grad_output.shape[-1] % block == 0,
         lambda: f"{op}: grad_output must end in a multiple of {block} features",
     )
     _check_features(op, "grad_output", grad_output, grad_output.shape[-1], values)
-    return grad_output.new_empty((*grad_output.shape[:-1], (ccol_indices.shape[0] - 1) * block))
+    return block
 
 
-@torch.library.register_fake("fastopt::blocksparse_linear_grad_values")
-def _blocksparse_linear_grad_values_fake(grad_output, input, row_indices, col_indices, block_size):
+def check_blocksparse_linear_grad_values(
+    grad_output, input, row_indices, col_indices, block_size
+) -> None:
+    """Checks the arguments of fastopt::blocksparse_linear_grad_values (shared by the fake
+    implementation and the Triton launcher)."""
     op = "blocksparse_linear_grad_values"
+    torch._check(block_size > 0, lambda: f"{op}: block_size must be positive, got {block_size}")
     for name, t in (("input", input), ("grad_output", grad_output)):
         torch._check(
             t.dim() >= 1 and t.shape[-1] % block_size == 0,
@@ -459,8 +501,37 @@ def _blocksparse_linear_grad_values_fake(grad_output, input, row_indices, col_in
         input.shape[:-1] == grad_output.shape[:-1],
         lambda: f"{op}: input and grad_output must have the same batch shape",
     )
+    for name, t in (("row_indices", row_indices), ("col_indices", col_indices)):
+        _check_index(op, name, t, input)
     torch._check(
         row_indices.shape == col_indices.shape,
         lambda: f"{op}: row_indices and col_indices differ in length",
     )
+
+
+@torch.library.register_fake("fastopt::blocksparse_linear")
+def _blocksparse_linear_fake(
+    input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
+    t_block_indices,
+):  # fmt: skip
+    _, out_features = check_blocksparse_linear(
+        input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
+        t_block_indices,
+    )  # fmt: skip
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+@torch.library.register_fake("fastopt::blocksparse_linear_grad_input")
+def _blocksparse_linear_grad_input_fake(
+    grad_output, values, ccol_indices, t_row_indices, t_block_indices
+):
+    block = check_blocksparse_linear_grad_input(
+        grad_output, values, ccol_indices, t_row_indices, t_block_indices
+    )
+    return grad_output.new_empty((*grad_output.shape[:-1], (ccol_indices.shape[0] - 1) * block))
+
+
+@torch.library.register_fake("fastopt::blocksparse_linear_grad_values")
+def _blocksparse_linear_grad_values_fake(grad_output, input, row_indices, col_indices, block_size):
+    check_blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size)
     return input.new_empty((col_indices.shape[0], block_size, block_size))

@@ -76,6 +76,76 @@ def test_triton_rejects_a_block_size_it_cannot_tile():
         triton_blocksparse.blocksparse_linear(torch.randn(2, 8), values, None, *index)
 
 
+def _bad_launch(bad: str):
+    """One launcher call, on a 64 -> 32 layer (block 16), with one bad argument."""
+    torch.manual_seed(31)
+    mask = torch.tensor([[True, False, True, True], [False, True, False, True]])
+    values = torch.randn(int(mask.sum()), 16, 16, device=DEVICE)
+    index = bs.index_from_mask(mask.to(DEVICE))
+    x = torch.randn(4, 64, device=DEVICE)
+    grad_out = torch.randn(4, 32, device=DEVICE)
+    bias = torch.randn(32, device=DEVICE)
+    if bad == "input-features":
+        x = torch.randn(4, 48, device=DEVICE)
+    elif bad == "input-dtype":
+        x = x.double()
+    elif bad == "short-bias":
+        bias = torch.randn(16, device=DEVICE)
+    elif bad == "bias-dtype":
+        bias = bias.half()
+    elif bad == "values-shape":
+        values = torch.randn(values.shape[0] + 1, 16, 16, device=DEVICE)
+    elif bad == "index-strided":
+        strided = torch.stack([index.col_indices, torch.zeros_like(index.col_indices)], 1)[:, 0]
+        index = index._replace(col_indices=strided)
+    elif bad == "index-dtype":
+        index = index._replace(crow_indices=index.crow_indices.int())
+    elif bad == "grad-output-features":
+        grad_out = torch.randn(4, 40, device=DEVICE)
+    elif bad == "grad-output-dtype":
+        grad_out = grad_out.half()
+    elif bad == "grad-batch":
+        grad_out = torch.randn(5, 32, device=DEVICE)
+    inputs = (x, values, bias, grad_out, *index)
+    before = [t.clone() for t in inputs]
+    if bad.startswith("grad-output"):
+        call = lambda: triton_blocksparse.blocksparse_linear_grad_input(  # noqa: E731
+            grad_out, values, index.ccol_indices, index.t_row_indices, index.t_block_indices
+        )
+    elif bad == "grad-batch":
+        call = lambda: triton_blocksparse.blocksparse_linear_grad_values(  # noqa: E731
+            grad_out, x, index.row_indices, index.col_indices, 16
+        )
+    else:
+        call = lambda: triton_blocksparse.blocksparse_linear(x, values, bias, *index)  # noqa: E731
+    return call, inputs, before
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("input-features", r"input must end in 64 features, got shape \(4, 48\)"),
+        ("input-dtype", r"input is torch.float64 on .*, the weight torch.float32"),
+        ("short-bias", r"bias must end in 32 features, got shape \(16,\)"),
+        ("bias-dtype", r"bias is torch.float16"),
+        ("values-shape", r"values must be \[5, B, B\]"),
+        ("index-strided", r"col_indices must be contiguous .*col_indices.contiguous\(\)"),
+        ("index-dtype", r"crow_indices must be a 1-D int64 tensor"),
+        ("grad-output-features", r"grad_output must end in a multiple of 16 features"),
+        ("grad-output-dtype", r"grad_output is torch.float16"),
+        ("grad-batch", r"input and grad_output must have the same batch shape"),
+    ],
+)
+def test_triton_launchers_check_shapes_dtypes_and_index(bad, message):
+    """Every launcher runs the op's checks before launching (a bad shape would read out of
+    bounds on a GPU), and changes nothing."""
+    call, inputs, before = _bad_launch(bad)
+    with pytest.raises(RuntimeError, match=message):
+        call()
+    for t, b in zip(inputs, before, strict=True):
+        assert torch.equal(t, b)
+
+
 @pytest.mark.parametrize("name", bs._OPS)
 def test_every_op_has_a_cuda_kernel(name):
     """Each op has a CUDA kernel (fastopt builds no C++ one for them: it is the Triton one)."""

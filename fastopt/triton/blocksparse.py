@@ -22,6 +22,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._library import (
+    check_blocksparse_linear,
+    check_blocksparse_linear_grad_input,
+    check_blocksparse_linear_grad_values,
+)
+
 __all__ = ["blocksparse_linear", "blocksparse_linear_grad_input", "blocksparse_linear_grad_values"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -185,6 +191,10 @@ def blocksparse_linear(
     t_block_indices,
 ) -> Tensor:  # fmt: skip
     """``input @ W.T + bias`` (the op's CUDA kernel; arguments as the op's schema)."""
+    check_blocksparse_linear(
+        input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
+        t_block_indices,
+    )  # fmt: skip
     _check("blocksparse_linear", values, ("input", input))
     return _dsd(input, values, crow_indices, col_indices, None, True, bias)
 
@@ -193,12 +203,16 @@ def blocksparse_linear_grad_input(
     grad_output, values, ccol_indices, t_row_indices, t_block_indices
 ) -> Tensor:
     """``grad_output @ W`` (the op's CUDA kernel)."""
+    check_blocksparse_linear_grad_input(
+        grad_output, values, ccol_indices, t_row_indices, t_block_indices
+    )
     _check("blocksparse_linear_grad_input", values, ("grad_output", grad_output))
     return _dsd(grad_output, values, ccol_indices, t_row_indices, t_block_indices, False, None)
 
 
 def blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size):
     """The stored blocks of ``grad_output^T @ input`` (the op's CUDA kernel)."""
+    check_blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size)
     block = _check("blocksparse_linear_grad_values", block_size, ("input", input))
     x = _as_matrix(input)
     dy = _as_matrix(grad_output)
