@@ -67,8 +67,9 @@ def blocksparse_linear(
         bias: optional [out_features].
 
     Returns [..., out_features]. Differentiable in ``input``, ``values`` and ``bias``: the
-    gradient of ``values`` is that of the stored blocks only. CPU: float32 and bfloat16 (fp32
-    accumulation), block sizes 16, 32, 64; CUDA (Triton): float16, bfloat16, float32 (TF32 when
+    gradient of ``values`` is that of the stored blocks only; twice differentiable
+    (``create_graph=True``). CPU: float32 and bfloat16 (fp32 accumulation), block sizes 16, 32,
+    64; CUDA (Triton): float16, bfloat16, float32 (TF32 when
     ``torch.backends.cuda.matmul.allow_tf32``).
     """
     if input.device.type == "cpu":
@@ -79,21 +80,85 @@ def blocksparse_linear(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, values, bias, _crow, col, row, ccol, t_row, t_block = inputs
-    ctx.save_for_backward(input, values, col, row, ccol, t_row, t_block)
+    input, values, bias, *index = inputs
+    ctx.save_for_backward(input, values, *index)
+
+
+def _grad_input(grad_output: Tensor, values: Tensor, index: BlockSparseIndex) -> Tensor:
+    """``grad_output @ W``, differentiable when grad mode is on (double backward)."""
+    if torch.is_grad_enabled() and (grad_output.requires_grad or values.requires_grad):
+        return _GradInput.apply(grad_output, values, *index)
+    return torch.ops.fastopt.blocksparse_linear_grad_input(
+        grad_output, values, index.ccol_indices, index.t_row_indices, index.t_block_indices
+    )
+
+
+def _grad_values(grad_output: Tensor, input: Tensor, index: BlockSparseIndex, block: int) -> Tensor:
+    """The stored blocks of ``grad_output^T @ input``, differentiable when grad mode is on."""
+    if torch.is_grad_enabled() and (grad_output.requires_grad or input.requires_grad):
+        return _GradValues.apply(grad_output, input, block, *index)
+    return torch.ops.fastopt.blocksparse_linear_grad_values(
+        grad_output, input, index.row_indices, index.col_indices, block
+    )
+
+
+class _GradInput(torch.autograd.Function):
+    """GI = G W. Its derivatives: wrt G, U W^T (the forward op); wrt the blocks of W, the stored
+    blocks of G^T U (grad_values)."""
+
+    @staticmethod
+    def forward(ctx, grad_output, values, *index):
+        ctx.save_for_backward(grad_output, values, *index)
+        index = BlockSparseIndex(*index)
+        return torch.ops.fastopt.blocksparse_linear_grad_input(
+            grad_output, values, index.ccol_indices, index.t_row_indices, index.t_block_indices
+        )
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grad_output, values, *index = ctx.saved_tensors
+        index = BlockSparseIndex(*index)
+        d_grad_output = d_values = None
+        if ctx.needs_input_grad[0]:
+            d_grad_output = torch.ops.fastopt.blocksparse_linear(upstream, values, None, *index)
+        if ctx.needs_input_grad[1]:
+            d_values = _grad_values(grad_output, upstream, index, values.shape[1])
+        return d_grad_output, d_values, *(None,) * len(index)
+
+
+class _GradValues(torch.autograd.Function):
+    """GV = the stored blocks of G^T X. Its derivatives for upstream blocks V (a block-sparse
+    matrix of the same layout): wrt G, X V^T (the forward op); wrt X, G V (grad_input)."""
+
+    @staticmethod
+    def forward(ctx, grad_output, input, block, *index):
+        ctx.save_for_backward(grad_output, input, *index)
+        index = BlockSparseIndex(*index)
+        return torch.ops.fastopt.blocksparse_linear_grad_values(
+            grad_output, input, index.row_indices, index.col_indices, block
+        )
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grad_output, input, *index = ctx.saved_tensors
+        index = BlockSparseIndex(*index)
+        d_grad_output = d_input = None
+        if ctx.needs_input_grad[0]:
+            d_grad_output = torch.ops.fastopt.blocksparse_linear(input, upstream, None, *index)
+        if ctx.needs_input_grad[1]:
+            d_input = _grad_input(grad_output, upstream, index)
+        return d_grad_output, d_input, None, *(None,) * len(index)
 
 
 def _backward(ctx, grad_output):
-    input, values, col, row, ccol, t_row, t_block = ctx.saved_tensors
+    input, values, *index = ctx.saved_tensors
+    index = BlockSparseIndex(*index)
     grad_input = grad_values = grad_bias = None
+    # With create_graph=True (grad mode on here) these are differentiable in turn.
     if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastopt.blocksparse_linear_grad_input(
-            grad_output, values, ccol, t_row, t_block
-        )
+        grad_input = _grad_input(grad_output, values, index)
     if ctx.needs_input_grad[1]:
-        grad_values = torch.ops.fastopt.blocksparse_linear_grad_values(
-            grad_output, input, row, col, values.shape[1]
-        )
+        grad_values = _grad_values(grad_output, input, index, values.shape[1])
     if ctx.needs_input_grad[2]:
         batch_dims = tuple(range(grad_output.dim() - 1))  # sum(()) would sum every dim
         grad_bias = grad_output.sum(batch_dims) if batch_dims else grad_output

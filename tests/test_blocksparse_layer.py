@@ -221,6 +221,62 @@ def test_opcheck_gradient_ops():
     )
 
 
+def _second_order(x, values, bias, forward, first_wrt, weights):
+    """d/d(x, values, bias) of <d loss / d first_wrt, weights>, loss = sum(forward(...)^2)."""
+    loss = forward(x, values, bias).square().sum()
+    wrt = {"input": x, "values": values}[first_wrt]
+    (first,) = torch.autograd.grad(loss, wrt, create_graph=True)
+    return first, torch.autograd.grad(
+        (first * weights).sum(), (x, values, bias), materialize_grads=True
+    )
+
+
+@pytest.mark.parametrize("first_wrt", ["input", "values"])
+def test_double_backward_matches_dense_fp64(first_wrt):
+    """create_graph=True gives second-order gradients (through grad_input and grad_values), as
+    the dense fp64 product with the masked weight does."""
+    torch.manual_seed(41)
+    layer = BlockSparseLinear(64, 48, block_size=16, density=0.5)
+    mask = layer.layout
+    x = torch.randn(2, 5, 64)
+    weights = torch.randn(x.shape if first_wrt == "input" else layer.values.shape)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, layer.values, layer.bias)]
+    first, second = _second_order(
+        *leaves, lambda x, v, b: bs.blocksparse_linear(x, v, layer.index, b), first_wrt, weights
+    )
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, layer.values, layer.bias)]
+    ref_first, ref_second = _second_order(
+        *ref_leaves,
+        lambda x, v, b: x @ dense_weight(v, mask).T + b,
+        first_wrt,
+        weights.double(),
+    )
+    torch.testing.assert_close(first.double(), ref_first, rtol=1e-4, atol=1e-4)
+    for name, got, ref in zip(("input", "values", "bias"), second, ref_second, strict=True):
+        assert got.shape == ref.shape, name
+        assert ref.abs().max() > 0, name  # each is a real second-order term
+        torch.testing.assert_close(
+            got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item(), msg=name
+        )
+
+
+def test_double_backward_of_the_reported_case():
+    torch.manual_seed(42)
+    layer = BlockSparseLinear(64, 32, block_size=16, density=0.5)
+    x = torch.randn(8, 64, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    (got,) = torch.autograd.grad(g.sum(), layer.values)
+    w = dense_weight(layer.values.detach().double().requires_grad_(), layer.layout)
+    xd = x.detach().double().requires_grad_()
+    (gd,) = torch.autograd.grad(
+        (xd @ w.T + layer.bias.double()).square().sum(), xd, create_graph=True
+    )
+    (ref,) = torch.autograd.grad(gd.sum(), w)
+    ref = stored_blocks(ref, layer.layout, 16)
+    assert ref.abs().max() > 1
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
+
+
 def test_compile_fullgraph_forward_and_backward():
     layer = BlockSparseLinear(64, 32, block_size=16, density=0.5)
     compiled = torch.compile(layer, fullgraph=True)
