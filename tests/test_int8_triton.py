@@ -94,3 +94,27 @@ def test_cuda_tensors_dispatch_to_triton_and_agree_with_cpu():
     q = Int8Linear.from_float(torch.nn.Linear(96, 40))
     x = torch.randn(33, 96)
     torch.testing.assert_close(q.cuda()(x.cuda()).cpu(), q.cpu()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_arguments():
+    """Strided scales and bias are read right; a non-contiguous packed weight is refused by the
+    shared check (as the CPU kernel and the fake do), not read as if contiguous."""
+    seed = int(torch.randint(0, 2**31, ()))
+    w, x, scale, bias = weight_and_input(5, 40, 24, seed=seed)
+    packed, compensation = int8.pack_int8_weight(w)
+    x, packed, compensation, scale, bias = on_device(x, packed, compensation, scale, bias)
+    strided_scale = torch.stack([scale, scale]).T[:, 0]
+    strided_bias = torch.stack([bias, bias]).T[:, 1]
+    assert not strided_scale.is_contiguous() and not strided_bias.is_contiguous()
+    for quantize_input in (True, False):
+        y = triton_int8.int8_linear(
+            x, packed, compensation, 40, strided_scale, strided_bias, None, quantize_input
+        )
+        ref = fake_quant_linear(x, w, scale, bias, quantize_input=quantize_input)
+        torch.testing.assert_close(y.cpu(), ref, rtol=1e-5, atol=1e-5)
+    channels_last = packed.to(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous()
+    with pytest.raises(RuntimeError, match="packed_weight must be contiguous"):
+        triton_int8.int8_linear(x, channels_last, compensation, 40, scale, bias, None, True)
+    with pytest.raises(RuntimeError, match="packed_weight must be contiguous"):
+        triton_int8.int8_mm(x.to(torch.int8), channels_last, compensation, 40)

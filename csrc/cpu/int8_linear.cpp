@@ -28,11 +28,15 @@ int64_t ceil_div(int64_t a, int64_t b) {
 void check_packed_weight(const char* op, const at::Tensor& input, const at::Tensor& packed,
                          const at::Tensor& compensation, int64_t in_features) {
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == kBlockN &&
-                  packed.size(3) == kGroupK && packed.is_contiguous(),
+                  packed.size(3) == kGroupK,
               op,
-              ": packed_weight must be the contiguous int8 [N/16, K/4, 16, 4] tensor of "
+              ": packed_weight must be the int8 [N/16, K/4, 16, 4] tensor of "
               "fastopt.int8.pack_int8_weight, got ",
               packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(packed.is_contiguous(), op,
+              ": packed_weight must be contiguous (the kernels read its [N/16, K/4, 16, 4] "
+              "layout as plain bytes), got strides ",
+              packed.strides(), "; pass packed_weight.contiguous()");
   const int64_t features = input.dim() == 0 ? 0 : input.size(-1);
   TORCH_CHECK(input.dim() >= 1 && features == in_features, op, ": input has ", features,
               " features (its last dimension) but the layer has in_features=", in_features,

@@ -133,6 +133,9 @@ class Int8Linear(nn.Module):
         for name, before in scales.items():
             if before is not None:
                 setattr(self, name, before.to(getattr(self, name).device))
+        # `.to(memory_format=torch.channels_last)` restrides every 4-d tensor, the packed weight
+        # included; the kernels read its layout as contiguous bytes, so keep it contiguous.
+        self.packed_weight = self.packed_weight.contiguous()
         return self
 
     def forward(self, input: Tensor) -> Tensor:

@@ -153,7 +153,7 @@ def int8_mm(input, packed_weight, weight_compensation, in_features):
     n = weight_compensation.shape[0]
     out = torch.empty((input.shape[0], n), dtype=torch.int32, device=input.device)
     if out.numel():
-        _launch_gemm(input.contiguous(), packed_weight, n, out)
+        _launch_gemm(input.contiguous(), packed_weight.contiguous(), n, out)
     return out
 
 
@@ -178,6 +178,10 @@ def int8_linear(
     out = torch.empty((rows, n), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out.view(*input.shape[:-1], n)
+    # The kernels index every tensor as contiguous.
+    packed_weight, weight_scale = packed_weight.contiguous(), weight_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    input_scale = input_scale.contiguous() if input_scale is not None else None
     has_scale = input_scale is not None
     if quantize_input:
         q = torch.empty((rows, k), dtype=torch.int8, device=input.device)
