@@ -216,3 +216,28 @@ def test_weight_only_default_rows():
     assert not int8.uses_weight_only_path(1, torch.device("cpu"))
     assert int8.uses_weight_only_path(16, torch.device("cuda"))
     assert not int8.uses_weight_only_path(17, torch.device("cuda"))
+
+
+def test_quantize_leaves_multihead_attention_out_proj_alone():
+    """nn.MultiheadAttention reads out_proj.weight itself, so quantize_ must only convert layers
+    that are exactly nn.Linear; the encoder layer still runs and stays close to fp32."""
+    from fastopt.nn import quantize_
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    model.eval()
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        expected = model(x)
+        quantize_(model)
+        assert isinstance(model.linear1, Int8Linear) and isinstance(model.linear2, Int8Linear)
+        assert type(model.self_attn.out_proj) is not Int8Linear
+        assert model.self_attn.out_proj.weight.dtype == torch.float32
+        y = model(x)
+    assert relative_error(y, expected) < 0.02
+    model.train()  # the regular path with dropout 0: the same computation
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y)
+    encoder = nn.TransformerEncoder(model, num_layers=2, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        assert encoder(x).shape == x.shape
