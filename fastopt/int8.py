@@ -42,7 +42,8 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-d float tensor, got {weight.dtype} {weight.shape}")
     w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
+    # amax over an empty dim is an error: a layer with no input features gets scales of 1.
+    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale

@@ -241,3 +241,32 @@ def test_quantize_leaves_multihead_attention_out_proj_alone():
     encoder = nn.TransformerEncoder(model, num_layers=2, enable_nested_tensor=False).eval()
     with torch.no_grad():
         assert encoder(x).shape == x.shape
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("shape", [(2, 0), (3, 4, 0), (0,), (0, 0)])
+def test_zero_in_features_like_nn_linear(bias, mode, shape):
+    """in_features == 0, as nn.Linear allows: the output is the bias broadcast, or zeros."""
+    linear = make_linear(0, 5, seed=int(torch.randint(0, 2**31, ())), bias=bias)
+    if bias:
+        nn.init.normal_(linear.bias)
+    q = Int8Linear.from_float(linear, mode=mode)
+    assert torch.equal(q.weight_scale, torch.ones(5))
+    x = torch.zeros(shape)
+    y = q(x)
+    torch.testing.assert_close(y, linear(x), rtol=0, atol=0)
+    assert y.shape == (*shape[:-1], 5)
+    y = Int8Linear(0, 5, bias=bias, mode=mode)(x)
+    assert torch.equal(y, torch.zeros(*shape[:-1], 5))
+
+
+def test_int8_mm_with_zero_in_features():
+    rows = int(torch.randint(1, 40, ()))
+    out = int8.int8_mm(
+        torch.zeros(rows, 0, dtype=torch.int8),
+        *int8.pack_int8_weight(torch.zeros(3, 0, dtype=torch.int8)),
+        0,
+    )
+    assert out.dtype == torch.int32 and torch.equal(out, torch.zeros(rows, 3, dtype=torch.int32))

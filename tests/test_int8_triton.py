@@ -103,8 +103,8 @@ def test_non_contiguous_arguments():
     w, x, scale, bias = weight_and_input(5, 40, 24, seed=seed)
     packed, compensation = int8.pack_int8_weight(w)
     x, packed, compensation, scale, bias = on_device(x, packed, compensation, scale, bias)
-    strided_scale = torch.stack([scale, scale]).T[:, 0]
-    strided_bias = torch.stack([bias, bias]).T[:, 1]
+    strided_scale = torch.stack([scale, scale], dim=1)[:, 0]
+    strided_bias = torch.stack([bias, bias], dim=1)[:, 1]
     assert not strided_scale.is_contiguous() and not strided_bias.is_contiguous()
     for quantize_input in (True, False):
         y = triton_int8.int8_linear(
@@ -118,3 +118,17 @@ def test_non_contiguous_arguments():
         triton_int8.int8_linear(x, channels_last, compensation, 40, scale, bias, None, True)
     with pytest.raises(RuntimeError, match="packed_weight must be contiguous"):
         triton_int8.int8_mm(x.to(torch.int8), channels_last, compensation, 40)
+
+
+@pytest.mark.parametrize("quantize_input", [True, False])
+def test_zero_in_features(quantize_input):
+    """in_features == 0: the bias broadcast (or zeros), and int8_mm's empty sums are zero."""
+    bias = torch.randn(5, generator=generator(int(torch.randint(0, 2**31, ()))))
+    packed, compensation = on_device(*int8.pack_int8_weight(torch.zeros(5, 0, dtype=torch.int8)))
+    x, scale, bias = on_device(torch.zeros(2, 3, 0), torch.ones(5), bias)
+    y = triton_int8.int8_linear(x, packed, compensation, 0, scale, bias, None, quantize_input)
+    assert torch.equal(y.cpu(), bias.cpu().expand(2, 3, 5))
+    y = triton_int8.int8_linear(x, packed, compensation, 0, scale, None, None, quantize_input)
+    assert torch.equal(y.cpu(), torch.zeros(2, 3, 5))
+    out = triton_int8.int8_mm(x[0].to(torch.int8), packed, compensation, 0)
+    assert torch.equal(out.cpu(), torch.zeros(3, 5, dtype=torch.int32))

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -217,7 +218,7 @@ void for_each_tile_in_parallel(int64_t rows_total, int64_t blocks_total, int64_t
   const int64_t row_tiles = ceil_div(rows_total, kTileRows);
   const int64_t panels = ceil_div(blocks_total, kPanelBlocks);
   // About a million multiply-adds per task before forking pays off.
-  const int64_t work_per_tile = kTileRows * kPanelCols * padded_k;
+  const int64_t work_per_tile = kTileRows * kPanelCols * std::max<int64_t>(padded_k, 1);
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / work_per_tile);
   at::parallel_for(0, row_tiles * panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -319,6 +320,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
   const int64_t padded_k = packed_weight.size(1) * kGroupK;
   at::Tensor out = at::empty({rows, n}, input.options().dtype(at::kInt));
   if (rows == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();  // an empty sum
   // The tiles read rows padded to whole groups, offset to uint8 for the VNNI kernels.
   at::Tensor a = at::zeros({rows, padded_k + kActivationRowPad}, input.options().dtype(at::kByte));
   const at::Tensor in_c = input.contiguous();
@@ -348,12 +350,22 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
   check_linear_args(input, packed_weight, weight_compensation, in_features, weight_scale, bias,
                     input_scale);
   const int64_t k = input.size(-1), n = weight_compensation.size(0);
-  const at::Tensor x = input.reshape({-1, k}).contiguous();
-  const int64_t rows = x.size(0), padded_k = packed_weight.size(1) * kGroupK;
+  // An explicit row count: reshape({-1, 0}) cannot infer it when K == 0.
+  const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  const at::Tensor x = input.reshape({rows, k}).contiguous();
+  const int64_t padded_k = packed_weight.size(1) * kGroupK;
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({rows, n}, input.options());
   if (rows == 0 || n == 0) return out.view(out_shape);
+  if (k == 0) {  // no input features, as nn.Linear: the bias, or zeros
+    if (bias.has_value()) {
+      out.copy_(bias->unsqueeze(0).expand({rows, n}));
+    } else {
+      out.zero_();
+    }
+    return out.view(out_shape);
+  }
 
   const Int8Kernels& kernels = active_int8_kernels();
   const at::Tensor scale_c = weight_scale.contiguous();

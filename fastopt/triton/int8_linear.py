@@ -10,6 +10,8 @@ kernel needs is only read for its shape here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -152,7 +154,9 @@ def int8_mm(input, packed_weight, weight_compensation, in_features):
     _library._check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
     n = weight_compensation.shape[0]
     out = torch.empty((input.shape[0], n), dtype=torch.int32, device=input.device)
-    if out.numel():
+    if out.numel() and in_features == 0:
+        out.zero_()  # an empty sum
+    elif out.numel():
         _launch_gemm(input.contiguous(), packed_weight.contiguous(), n, out)
     return out
 
@@ -173,10 +177,16 @@ def int8_linear(
         input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
     )
     k, n = input.shape[-1], weight_compensation.shape[0]
-    x = input.reshape(-1, k).contiguous()
-    rows = x.shape[0]
+    rows = math.prod(input.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it when K == 0
+    x = input.reshape(rows, k).contiguous()
     out = torch.empty((rows, n), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
+        return out.view(*input.shape[:-1], n)
+    if k == 0:  # no input features, as nn.Linear: the bias, or zeros
+        if bias is not None:
+            out.copy_(bias.expand(rows, n))
+        else:
+            out.zero_()
         return out.view(*input.shape[:-1], n)
     # The kernels index every tensor as contiguous.
     packed_weight, weight_scale = packed_weight.contiguous(), weight_scale.contiguous()
