@@ -270,3 +270,26 @@ def test_int8_mm_with_zero_in_features():
         0,
     )
     assert out.dtype == torch.int32 and torch.equal(out, torch.zeros(rows, 3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 48), (48,), (7, 48)])
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_functional_bias_gradient_matches_f_linear(dtype, shape, mode):
+    """A bias that requires grad gets F.linear's gradient (grad_output summed over all but the
+    last dimension, in the bias dtype), alongside the input's."""
+    seed = int(torch.randint(0, 2**31, ()))
+    q = Int8Linear.from_float(make_linear(48, 20, seed=seed), mode=mode)
+    bias = gaussian((20,), seed + 1, dtype).requires_grad_()
+    x = gaussian(shape, seed + 2, dtype).requires_grad_()
+    grad_out = gaussian((*shape[:-1], 20), seed + 3, dtype)
+    args = (q.packed_weight, q.weight_compensation, 48, q.weight_scale)
+    int8.int8_linear(x, *args, bias, mode=mode).backward(grad_out)
+    dequantized = (q.weight.float() * q.weight_scale[:, None]).to(dtype)
+    ref_bias = bias.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    F.linear(ref_x, dequantized, ref_bias).backward(grad_out)
+    assert bias.grad is not None and bias.grad.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(bias.grad, ref_bias.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=tol, atol=tol)
