@@ -23,13 +23,12 @@ BLOCK_N_PACKED, GROUP_K_PACKED = 16, 4
 
 @triton.jit
 def _packed_weight_tile(packed_ptr, groups, offs_k, offs_n, K, N):
-    """The [BLOCK_K, BLOCK_N] tile w[n, k].T of the packed weight (0 outside [N, K])."""
-    offset = (
-        (offs_n[None, :] // 16) * (groups * 64)
-        + (offs_k[:, None] // 4) * 64
-        + (offs_n[None, :] % 16) * 4
-        + (offs_k[:, None] % 4)
-    )
+    """The [BLOCK_K, BLOCK_N] tile w[n, k].T of the packed weight (0 outside [N, K]). The
+    offsets are int64: a packed weight can pass 2 GiB, where int32 ones would wrap."""
+    n = offs_n.to(tl.int64)
+    k = offs_k.to(tl.int64)
+    offset = (n[None, :] // 16) * groups * 64 + (k[:, None] // 4) * 64 + (n[None, :] % 16) * 4
+    offset += k[:, None] % 4
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     return tl.load(packed_ptr + offset, mask=mask, other=0)
 
