@@ -242,9 +242,17 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_
         and packed_weight.dim() == 4
         and tuple(packed_weight.shape[2:]) == (_INT8_BLOCK_N, _INT8_GROUP_K),
         lambda: (
-            f"{op}: packed_weight must be the contiguous int8 [N/16, K/4, 16, 4] tensor of "
+            f"{op}: packed_weight must be the int8 [N/16, K/4, 16, 4] tensor of "
             f"fastopt.int8.pack_int8_weight, got {packed_weight.dtype} "
             f"{list(packed_weight.shape)}"
+        ),
+    )
+    torch._check(
+        packed_weight.is_contiguous(),
+        lambda: (
+            f"{op}: packed_weight must be contiguous (the kernels read its [N/16, K/4, 16, 4] "
+            f"layout as plain bytes), got strides {list(packed_weight.stride())}; pass "
+            "packed_weight.contiguous()"
         ),
     )
     features = input.shape[-1] if input.dim() else 0
@@ -274,7 +282,8 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_
         weight_compensation.dtype == torch.int32
         and weight_compensation.dim() == 1
         and (weight_compensation.shape[0] + _INT8_BLOCK_N - 1) // _INT8_BLOCK_N
-        == packed_weight.shape[0],
+        == packed_weight.shape[0]
+        and weight_compensation.is_contiguous(),
         lambda: (
             f"{op}: weight_compensation must be the int32 [out_features] tensor of "
             f"fastopt.int8.pack_int8_weight for this packed_weight, got "

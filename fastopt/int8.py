@@ -8,6 +8,8 @@ row (token), computed inside ``int8_linear``; an optional per-input-channel ``in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,7 +44,8 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-d float tensor, got {weight.dtype} {weight.shape}")
     w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
+    # amax over an empty dim is an error: a layer with no input features gets scales of 1.
+    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
@@ -159,8 +162,9 @@ def int8_linear(
     ``WEIGHT_ONLY_MAX_ROWS`` rows (the memory-bound regime) take the weight-only path instead.
     ``mode="weight_only"``: activations stay float; the weight is widened in registers.
 
-    Gradients flow to ``input`` only (the quantized weight is frozen): the backward uses the
-    dequantized weight, treating the activation rounding as identity.
+    Gradients flow to ``input`` and ``bias`` (the quantized weight is frozen): the input's uses
+    the dequantized weight, treating the activation rounding as identity; the bias's is
+    ``grad_output`` summed over all but the last dimension, as ``F.linear``'s.
     """
     if mode not in ("dynamic", "weight_only"):
         raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {mode!r}")
@@ -180,17 +184,26 @@ def int8_linear(
 
 
 def _int8_linear_setup_context(ctx, inputs, output) -> None:
-    _, packed_weight, weight_compensation, in_features, weight_scale, _, input_scale, _ = inputs
+    _, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale, _ = inputs
     ctx.save_for_backward(packed_weight, weight_scale, input_scale)
     ctx.in_features = in_features
     ctx.out_features = weight_compensation.shape[0]
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _int8_linear_backward(ctx, grad_output):
     packed_weight, weight_scale, input_scale = ctx.saved_tensors
-    weight = unpack_int8_weight(packed_weight, ctx.out_features, ctx.in_features)
-    grad_input = grad_output.float() @ dequantize_weight(weight, weight_scale, input_scale)
-    return grad_input.to(grad_output.dtype), None, None, None, None, None, None, None
+    grad_input = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = unpack_int8_weight(packed_weight, ctx.out_features, ctx.in_features)
+        dequantized = dequantize_weight(weight, weight_scale, input_scale)
+        grad_input = (grad_output.float() @ dequantized).to(grad_output.dtype)
+    if ctx.needs_input_grad[5]:
+        # As F.linear's: grad_output summed over every dimension but the last.
+        rows = math.prod(grad_output.shape[:-1])
+        grad_bias = grad_output.reshape(rows, ctx.out_features).float().sum(0)
+        grad_bias = grad_bias.to(ctx.bias_dtype)
+    return grad_input, None, None, None, None, grad_bias, None, None
 
 
 torch.library.register_autograd(

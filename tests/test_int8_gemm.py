@@ -95,3 +95,17 @@ def test_quantize_per_channel():
     assert (
         (q.double() * scale.double()[:, None] - w).abs() <= scale.double()[:, None] / 2 + 1e-7
     ).all()
+
+
+@pytest.mark.parametrize("n", [5, 16, 40], ids=["part-block", "one-block", "last-panel-1-block"])
+@pytest.mark.parametrize("rows", [16, 32, 35])
+def test_int8_mm_one_block_panel_with_k_tail(cpu_isa, rows, n):
+    """Panels of one 16-column block whose rows run on AMX with a K tail on the vector kernel:
+    the tail's sums cover only that block's columns, and only those are added (the other half of
+    the tail buffer is never written)."""
+    gen = generator(int(torch.randint(0, 2**31, ())))
+    k = 64 * 3 + 7
+    a = torch.randint(-128, 128, (rows, k), dtype=torch.int8, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    out = int8.int8_mm(a, *int8.pack_int8_weight(w), k)
+    assert torch.equal(out.long(), reference_mm(a, w))

@@ -216,3 +216,80 @@ def test_weight_only_default_rows():
     assert not int8.uses_weight_only_path(1, torch.device("cpu"))
     assert int8.uses_weight_only_path(16, torch.device("cuda"))
     assert not int8.uses_weight_only_path(17, torch.device("cuda"))
+
+
+def test_quantize_leaves_multihead_attention_out_proj_alone():
+    """nn.MultiheadAttention reads out_proj.weight itself, so quantize_ must only convert layers
+    that are exactly nn.Linear; the encoder layer still runs and stays close to fp32."""
+    from fastopt.nn import quantize_
+
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    model = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    model.eval()
+    x = torch.randn(2, 7, 64)
+    with torch.no_grad():
+        expected = model(x)
+        quantize_(model)
+        assert isinstance(model.linear1, Int8Linear) and isinstance(model.linear2, Int8Linear)
+        assert type(model.self_attn.out_proj) is not Int8Linear
+        assert model.self_attn.out_proj.weight.dtype == torch.float32
+        y = model(x)
+    assert relative_error(y, expected) < 0.02
+    model.train()  # the regular path with dropout 0: the same computation
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y)
+    encoder = nn.TransformerEncoder(model, num_layers=2, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        assert encoder(x).shape == x.shape
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("shape", [(2, 0), (3, 4, 0), (0,), (0, 0)])
+def test_zero_in_features_like_nn_linear(bias, mode, shape):
+    """in_features == 0, as nn.Linear allows: the output is the bias broadcast, or zeros."""
+    linear = make_linear(0, 5, seed=int(torch.randint(0, 2**31, ())), bias=bias)
+    if bias:
+        nn.init.normal_(linear.bias)
+    q = Int8Linear.from_float(linear, mode=mode)
+    assert torch.equal(q.weight_scale, torch.ones(5))
+    x = torch.zeros(shape)
+    y = q(x)
+    torch.testing.assert_close(y, linear(x), rtol=0, atol=0)
+    assert y.shape == (*shape[:-1], 5)
+    y = Int8Linear(0, 5, bias=bias, mode=mode)(x)
+    assert torch.equal(y, torch.zeros(*shape[:-1], 5))
+
+
+def test_int8_mm_with_zero_in_features():
+    rows = int(torch.randint(1, 40, ()))
+    out = int8.int8_mm(
+        torch.zeros(rows, 0, dtype=torch.int8),
+        *int8.pack_int8_weight(torch.zeros(3, 0, dtype=torch.int8)),
+        0,
+    )
+    assert out.dtype == torch.int32 and torch.equal(out, torch.zeros(rows, 3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 48), (48,), (7, 48)])
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_functional_bias_gradient_matches_f_linear(dtype, shape, mode):
+    """A bias that requires grad gets F.linear's gradient (grad_output summed over all but the
+    last dimension, in the bias dtype), alongside the input's."""
+    seed = int(torch.randint(0, 2**31, ()))
+    q = Int8Linear.from_float(make_linear(48, 20, seed=seed), mode=mode)
+    bias = gaussian((20,), seed + 1, dtype).requires_grad_()
+    x = gaussian(shape, seed + 2, dtype).requires_grad_()
+    grad_out = gaussian((*shape[:-1], 20), seed + 3, dtype)
+    args = (q.packed_weight, q.weight_compensation, 48, q.weight_scale)
+    int8.int8_linear(x, *args, bias, mode=mode).backward(grad_out)
+    dequantized = (q.weight.float() * q.weight_scale[:, None]).to(dtype)
+    ref_bias = bias.detach().clone().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    F.linear(ref_x, dequantized, ref_bias).backward(grad_out)
+    assert bias.grad is not None and bias.grad.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(bias.grad, ref_bias.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=tol, atol=tol)

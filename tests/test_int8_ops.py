@@ -149,7 +149,12 @@ def test_bad_op_arguments():
         (3, 41, "input has 37 features .* in_features=41"),
         (3, 33, "input has 37 features .* in_features=33"),
         (2, torch.zeros(40, dtype=torch.int32), "weight_compensation must be the int32"),
-        (1, torch.zeros(2, 10, 16, 4), "packed_weight must be the contiguous int8"),
+        (1, torch.zeros(2, 10, 16, 4), "packed_weight must be the int8"),
+        (
+            1,
+            q.packed_weight.to(memory_format=torch.channels_last),
+            "packed_weight must be contiguous .* pass packed_weight.contiguous",
+        ),
     ]
     for index, value, message in cases:
         bad = list(args)
@@ -174,3 +179,17 @@ def test_bad_construction():
     with pytest.raises(ValueError, match="mode must be 'dynamic' or 'weight_only'"):
         q = layer()
         int8.int8_linear(randn(2, 37), *op_args(q, None, True)[1:7], mode="w4")
+
+
+def test_channels_last_keeps_the_packed_weight_contiguous():
+    """`.to(memory_format=torch.channels_last)` restrides every 4-d tensor of a model; the layer
+    keeps its packed weight contiguous, so the forward still runs and agrees."""
+    seed = int(torch.randint(0, 2**31, ()))
+    q = layer(seed=seed)
+    x = randn(5, 37, seed=seed)
+    expected = q(x)
+    assert q.to(memory_format=torch.channels_last) is q
+    assert q.packed_weight.is_contiguous()
+    torch.testing.assert_close(q(x), expected, rtol=0, atol=0)
+    model = nn.Sequential(layer(seed=seed), nn.ReLU()).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model[0](x), expected, rtol=0, atol=0)

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,11 +29,15 @@ int64_t ceil_div(int64_t a, int64_t b) {
 void check_packed_weight(const char* op, const at::Tensor& input, const at::Tensor& packed,
                          const at::Tensor& compensation, int64_t in_features) {
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == kBlockN &&
-                  packed.size(3) == kGroupK && packed.is_contiguous(),
+                  packed.size(3) == kGroupK,
               op,
-              ": packed_weight must be the contiguous int8 [N/16, K/4, 16, 4] tensor of "
+              ": packed_weight must be the int8 [N/16, K/4, 16, 4] tensor of "
               "fastopt.int8.pack_int8_weight, got ",
               packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(packed.is_contiguous(), op,
+              ": packed_weight must be contiguous (the kernels read its [N/16, K/4, 16, 4] "
+              "layout as plain bytes), got strides ",
+              packed.strides(), "; pass packed_weight.contiguous()");
   const int64_t features = input.dim() == 0 ? 0 : input.size(-1);
   TORCH_CHECK(input.dim() >= 1 && features == in_features, op, ": input has ", features,
               " features (its last dimension) but the layer has in_features=", in_features,
@@ -213,7 +218,7 @@ void for_each_tile_in_parallel(int64_t rows_total, int64_t blocks_total, int64_t
   const int64_t row_tiles = ceil_div(rows_total, kTileRows);
   const int64_t panels = ceil_div(blocks_total, kPanelBlocks);
   // About a million multiply-adds per task before forking pays off.
-  const int64_t work_per_tile = kTileRows * kPanelCols * padded_k;
+  const int64_t work_per_tile = kTileRows * kPanelCols * std::max<int64_t>(padded_k, 1);
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / work_per_tile);
   at::parallel_for(0, row_tiles * panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -315,6 +320,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
   const int64_t padded_k = packed_weight.size(1) * kGroupK;
   at::Tensor out = at::empty({rows, n}, input.options().dtype(at::kInt));
   if (rows == 0 || n == 0) return out;
+  if (k == 0) return out.zero_();  // an empty sum
   // The tiles read rows padded to whole groups, offset to uint8 for the VNNI kernels.
   at::Tensor a = at::zeros({rows, padded_k + kActivationRowPad}, input.options().dtype(at::kByte));
   const at::Tensor in_c = input.contiguous();
@@ -344,12 +350,22 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
   check_linear_args(input, packed_weight, weight_compensation, in_features, weight_scale, bias,
                     input_scale);
   const int64_t k = input.size(-1), n = weight_compensation.size(0);
-  const at::Tensor x = input.reshape({-1, k}).contiguous();
-  const int64_t rows = x.size(0), padded_k = packed_weight.size(1) * kGroupK;
+  // An explicit row count: reshape({-1, 0}) cannot infer it when K == 0.
+  const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);
+  const at::Tensor x = input.reshape({rows, k}).contiguous();
+  const int64_t padded_k = packed_weight.size(1) * kGroupK;
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({rows, n}, input.options());
   if (rows == 0 || n == 0) return out.view(out_shape);
+  if (k == 0) {  // no input features, as nn.Linear: the bias, or zeros
+    if (bias.has_value()) {
+      out.copy_(bias->unsqueeze(0).expand({rows, n}));
+    } else {
+      out.zero_();
+    }
+    return out.view(out_shape);
+  }
 
   const Int8Kernels& kernels = active_int8_kernels();
   const at::Tensor scale_c = weight_scale.contiguous();

@@ -224,7 +224,11 @@ FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
       tail.rows = amx_rows;
       tail.c = tail_sums;
       gemm_vnni(tail);
-      for (int i = 0; i < amx_rows * kPanelCols; ++i) t.c[i] += tail_sums[i];
+      // gemm_vnni writes t.blocks * kBlockN columns of each row: with one block, the rest of
+      // tail_sums is uninitialized (and t.c's columns there are not read either).
+      const int cols = t.blocks * kBlockN;
+      for (int r = 0; r < amx_rows; ++r)
+        for (int j = 0; j < cols; ++j) t.c[r * kPanelCols + j] += tail_sums[r * kPanelCols + j];
     }
   }
   if (amx_rows < t.rows) {

@@ -133,6 +133,9 @@ class Int8Linear(nn.Module):
         for name, before in scales.items():
             if before is not None:
                 setattr(self, name, before.to(getattr(self, name).device))
+        # `.to(memory_format=torch.channels_last)` restrides every 4-d tensor, the packed weight
+        # included; the kernels read its layout as contiguous bytes, so keep it contiguous.
+        self.packed_weight = self.packed_weight.contiguous()
         return self
 
     def forward(self, input: Tensor) -> Tensor:
@@ -184,20 +187,37 @@ def quantize_(
     input_absmax: dict[str, Tensor] | None = None,
     alpha: float = 0.5,
 ) -> nn.Module:
-    """Replaces, in place, every ``nn.Linear`` of `model` (the model itself excluded) for which
+    """Replaces, in place, every ``nn.Linear`` of `model` (the model itself excluded; subclasses,
+    such as nn.MultiheadAttention's ``out_proj``, are left alone) for which
     ``filter_fn(module, qualified_name)`` is true (default: all) with `Int8Linear.from_float`.
     `input_absmax` maps names to `calibrate`'s statistics, for SmoothQuant. Returns `model`."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if name and isinstance(module, nn.Linear) and (filter_fn is None or filter_fn(module, name))
+        # Exactly nn.Linear: subclasses such as nn.MultiheadAttention's out_proj
+        # (NonDynamicallyQuantizableLinear) are read by their owner through `.weight`.
+        if name and type(module) is nn.Linear and (filter_fn is None or filter_fn(module, name))
     ]
     for name, linear in targets:
         absmax = input_absmax.get(name) if input_absmax is not None else None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, Int8Linear.from_float(linear, mode, absmax, alpha))
+        if isinstance(parent, nn.TransformerEncoderLayer) and not _has_fast_path_guard(parent):
+            # Its inference fast path (torch._transformer_encoder_layer_fwd) reads linear1.weight
+            # and linear2.weight itself; a forward pre-hook is what makes it take the regular
+            # path, which calls the layers.
+            parent.register_forward_pre_hook(_keep_off_the_fast_path)
     return model
+
+
+def _keep_off_the_fast_path(module: nn.Module, args) -> None:
+    """A no-op forward pre-hook: nn.TransformerEncoderLayer skips its fused fast path (which
+    reads its linears' float weights directly) whenever one is attached."""
+
+
+def _has_fast_path_guard(module: nn.Module) -> bool:
+    return any(hook is _keep_off_the_fast_path for hook in module._forward_pre_hooks.values())
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ kernel needs is only read for its shape here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -21,13 +23,12 @@ BLOCK_N_PACKED, GROUP_K_PACKED = 16, 4
 
 @triton.jit
 def _packed_weight_tile(packed_ptr, groups, offs_k, offs_n, K, N):
-    """The [BLOCK_K, BLOCK_N] tile w[n, k].T of the packed weight (0 outside [N, K])."""
-    offset = (
-        (offs_n[None, :] // 16) * (groups * 64)
-        + (offs_k[:, None] // 4) * 64
-        + (offs_n[None, :] % 16) * 4
-        + (offs_k[:, None] % 4)
-    )
+    """The [BLOCK_K, BLOCK_N] tile w[n, k].T of the packed weight (0 outside [N, K]). The
+    offsets are int64: a packed weight can pass 2 GiB, where int32 ones would wrap."""
+    n = offs_n.to(tl.int64)
+    k = offs_k.to(tl.int64)
+    offset = (n[None, :] // 16) * groups * 64 + (k[:, None] // 4) * 64 + (n[None, :] % 16) * 4
+    offset += k[:, None] % 4
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     return tl.load(packed_ptr + offset, mask=mask, other=0)
 
@@ -152,8 +153,10 @@ def int8_mm(input, packed_weight, weight_compensation, in_features):
     _library._check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
     n = weight_compensation.shape[0]
     out = torch.empty((input.shape[0], n), dtype=torch.int32, device=input.device)
-    if out.numel():
-        _launch_gemm(input.contiguous(), packed_weight, n, out)
+    if out.numel() and in_features == 0:
+        out.zero_()  # an empty sum
+    elif out.numel():
+        _launch_gemm(input.contiguous(), packed_weight.contiguous(), n, out)
     return out
 
 
@@ -173,11 +176,21 @@ def int8_linear(
         input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
     )
     k, n = input.shape[-1], weight_compensation.shape[0]
-    x = input.reshape(-1, k).contiguous()
-    rows = x.shape[0]
+    rows = math.prod(input.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it when K == 0
+    x = input.reshape(rows, k).contiguous()
     out = torch.empty((rows, n), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out.view(*input.shape[:-1], n)
+    if k == 0:  # no input features, as nn.Linear: the bias, or zeros
+        if bias is not None:
+            out.copy_(bias.expand(rows, n))
+        else:
+            out.zero_()
+        return out.view(*input.shape[:-1], n)
+    # The kernels index every tensor as contiguous.
+    packed_weight, weight_scale = packed_weight.contiguous(), weight_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    input_scale = input_scale.contiguous() if input_scale is not None else None
     has_scale = input_scale is not None
     if quantize_input:
         q = torch.empty((rows, k), dtype=torch.int8, device=input.device)
