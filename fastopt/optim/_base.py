@@ -28,6 +28,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     # Whether `_group_step` takes sparse COO grads (the checks refuse them otherwise).
     _supports_sparse_grads = False
+    # param_group keys that checkpoints of older torch versions may lack, with the value torch's
+    # own __setstate__ gives them.
+    _keys_added_later: dict[str, Any] = {}
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         if defaults.get("differentiable"):
@@ -57,6 +60,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self._keys_added_later.items():
+                group.setdefault(key, value)
         # A checkpoint may come from torch.optim with its step counts on the CPU (or, from old
         # torch versions, as Python numbers), and from a model whose params had another memory
         # layout (contiguous, then channels_last); the kernels read the counts on the param's

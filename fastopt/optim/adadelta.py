@@ -37,6 +37,13 @@ class FusedAdadelta(FusedOptimizer):
         opt = fastopt.FusedAdadelta(model.parameters())
     """
 
+    _keys_added_later = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+
     def __init__(
         self,
         params,
@@ -68,14 +75,6 @@ class FusedAdadelta(FusedOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults)
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
 
     def _state_keys(self, group) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")

@@ -44,6 +44,13 @@ class FusedAdagrad(FusedOptimizer):
 
     _supports_sparse_grads = True
 
+    _keys_added_later = {
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "fused": None,
+    }
+
     def __init__(
         self,
         params,
@@ -85,14 +92,6 @@ class FusedAdagrad(FusedOptimizer):
         # share_memory() can share it before training starts).
         for group in self.param_groups:
             self._states_of(group["params"], group)
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
 
     def share_memory(self) -> None:
         """Moves the state sums into shared memory, as ``torch.optim.Adagrad.share_memory``."""

@@ -41,6 +41,16 @@ class FusedAdam(FusedOptimizer):
         opt.zero_grad()
     """
 
+    _keys_added_later = {
+        "amsgrad": False,
+        "maximize": False,
+        "foreach": None,
+        "capturable": False,
+        "differentiable": False,
+        "fused": None,
+        "decoupled_weight_decay": False,
+    }
+
     def __init__(
         self,
         params,
@@ -86,17 +96,6 @@ class FusedAdam(FusedOptimizer):
             "decoupled_weight_decay": decoupled_weight_decay,
         }
         super().__init__(params, defaults)
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", False)
 
     def _state_keys(self, group) -> tuple[str, ...]:
         if group["amsgrad"]:

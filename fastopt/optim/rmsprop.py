@@ -37,6 +37,15 @@ class FusedRMSprop(FusedOptimizer):
         opt = fastopt.FusedRMSprop(model.parameters(), lr=1e-2, momentum=0.9)
     """
 
+    _keys_added_later = {
+        "momentum": 0,
+        "centered": False,
+        "foreach": None,
+        "maximize": False,
+        "differentiable": False,
+        "capturable": False,
+    }
+
     def __init__(
         self,
         params,
@@ -73,16 +82,6 @@ class FusedRMSprop(FusedOptimizer):
             "differentiable": differentiable,
         }
         super().__init__(params, defaults)
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
 
     def _state_keys(self, group) -> tuple[str, ...]:
         keys = ("square_avg",)
