@@ -348,40 +348,23 @@ def _check_int8_linear_args(
         ),
     )
     _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features)
-    n = weight_compensation.shape[0]
-    torch._check(
-        weight_scale.dtype == torch.float32
-        and weight_scale.dim() == 1
-        and weight_scale.shape[0] == n
-        and weight_scale.device == input.device,
-        lambda: (
-            f"{op}: weight_scale must be a float32 [{n}] tensor on the input's device, got "
-            f"{weight_scale.dtype} {list(weight_scale.shape)} on {weight_scale.device}"
-        ),
-    )
+    n, k = weight_compensation.shape[0], input.shape[-1]
+    device = input.device
+    scale_of = "a float32 [{}] tensor on the input's device".format
+    _check_vector(op, "weight_scale", weight_scale, torch.float32, n, device, scale_of(n))
     if bias is not None:
-        torch._check(
-            bias.dtype == input.dtype
-            and bias.dim() == 1
-            and bias.shape[0] == n
-            and bias.device == input.device,
-            lambda: (
-                f"{op}: bias must be a [{n}] tensor of the input's dtype {input.dtype} on its "
-                f"device, got {bias.dtype} {list(bias.shape)} on {bias.device}"
-            ),
-        )
+        what = f"a [{n}] tensor of the input's dtype {input.dtype} on its device"
+        _check_vector(op, "bias", bias, input.dtype, n, device, what)
     if input_scale is not None:
-        k = input.shape[-1]
-        torch._check(
-            input_scale.dtype == torch.float32
-            and input_scale.dim() == 1
-            and input_scale.shape[0] == k
-            and input_scale.device == input.device,
-            lambda: (
-                f"{op}: input_scale must be a float32 [{k}] tensor on the input's device, got "
-                f"{input_scale.dtype} {list(input_scale.shape)} on {input_scale.device}"
-            ),
-        )
+        _check_vector(op, "input_scale", input_scale, torch.float32, k, device, scale_of(k))
+
+
+def _check_vector(op, name, t, dtype, length, device, what) -> None:
+    """`t` is a 1-d tensor of `length` elements of `dtype` on `device`, which `what` says."""
+    torch._check(
+        t.dtype == dtype and t.dim() == 1 and t.shape[0] == length and t.device == device,
+        lambda: f"{op}: {name} must be {what}, got {t.dtype} {list(t.shape)} on {t.device}",
+    )
 
 
 # ---- block-sparse linear (fastopt.nn.BlockSparseLinear) ----------------------------------------
