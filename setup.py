@@ -80,8 +80,14 @@ def write_build_info() -> None:
 
 
 def extensions():
-    # Device-independent sources (Python entry, dispatch glue) sit in csrc/ itself.
-    cpu_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # A source belongs to the CUDA extension when it sits in a folder named `cuda`
+    # (csrc/cuda, csrc/optim/cuda), to the CPU extension otherwise (the dispatch glue in csrc/
+    # itself, csrc/cpu, csrc/optim/cpu, csrc/layers/cpu).
+    sources = sorted(
+        glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True)
+    )
+    cuda_sources = [s for s in sources if "cuda" in Path(s).parent.parts]
+    cpu_sources = [s for s in sources if s not in cuda_sources]
     exts = [
         CppExtension(
             "fastopt._C",
@@ -92,7 +98,6 @@ def extensions():
         )
     ]
     if BUILD_CUDA:
-        cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         exts.append(
             CUDAExtension(
                 "fastopt._C_cuda",

@@ -1,7 +1,7 @@
 """Every fastopt op: its schema and its fake (meta) implementation, defined once.
 
-Kernels are registered per device elsewhere: C++ in `csrc/cpu` (CPU) and `csrc/cuda` (CUDA),
-Triton from `fastopt/triton`. Fakes only check and shape, so the ops trace under
+Kernels are registered per device elsewhere: C++ from the `cpu` (CPU) and `cuda` (CUDA) folders
+of `csrc/`, Triton from `fastopt/triton`. Fakes only check and shape, so the ops trace under
 `torch.compile` and pass `torch.library.opcheck`. In-place ops return nothing.
 """
 
@@ -221,8 +221,8 @@ def _traffic_probe_fake(updated, read) -> None:
     return None
 
 
-# ---- int8 linear layers (issue #5): fastopt.int8 wraps these; csrc/cpu/int8_tiles.h documents
-# the packed weight layout ([N/16, K/4, 16, 4] int8) they share on every device.
+# ---- int8 linear layers: fastopt.int8 wraps these; csrc/layers/cpu/int8_tiles.h documents the
+# packed weight layout ([N/16, K/4, 16, 4] int8) they share on every device.
 
 _INT8_BLOCK_N, _INT8_GROUP_K, _INT8_MAX_IN_FEATURES = 16, 4, 65536
 

@@ -26,7 +26,7 @@ __all__ = [
     "uses_weight_only_path",
 ]
 
-BLOCK_N, GROUP_K = 16, 4  # the packed layout, csrc/cpu/int8_tiles.h
+BLOCK_N, GROUP_K = 16, 4  # the packed layout, csrc/layers/cpu/int8_tiles.h
 # Up to this many rows, dynamic mode runs the weight-only kernel (weights widened in registers,
 # float math). On a GPU that regime is memory-bound, so int8 activations would buy nothing. On
 # the CPU the int8 GEMM (64 products per vpdpbusd) beats the widening + fp32 FMAs even at one row

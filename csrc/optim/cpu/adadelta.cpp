@@ -1,9 +1,9 @@
 // fastopt::adadelta_step_ on the CPU: the multi-tensor driver with Adadelta's rule.
 #include <torch/library.h>
 
-#include "common/adadelta_rule.h"
+#include "optim/adadelta_rule.h"
 #include "cpu/isa.h"
-#include "cpu/multi_tensor_step.h"
+#include "optim/cpu/multi_tensor_step.h"
 
 namespace fastopt::cpu {
 namespace {

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "cpu/dtype_switch.h"
-#include "cpu/int8_tiles.h"
+#include "layers/cpu/int8_tiles.h"
 #include "cpu/isa.h"
 
 namespace fastopt::cpu::int8 {

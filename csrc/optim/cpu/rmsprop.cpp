@@ -1,9 +1,9 @@
 // fastopt::rmsprop_step_ on the CPU: the multi-tensor driver with Rmsprop's rule.
 #include <torch/library.h>
 
-#include "common/rmsprop_rule.h"
+#include "optim/rmsprop_rule.h"
 #include "cpu/isa.h"
-#include "cpu/multi_tensor_step.h"
+#include "optim/cpu/multi_tensor_step.h"
 
 namespace fastopt::cpu {
 namespace {

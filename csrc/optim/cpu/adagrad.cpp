@@ -1,9 +1,9 @@
 // fastopt::adagrad_step_ on the CPU: the multi-tensor driver with Adagrad's rule.
 #include <torch/library.h>
 
-#include "common/adagrad_rule.h"
+#include "optim/adagrad_rule.h"
 #include "cpu/isa.h"
-#include "cpu/multi_tensor_step.h"
+#include "optim/cpu/multi_tensor_step.h"
 
 namespace fastopt::cpu {
 namespace {

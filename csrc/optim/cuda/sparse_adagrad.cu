@@ -1,6 +1,6 @@
 // fastopt::sparse_adagrad_step_ on CUDA: entries sorted by row on the device (unless the gradient
 // is coalesced); one block per entry, and the block at the start of each row's run sums the run
-// and updates the row (see common/sparse_adagrad.h). Nothing is read back to the host.
+// and updates the row (see optim/sparse_adagrad.h). Nothing is read back to the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,9 +9,9 @@
 
 #include <algorithm>
 
-#include "common/sparse_adagrad.h"
-#include "cuda/multi_tensor_step.cuh"
-#include "cuda/step_counts.cuh"
+#include "optim/sparse_adagrad.h"
+#include "optim/cuda/multi_tensor_step.cuh"
+#include "optim/cuda/step_counts.cuh"
 
 namespace fastopt::cuda {
 namespace {

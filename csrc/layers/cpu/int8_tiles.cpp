@@ -1,6 +1,6 @@
 // The int8 tile micro-kernels, one set per instruction set (the layout is in int8_tiles.h).
 // Accumulators live in registers for a whole pass over K; the callers add scales and bias.
-#include "cpu/int8_tiles.h"
+#include "layers/cpu/int8_tiles.h"
 
 #include <algorithm>
 #include <cstring>

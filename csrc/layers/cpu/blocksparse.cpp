@@ -19,8 +19,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/blocksparse_pack.h"
-#include "cpu/blocksparse_tile.h"
+#include "layers/cpu/blocksparse_pack.h"
+#include "layers/cpu/blocksparse_tile.h"
 
 namespace fastopt::cpu::blocksparse {
 namespace {

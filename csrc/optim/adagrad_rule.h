@@ -1,12 +1,12 @@
 // The update rule of fastopt::adagrad_step_ (torch.optim.Adagrad, dense grads), for the CPU and
-// CUDA drivers; see common/step_call.h for what a rule provides. It follows torch's
+// CUDA drivers; see optim/step_call.h for what a rule provides. It follows torch's
 // single-tensor reference operation by operation, so fp32 and fp64 match it to rounding. The
-// sparse row update is common/sparse_adagrad.h.
+// sparse row update is optim/sparse_adagrad.h.
 #pragma once
 
 #include "common/macros.h"
-#include "common/step_call.h"
-#include "common/step_math.h"
+#include "optim/step_call.h"
+#include "optim/step_math.h"
 #include "op_signatures.h"
 
 namespace fastopt {

@@ -1,6 +1,6 @@
 // The CPU driver of every multi-tensor optimizer op: all tensors of a call in one parallel
 // region, one pass over memory, the element loop compiled per instruction set. An optimizer's
-// CPU file only instantiates it for its rule (common/step_call.h):
+// CPU file only instantiates it for its rule (optim/step_call.h):
 //
 //   FASTOPT_DISPATCH_BY_ISA(rule_piece, step_piece_body<Rule>, StepPiece<Rule>)
 //   ... &rule_step<run_step_on_cpu<Rule, rule_piece>> ...
@@ -14,10 +14,10 @@
 #include <vector>
 
 #include "common/macros.h"
-#include "common/step_call.h"
+#include "optim/step_call.h"
 #include "cpu/dtype_switch.h"
-#include "cpu/multi_tensor.h"
-#include "cpu/prefetched_loop.h"
+#include "optim/cpu/multi_tensor.h"
+#include "optim/cpu/prefetched_loop.h"
 
 namespace fastopt::cpu {
 

@@ -11,8 +11,8 @@
 
 #include "common/macros.h"
 #include "cpu/isa.h"
-#include "cpu/multi_tensor.h"
-#include "cpu/prefetched_loop.h"
+#include "optim/cpu/multi_tensor.h"
+#include "optim/cpu/prefetched_loop.h"
 
 namespace fastopt::cpu {
 namespace {

@@ -1,5 +1,5 @@
 // The update rule of fastopt::adam_step_ (Adam and AdamW), for the CPU and CUDA drivers; see
-// common/step_call.h for what a rule provides.
+// optim/step_call.h for what a rule provides.
 //
 // It follows torch.optim.Adam's single-tensor reference (foreach=False) operation by operation,
 // so fp32 and fp64 results match it to rounding. Low-precision params (bf16, fp16) are loaded,
@@ -10,8 +10,8 @@
 #include <cmath>
 
 #include "common/macros.h"
-#include "common/step_call.h"
-#include "common/step_math.h"
+#include "optim/step_call.h"
+#include "optim/step_math.h"
 #include "op_signatures.h"
 
 namespace fastopt {

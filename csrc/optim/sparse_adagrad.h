@@ -14,9 +14,9 @@
 #include <cstdint>
 #include <optional>
 
-#include "common/adagrad_rule.h"
+#include "optim/adagrad_rule.h"
 #include "common/macros.h"
-#include "common/optimizer_checks.h"
+#include "optim/optimizer_checks.h"
 #include "op_signatures.h"
 
 namespace fastopt {

@@ -1,9 +1,9 @@
 // fastopt::adam_step_ on the CPU: the multi-tensor driver with Adam's rule.
 #include <torch/library.h>
 
-#include "common/adam_rule.h"
+#include "optim/adam_rule.h"
 #include "cpu/isa.h"
-#include "cpu/multi_tensor_step.h"
+#include "optim/cpu/multi_tensor_step.h"
 
 namespace fastopt::cpu {
 namespace {

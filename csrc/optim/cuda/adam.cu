@@ -1,8 +1,8 @@
 // fastopt::adam_step_ on CUDA: the multi-tensor driver with Adam's rule.
 #include <torch/library.h>
 
-#include "common/adam_rule.h"
-#include "cuda/multi_tensor_step.cuh"
+#include "optim/adam_rule.h"
+#include "optim/cuda/multi_tensor_step.cuh"
 
 namespace fastopt::cuda {
 

@@ -1,6 +1,6 @@
 // One call of a multi-tensor optimizer op, whatever its update rule, and its input checks.
 //
-// An optimizer is an update rule (common/*_rule.h), a struct with:
+// An optimizer is an update rule (optim/*_rule.h), a struct with:
 //   kStateSlots, kStateNames[slot], kStateNeeds[slot]: its per-element state tensors (the op's
 //       state lists in schema order), and the option without which a slot is unused ("" if
 //       always used);
@@ -11,7 +11,7 @@
 //       its elements, derived once per tensor and step;
 //   update<VARIANT>(param, grad, state[kStateSlots], coefficients): the math of one element,
 //       with the grad already unscaled.
-// The CPU driver (cpu/multi_tensor_step.h) and the CUDA one (cuda/multi_tensor_step.cuh) do
+// The CPU driver (optim/cpu/multi_tensor_step.h) and the CUDA one (optim/cuda/multi_tensor_step.cuh) do
 // everything else: checks, scheduling, unscaling, found_inf, step counts, a tensor lr.
 #pragma once
 
@@ -22,7 +22,7 @@
 #include <optional>
 #include <vector>
 
-#include "common/optimizer_checks.h"
+#include "optim/optimizer_checks.h"
 
 namespace fastopt {
 

@@ -1,11 +1,11 @@
 // The update rule of fastopt::rmsprop_step_ (torch.optim.RMSprop), for the CPU and CUDA drivers;
-// see common/step_call.h for what a rule provides. It follows torch's single-tensor reference
+// see optim/step_call.h for what a rule provides. It follows torch's single-tensor reference
 // operation by operation, so fp32 and fp64 match it to rounding.
 #pragma once
 
 #include "common/macros.h"
-#include "common/step_call.h"
-#include "common/step_math.h"
+#include "optim/step_call.h"
+#include "optim/step_math.h"
 #include "op_signatures.h"
 
 namespace fastopt {

@@ -1,8 +1,8 @@
 // fastopt::adagrad_step_ on CUDA: the multi-tensor driver with Adagrad's rule.
 #include <torch/library.h>
 
-#include "common/adagrad_rule.h"
-#include "cuda/multi_tensor_step.cuh"
+#include "optim/adagrad_rule.h"
+#include "optim/cuda/multi_tensor_step.cuh"
 
 namespace fastopt::cuda {
 

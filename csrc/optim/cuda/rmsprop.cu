@@ -1,8 +1,8 @@
 // fastopt::rmsprop_step_ on CUDA: the multi-tensor driver with Rmsprop's rule.
 #include <torch/library.h>
 
-#include "common/rmsprop_rule.h"
-#include "cuda/multi_tensor_step.cuh"
+#include "optim/rmsprop_rule.h"
+#include "optim/cuda/multi_tensor_step.cuh"
 
 namespace fastopt::cuda {
 

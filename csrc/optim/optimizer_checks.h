@@ -8,7 +8,7 @@
 #include <optional>
 #include <utility>
 
-#include "common/metadata_prefetch.h"
+#include "optim/metadata_prefetch.h"
 
 namespace fastopt {
 

@@ -1,6 +1,6 @@
 // fastopt::sparse_adagrad_step_ on the CPU: entries grouped by row, each touched row summed and
-// updated once, the rows spread over the thread pool (see common/sparse_adagrad.h).
-#include "common/sparse_adagrad.h"
+// updated once, the rows spread over the thread pool (see optim/sparse_adagrad.h).
+#include "optim/sparse_adagrad.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

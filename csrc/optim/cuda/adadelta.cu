@@ -1,8 +1,8 @@
 // fastopt::adadelta_step_ on CUDA: the multi-tensor driver with Adadelta's rule.
 #include <torch/library.h>
 
-#include "common/adadelta_rule.h"
-#include "cuda/multi_tensor_step.cuh"
+#include "optim/adadelta_rule.h"
+#include "optim/cuda/multi_tensor_step.cuh"
 
 namespace fastopt::cuda {
 
