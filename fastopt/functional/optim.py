@@ -1,8 +1,5 @@
-"""fastopt's functional API: thin, documented wrappers over the `torch.ops.fastopt.*` ops.
-
-Like `torch.nn.functional`, these hold no state: the optimizer classes in `fastopt.optim` keep
-the state and call them.
-"""
+"""The optimizer steps of fastopt's functional API: one in-place step over many tensors per
+optimizer. The classes in `fastopt.optim` keep the state and call these."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _extension
+from .. import _extension
 
 __all__ = [
     "adadelta_step_",
