@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .. import _extension
+from .. import _dtensor, _extension
 
 __all__ = [
     "adadelta_step_",
@@ -201,6 +201,7 @@ def sparse_adagrad_step_(
             sparse grads).
     """
     _extension.require_kernels(param.device, "fastopt.functional.sparse_adagrad_step_")
+    _dtensor.enable()  # DTensor args (FSDP2) step their local shards
     torch.ops.fastopt.sparse_adagrad_step_(
         param,
         grad,
@@ -271,6 +272,7 @@ def _call(name: str, args: tuple) -> None:
     _extension.require_kernels(params[0].device, f"fastopt.functional.{name}")
     if _use_eager_fast_path() and _eager_entry(name)(*args) is None:
         return
+    _dtensor.enable()  # DTensor args (FSDP2) step their local shards
     getattr(torch.ops.fastopt, name)(*args)
 
 
