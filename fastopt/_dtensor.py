@@ -136,6 +136,12 @@ def _check_laid_out_as_param(op: str, where: str, t, param_where: str, p) -> Non
             f"param: create the state with torch.zeros_like(param), or move it with "
             f"tensor.redistribute(param.device_mesh, param.placements)"
         )
+    if _is_dtensor(p) and t.is_sparse:
+        raise RuntimeError(
+            f"{op}: {param_where} is a DTensor ({_layout(p)}) but {where} is a sparse tensor, "
+            "which DTensor cannot hold (torch.optim fails here too); give the param a dense grad "
+            "(nn.Embedding(sparse=False)), or keep it out of DTensor: DDP takes sparse grads"
+        )
     if _is_dtensor(p):
         raise RuntimeError(
             f"{op}: {param_where} is a DTensor ({_layout(p)}) but {where} is a plain tensor; "
