@@ -63,15 +63,20 @@ def _sharded_pair(name: str) -> tuple[list[nn.Module], list[torch.optim.Optimize
     return models, list(optimizers)
 
 
-def _train(model, optimizer, first_step: int, steps: int, step_fn=None, data_rank=None) -> None:
-    """`steps` steps (`step_fn`, default optimizer.step) on the batches of steps first_step,
-    first_step + 1, ...: the same for every model, and each rank its own unless `data_rank`
+def _batch(step: int, model: nn.Module, data_rank: int | None = None):
+    """The batch of `step`: the same for every model, and each rank its own unless `data_rank`
     says which rank's batches every rank takes."""
     rank = dist.get_rank() if data_rank is None else data_rank
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(4, 5, generator=gen, dtype=DTYPE)
+    return x, torch.randn(4, model[-1].out_features, generator=gen, dtype=DTYPE)
+
+
+def _train(model, optimizer, first_step: int, steps: int, step_fn=None, data_rank=None) -> None:
+    """`steps` steps (`step_fn`, default optimizer.step) on the batches of first_step,
+    first_step + 1, ..."""
     for step in range(first_step, first_step + steps):
-        gen = torch.Generator().manual_seed(1000 * step + rank)
-        x = torch.randn(4, 5, generator=gen, dtype=DTYPE)
-        y = torch.randn(4, model[-1].out_features, generator=gen, dtype=DTYPE)
+        x, y = _batch(step, model, data_rank)
         nn.functional.mse_loss(model(x), y).backward()
         (step_fn or optimizer.step)()
         optimizer.zero_grad()
@@ -218,12 +223,34 @@ def fsdp2_compiled_step() -> None:
     assert {"fastopt.adam_step_", "fastopt.adam_step_.default"} & graph_ops, graph_ops
 
 
+def fsdp2_grad_scaler() -> None:
+    """torch.amp.GradScaler handing grad_scale and found_inf to FusedAdam (unscaling inside the
+    kernel), against torch.optim.Adam behind its own GradScaler. At step 1 an inf in rank 1's
+    shard of a grad must skip the step on both ranks: GradScaler reduces found_inf across the
+    mesh, and fastopt's step changes nothing where it is set."""
+    (ref_model, model), (ref_opt, opt) = _sharded_pair("Adam")
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    for step in range(3):
+        for m, o, scaler in zip((ref_model, model), (ref_opt, opt), scalers, strict=True):
+            x, y = _batch(step, m)
+            scaler.scale(nn.functional.mse_loss(m(x), y)).backward()
+            if step == 1 and dist.get_rank() == 1:
+                m[0].weight.grad.to_local()[0, 0] = float("inf")
+            scaler.step(o)
+            scaler.update()
+            o.zero_grad()
+        _assert_same_run("Adam", ref_model, ref_opt, model, opt, f"GradScaler, step {step}")
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert opt.state[model[0].weight]["step"].item() == 2  # the inf step was skipped
+
+
 CHECKS = {
     **{
         f"fsdp2-{name}": functools.partial(fsdp2_against_torch_then_checkpoints, name)
         for name in OPTIONS
     },
     "fsdp2-tensor-parallel": fsdp2_with_tensor_parallel,
+    "fsdp2-grad-scaler": fsdp2_grad_scaler,
     "fsdp2-compiled-step": fsdp2_compiled_step,
 }
 
