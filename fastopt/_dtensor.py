@@ -41,18 +41,20 @@ _DTENSOR_MODULE = "torch.distributed.tensor"
 _ONE_ELEMENT_ARGUMENTS = frozenset({"steps", "step", "lr_tensor", "grad_scale", "found_inf"})
 
 _enabled = False
+_DTensor: type = type(None)  # torch.distributed.tensor.DTensor once enable() has run
 
 
 @torch.compiler.assume_constant_result  # traced: registers once, at trace time, not in the graph
 def enable() -> bool:
     """Registers the DTensor rules of fastopt's optimizer ops, once, if DTensor is loaded;
     returns whether they are registered."""
-    global _enabled
+    global _enabled, _DTensor
     if not _enabled and _DTENSOR_MODULE in sys.modules:
         from torch.distributed.tensor import DTensor
 
         from .functional import optim
 
+        _DTensor = DTensor
         for name in optim.__all__:
             op = getattr(torch.ops.fastopt, name).default
             torch.library.register_torch_dispatch(op, DTensor, _local_step_rule(op))
@@ -75,21 +77,36 @@ def _local_step_rule(op: torch._ops.OpOverload) -> Callable[..., Any]:
 
     def rule(cls, func, types, args, kwargs):
         values = dict(zip(names, args, strict=False)) | kwargs  # args may omit defaults
+
+        def where(name: str, i: int) -> str:  # for messages only
+            return f"{name}[{i}]" if isinstance(values[name], list | tuple) else name
+
         params = _as_list(values[params_name])
         for i, p in enumerate(params):
-            _check_param(op_name, _indexed(params_name, i, values), p)
+            if isinstance(p, _DTensor) and any(x.is_partial() for x in p._spec.placements):
+                raise _partial_param_error(op_name, where(params_name, i), p)
         for name in follow_params:
             # A list of another length (an option's empty list) is for the op's own checks.
             for i, (p, t) in enumerate(zip(params, _as_list(values[name]), strict=False)):
-                _check_laid_out_as_param(
-                    op_name, _indexed(name, i, values), t, _indexed(params_name, i, values), p
-                )
+                if not _laid_out_alike(t, p):
+                    raise _layout_error(op_name, where(name, i), t, where(params_name, i), p)
         for name in one_element:
             for i, t in enumerate(_as_list(values[name])):
-                _check_one_element(op_name, _indexed(name, i, values), t)
-        return func(*(_local(a) for a in args), **{k: _local(v) for k, v in kwargs.items()})
+                if isinstance(t, _DTensor) and not all(x.is_replicate() for x in t.placements):
+                    raise _one_element_error(op_name, where(name, i), t)
+        return func(*[_local(a) for a in args], **{k: _local(v) for k, v in kwargs.items()})
 
     return rule
+
+
+def _laid_out_alike(t, p) -> bool:
+    """Whether `t` and `p` are both plain tensors, or DTensors of one mesh and placements."""
+    if isinstance(t, _DTensor) and isinstance(p, _DTensor):
+        t_spec, p_spec = t._spec, p._spec
+        return (t_spec.mesh is p_spec.mesh or t_spec.mesh == p_spec.mesh) and (
+            t_spec.placements == p_spec.placements
+        )
+    return not isinstance(t, _DTensor) and not isinstance(p, _DTensor)
 
 
 def _is_tensor_argument(schema_type) -> bool:
@@ -104,69 +121,56 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _indexed(name: str, i: int, values: dict[str, Any]) -> str:
-    """`name[i]` for a list argument, `name` for a single tensor."""
-    return f"{name}[{i}]" if isinstance(values[name], list | tuple) else name
-
-
-def _is_dtensor(t) -> bool:
-    return isinstance(t, sys.modules[_DTENSOR_MODULE].DTensor)
-
-
 def _layout(t) -> str:
     return f"placements {tuple(t.placements)} on {t.device_mesh}"
 
 
-def _check_param(op: str, where: str, p) -> None:
-    if _is_dtensor(p) and any(placement.is_partial() for placement in p.placements):
-        raise RuntimeError(
-            f"{op}: {where} is a DTensor with {_layout(p)}: a pending (Partial) sum cannot be "
-            "stepped elementwise; redistribute the param to Shard or Replicate placements first "
-            "(param.redistribute(param.device_mesh, placements))"
-        )
+def _partial_param_error(op: str, where: str, p) -> RuntimeError:
+    return RuntimeError(
+        f"{op}: {where} is a DTensor with {_layout(p)}: a pending (Partial) sum cannot be "
+        "stepped elementwise; redistribute the param to Shard or Replicate placements first "
+        "(param.redistribute(param.device_mesh, placements))"
+    )
 
 
-def _check_laid_out_as_param(op: str, where: str, t, param_where: str, p) -> None:
-    if _is_dtensor(p) and _is_dtensor(t):
-        if t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements):
-            return
-        raise RuntimeError(
+def _layout_error(op: str, where: str, t, param_where: str, p) -> RuntimeError:
+    """Why `t` (a grad or state) is not laid out as its param `p`, and the fix."""
+    if isinstance(p, _DTensor) and isinstance(t, _DTensor):
+        return RuntimeError(
             f"{op}: {where} is a DTensor with {_layout(t)} but {param_where} has {_layout(p)}; "
             "each rank steps its local shards, which needs every grad and state laid out as its "
-            f"param: create the state with torch.zeros_like(param), or move it with "
-            f"tensor.redistribute(param.device_mesh, param.placements)"
+            "param: create the state with torch.zeros_like(param), or move it with "
+            "tensor.redistribute(param.device_mesh, param.placements)"
         )
-    if _is_dtensor(p) and t.is_sparse:
-        raise RuntimeError(
+    if isinstance(p, _DTensor) and t.is_sparse:
+        return RuntimeError(
             f"{op}: {param_where} is a DTensor ({_layout(p)}) but {where} is a sparse tensor, "
             "which DTensor cannot hold (torch.optim fails here too); give the param a dense grad "
             "(nn.Embedding(sparse=False)), or keep it out of DTensor: DDP takes sparse grads"
         )
-    if _is_dtensor(p):
-        raise RuntimeError(
+    if isinstance(p, _DTensor):
+        return RuntimeError(
             f"{op}: {param_where} is a DTensor ({_layout(p)}) but {where} is a plain tensor; "
             "pass DTensors laid out as their params: torch.zeros_like(param) creates one, and "
             "torch.distributed.checkpoint.state_dict.set_optimizer_state_dict loads optimizer "
             "state as one"
         )
-    if _is_dtensor(t):
-        raise RuntimeError(
-            f"{op}: {param_where} is a plain tensor but {where} is a DTensor ({_layout(t)}); "
-            "pass plain tensors with a plain param (DTensor.to_local() gives the local shard), "
-            "or make the param a DTensor"
-        )
+    return RuntimeError(
+        f"{op}: {param_where} is a plain tensor but {where} is a DTensor ({_layout(t)}); "
+        "pass plain tensors with a plain param (DTensor.to_local() gives the local shard), "
+        "or make the param a DTensor"
+    )
 
 
-def _check_one_element(op: str, where: str, t) -> None:
-    if _is_dtensor(t) and not all(placement.is_replicate() for placement in t.placements):
-        raise RuntimeError(
-            f"{op}: {where} is a DTensor with {_layout(t)}; a one-element argument must be a "
-            "plain tensor or a Replicate DTensor: pass tensor.full_tensor()"
-        )
+def _one_element_error(op: str, where: str, t) -> RuntimeError:
+    return RuntimeError(
+        f"{op}: {where} is a DTensor with {_layout(t)}; a one-element argument must be a "
+        "plain tensor or a Replicate DTensor: pass tensor.full_tensor()"
+    )
 
 
 def _local(value):
     """`value` with each DTensor replaced by its local tensor (the rank's shard)."""
     if isinstance(value, list | tuple):
-        return [_local(v) for v in value]
-    return value._local_tensor if _is_dtensor(value) else value
+        return [v._local_tensor if isinstance(v, _DTensor) else v for v in value]
+    return value._local_tensor if isinstance(value, _DTensor) else value
