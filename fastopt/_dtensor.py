@@ -49,7 +49,13 @@ def enable() -> bool:
     """Registers the DTensor rules of fastopt's optimizer ops, once, if DTensor is loaded;
     returns whether they are registered."""
     global _enabled, _DTensor
-    if not _enabled and _DTENSOR_MODULE in sys.modules:
+    # torch.library.register_torch_dispatch and the public DTensor came with torch 2.5; with
+    # torch 2.4 DTensors get torch's own error.
+    if (
+        not _enabled
+        and _DTENSOR_MODULE in sys.modules
+        and hasattr(torch.library, "register_torch_dispatch")
+    ):
         from torch.distributed.tensor import DTensor
 
         from .functional import optim

@@ -39,7 +39,7 @@ def run_checks(checks: dict[str, Callable[[], None]], world_size: int = 2) -> di
     returns each check's outcome by name: "" where it passed on every rank, else why not (the
     traceback of the failing rank, or the failure that stopped the group before the check)."""
     with tempfile.TemporaryDirectory() as log_dir:
-        failure = ""
+        stopped = ""
         try:
             mp.spawn(
                 _rank_main,
@@ -47,16 +47,26 @@ def run_checks(checks: dict[str, Callable[[], None]], world_size: int = 2) -> di
                 nprocs=world_size,
             )
         except Exception as e:  # a rank raised (its traceback is in its log) or died
-            failure = f"the group stopped: {e}"
+            stopped = f"the group stopped: {e}"
+        logs = Path(log_dir)
         passed_on = [
-            (Path(log_dir) / f"passed.{rank}").read_text().split()
-            if (Path(log_dir) / f"passed.{rank}").exists()
+            (logs / f"passed.{rank}").read_text().split()
+            if (logs / f"passed.{rank}").exists()
             else []
             for rank in range(world_size)
         ]
-        errors = sorted(Path(log_dir).glob("error.*"))
-        failure = "\n".join(p.read_text() for p in errors) or failure
-    return {name: "" if all(name in passed for passed in passed_on) else failure for name in checks}
+        errors = {p.name: p.read_text() for p in sorted(logs.glob("error.*"))}
+    failed = {name for name in checks if any(f", {name}:\n" in e for e in errors.values())}
+    reason = f"{', '.join(sorted(failed))} failed first" if failed else stopped or "no report"
+    outcomes = {}
+    for name in checks:
+        if all(name in passed for passed in passed_on):
+            outcomes[name] = ""
+        elif name in failed:
+            outcomes[name] = "\n".join(e for e in errors.values() if f", {name}:\n" in e)
+        else:
+            outcomes[name] = f"not run: {reason}"
+    return outcomes
 
 
 def _rank_main(rank: int, world_size: int, port: int, checks, log_dir: str) -> None:
@@ -71,7 +81,7 @@ def _rank_main(rank: int, world_size: int, port: int, checks, log_dir: str) -> N
                 check()
             except BaseException:
                 Path(log_dir, f"error.{rank}").write_text(
-                    f"rank {rank}, {name}:\n{traceback.format_exc()}"
+                    f"rank {rank}, {name}:\n{traceback.format_exc()}"  # read by run_checks
                 )
                 raise
             with open(Path(log_dir, f"passed.{rank}"), "a") as log:
