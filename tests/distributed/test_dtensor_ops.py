@@ -78,8 +78,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def functional_step_against_torch(name: str) -> None:
+def functional_step_against_torch(name: str, lr_layout=None) -> None:
+    """Three steps of fastopt.functional's step `name` against torch.optim.`name`; with
+    `lr_layout`, the step takes its lr as the tensor lr_layout(tensor lr)."""
     torch_options, step_, keys, options = STEPS[name]
+    if lr_layout is not None:
+        options = options | {"lr": lr_layout(torch.tensor(options["lr"], dtype=DTYPE))}
     layouts = _layouts()
     gen = torch.Generator().manual_seed(0)  # the same on every rank
     starts = [torch.randn(shape, generator=gen, dtype=DTYPE) for shape, _ in layouts]
@@ -205,11 +209,21 @@ def ops_take_dtensors_directly() -> None:
     assert steps[0].item() == local_steps[0].item() == 1.0
 
 
+def _replicated(t: torch.Tensor) -> DTensor:
+    return distribute_tensor(t, init_device_mesh("cpu", (2,)), [Replicate()])
+
+
 CHECKS = {
     **{
         f"functional-{name}": functools.partial(functional_step_against_torch, name)
         for name in STEPS
     },
+    "functional-Adam-tensor-lr": functools.partial(
+        functional_step_against_torch, "Adam", torch.clone
+    ),
+    "functional-RMSprop-replicated-lr": functools.partial(
+        functional_step_against_torch, "RMSprop", _replicated
+    ),
     "refused-layouts": refused_layouts,
     "torch-ops-on-dtensors": ops_take_dtensors_directly,
 }
