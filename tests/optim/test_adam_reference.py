@@ -80,7 +80,7 @@ def test_fastopt_cpu_isa_environment_variable():
 
     def run(value):
         env = dict(os.environ, FASTOPT_CPU_ISA=value)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         out = subprocess.run(
             [sys.executable, "-c", _ISA_PROBE], env=env, cwd=root, capture_output=True,
             text=True, timeout=120, check=True,
