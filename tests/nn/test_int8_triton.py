@@ -12,8 +12,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import generator
-from int8_reference import fake_quant_linear
+from helpers.int8_reference import fake_quant_linear
+from helpers.rng import generator
 
 from fastopt import int8
 from fastopt.triton import int8_linear as triton_int8

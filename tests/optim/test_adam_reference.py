@@ -15,17 +15,13 @@ import zlib
 
 import pytest
 import torch
-from conftest import (
-    ADAM_OPTIONS,
-    TOLERANCES,
-    assert_state_format,
-    generator,
-    mixed_dtype_starts,
-    run_against_torch,
-    set_grads,
-    state_keys,
-    supported_cpu_isas,
-)
+from helpers.against_torch import run_against_torch
+from helpers.cpu_isa import supported_cpu_isas
+from helpers.optim_cases import ADAM_OPTIONS
+from helpers.optim_compare import assert_state_format, state_keys
+from helpers.optim_pairs import mixed_dtype_starts, set_grads
+from helpers.rng import generator
+from helpers.tolerances import TOLERANCES
 
 import fastopt
 from fastopt import _extension

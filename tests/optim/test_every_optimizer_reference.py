@@ -10,34 +10,17 @@ import inspect
 
 import pytest
 import torch
-from conftest import (
-    FP32,
-    RICH_OPTIONS,
-    assert_matches_reference,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    run_against_torch,
-    set_grads,
-    state_keys,
-    step_and_compare,
-    ulp,
-)
+from helpers.against_torch import run_against_torch
+from helpers.optim_cases import OPTIMIZERS, RICH
+from helpers.optim_compare import assert_matches_reference, state_keys, step_and_compare
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.tolerances import FP32, ulp
 
 import fastopt
 
-NAMES = ["Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
 
-# One configuration per optimizer that takes every optional path of its kernel at once (AdamW's
-# with non-default betas and eps).
-RICH = {
-    "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
-    "AdamW": dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, amsgrad=True),
-    **RICH_OPTIONS,
-}
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_many_threads_split_tensors_mid_way(name):
     """Enough elements that several threads share the work, with thread boundaries falling
     inside tensors, around empty ones."""
@@ -50,7 +33,7 @@ def test_many_threads_split_tensors_mid_way(name):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_params_at_offsets_into_a_shared_buffer(name):
     gen = generator(11)
     buffer = torch.randn(1 + 7 + 4097 + 2, generator=gen)
@@ -62,7 +45,7 @@ def test_params_at_offsets_into_a_shared_buffer(name):
     step_and_compare(ref, fast, ref_params, fast_params, gen, 6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_nan_and_inf_grads_propagate_like_torch(name):
     """Without a GradScaler, a non-finite grad poisons the param and state as it does in torch."""
     ref_params, fast_params = make_param_pairs([(9,), (4097,)], seed=5)
@@ -91,7 +74,7 @@ def test_nan_and_inf_grads_propagate_like_torch(name):
 # Without weight decay, and AdamW's decoupled weight decay (which scales the param, never
 # adding it to the grad).
 INFINITE_PARAM_CASES = [
-    *(pytest.param(name, {**RICH[name], "weight_decay": 0.0}, id=name) for name in NAMES),
+    *(pytest.param(name, {**RICH[name], "weight_decay": 0.0}, id=name) for name in OPTIMIZERS),
     pytest.param("AdamW", dict(lr=0.01, weight_decay=0.01), id="AdamW-decoupled-wd"),
 ]
 
@@ -110,7 +93,7 @@ def test_infinite_param_without_l2_term_stays_as_torch_leaves_it(name, options):
         assert ref_params[0][1] == float("-inf") and ref_params[0][3] == float("inf")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_closure_is_called_and_its_loss_returned(name):
     ref_params, fast_params = make_param_pairs([(5,)], seed=8)
     ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
@@ -132,7 +115,7 @@ def test_closure_is_called_and_its_loss_returned(name):
     assert_matches_reference(ref, fast, ref_params, fast_params, **FP32)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_constructor_signature_is_torchs(name):
     def shape(cls):
         params = inspect.signature(cls).parameters.values()
@@ -159,7 +142,7 @@ def _accepted(name: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
-    [(name, kwargs) for name in NAMES for kwargs in _accepted(name)],
+    [(name, kwargs) for name in OPTIMIZERS for kwargs in _accepted(name)],
     ids=lambda v: v if isinstance(v, str) else repr(v),
 )
 def test_accepted_arguments_do_not_change_the_result(name, kwargs):
@@ -176,7 +159,7 @@ def test_accepted_arguments_do_not_change_the_result(name, kwargs):
     step_and_compare(ref, fast, ref_params, fast_params, generator(13), 3)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_model_of_1200_small_params(device, name):
     """Many small tensors of assorted sizes in one group, against torch, flattened per step."""
     gen = generator(21)

@@ -11,15 +11,10 @@ import inspect
 
 import pytest
 import torch
-from conftest import (
-    RICH_OPTIONS,
-    SHAPES,
-    assert_matches_reference,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    set_grads,
-)
+from helpers.optim_cases import NON_ADAM_OPTIMIZERS, OPTIMIZERS, RICH, SHAPES
+from helpers.optim_compare import assert_matches_reference
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -28,18 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastopt
 from fastopt import _extension
 
-NAMES = ["RMSprop", "Adagrad", "Adadelta"]
 OPS = {"RMSprop": "rmsprop_step_", "Adagrad": "adagrad_step_", "Adadelta": "adadelta_step_",
        "Adam": "adam_step_", "AdamW": "adam_step_"}  # fmt: skip
-# The tests of the optimizers' route into their ops run for FusedAdam / FusedAdamW too.
-EVERY = ["Adam", "AdamW", *NAMES]
-
-# Per optimizer, arguments that take every optional path of its kernel.
-RICH = {
-    "Adam": dict(lr=0.01),
-    "AdamW": dict(lr=0.01),
-    **RICH_OPTIONS,
-}
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 
@@ -106,7 +91,7 @@ def _op(name):
     return getattr(torch.ops.fastopt, OPS[name])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 def test_opcheck(name, scaled, tensor_lr):
@@ -117,7 +102,7 @@ def test_opcheck_rmsprop_without_momentum_and_centering():
     torch.library.opcheck(_op("RMSprop"), _op_args("RMSprop", True, False, plain=True))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_opcheck_skipped_by_found_inf(name):
     torch.library.opcheck(_op(name), _op_args(name, True, False, found_inf=1.0))
 
@@ -216,7 +201,7 @@ def test_traffic_probe_writes_only_the_updated_tensors():
 # -- fakes ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_fake_implementation_checks_shapes_and_lengths(name):
     args = list(_op_args(name, False, False, device="meta"))
     args[1] = [g.reshape(-1) if g.dim() == 2 else g for g in args[1]]
@@ -283,7 +268,7 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_step_goes_through_the_dispatcher(name):
     params = [torch.randn(7, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
     opt = getattr(fastopt, f"Fused{name}")(params, **RICH[name])
@@ -311,7 +296,7 @@ def test_sparse_adagrad_step_goes_through_the_dispatcher():
 # -- torch.compile ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_compiled_optimizer_step_fullgraph(name):
     """torch.compile(opt.step, fullgraph=True), with a Tensor lr, against torch's eager step."""
     torch._dynamo.reset()
@@ -421,7 +406,7 @@ def test_compiled_functional_adam_step_fullgraph():
 # -- autograd semantics of the in-place ops ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_step_bumps_version_counters_like_torch(name):
     """A step modifies params in place: autograd must notice, as it does after torch's step."""
     state_key = {"RMSprop": "square_avg", "Adagrad": "sum", "Adadelta": "acc_delta"}.get(
@@ -444,7 +429,7 @@ def test_step_bumps_version_counters_like_torch(name):
             loss.backward()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_op_refuses_grad_mode_on_tensors_that_require_grad(name):
     args = list(_op_args(name, False, False, shapes=[(7,), (3, 5)]))
     args[0] = [p.requires_grad_() for p in args[0]]
@@ -533,7 +518,7 @@ def _eager_entry(name):
     return getattr(_extension.cpu_module(), f"{OPS[name].removesuffix('_')}_eager")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 def test_eager_entry_and_torch_ops_agree(name, scaled, tensor_lr):

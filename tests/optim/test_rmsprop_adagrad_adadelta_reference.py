@@ -17,21 +17,15 @@ import zlib
 
 import pytest
 import torch
-from conftest import (
-    RICH_OPTIONS,
-    TOLERANCES,
-    checked_cuda,
-    generator,
-    mixed_dtype_starts,
-    run_against_torch,
-    set_grads,
-    state_keys,
-    ulp,
-)
+from helpers.against_torch import run_against_torch
+from helpers.cuda import checked_cuda
+from helpers.optim_cases import NON_ADAM_OPTIMIZERS, RICH
+from helpers.optim_compare import state_keys
+from helpers.optim_pairs import mixed_dtype_starts, set_grads
+from helpers.rng import generator
+from helpers.tolerances import TOLERANCES, ulp
 
 import fastopt
-
-NAMES = ["RMSprop", "Adagrad", "Adadelta"]
 
 # torch's CPU configurations, as common_optimizers.py lists them (a Tensor lr there is written
 # here as lr plus tensor_lr=True); `test_configs_cover_torchs_own` checks that none is missing.
@@ -116,14 +110,14 @@ def _config_id(config: dict) -> str:
 def _cases(configs: dict[str, list[dict]], low_precision: bool = False) -> list:
     return [
         pytest.param(name, _options(name, c), id=f"{name}-{_config_id(c)}")
-        for name in NAMES
+        for name in NON_ADAM_OPTIMIZERS
         for c in configs[name]
         # The low-precision judge takes float lrs only.
         if not (low_precision and c.get("tensor_lr"))
     ]
 
 
-ALL_CONFIGS = {name: TORCH_CONFIGS[name] + EXTRA_CONFIGS[name] for name in NAMES}
+ALL_CONFIGS = {name: TORCH_CONFIGS[name] + EXTRA_CONFIGS[name] for name in NON_ADAM_OPTIMIZERS}
 CASES = _cases(ALL_CONFIGS)
 LOW_PRECISION_CASES = _cases(ALL_CONFIGS, low_precision=True)
 STEPS = 10
@@ -149,7 +143,7 @@ def test_low_precision_error_is_within_torchs_under_every_isa(cpu_isa, dtype, na
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_every_config_on_cuda(dtype, name):
@@ -187,7 +181,7 @@ def _torch_test_configs(name: str) -> list[dict]:
     return configs
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_configs_cover_torchs_own(name):
     ours = TORCH_CONFIGS[name] + TORCH_CUDA_CONFIGS[name]
     theirs = _torch_test_configs(name)
@@ -196,15 +190,13 @@ def test_configs_cover_torchs_own(name):
     assert not missing, f"torch tests {name} with {missing}; add them to TORCH_CONFIGS"
 
 
-RICH = RICH_OPTIONS
-
 # Thread splits, offsets, non-finite values, closures, signatures, accepted arguments and many
 # small params: test_every_optimizer_reference.py, for every optimizer.
 
 # -- low precision (one rounding per element: test_every_optimizer_reference.py) ---------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_mixed_dtypes_in_one_group(device, name):
     """One group (one kernel call) of fp32, fp64, bf16 and fp16 params: each param ends as it
     does in a group of its own dtype; fp32 / fp64 match torch, state is in the param's dtype."""
