@@ -15,10 +15,10 @@
 #include <utility>
 #include <vector>
 
-#include "optim/step_call.h"
 #include "optim/cuda/multi_tensor_apply.cuh"
 #include "optim/cuda/step_counts.cuh"
 #include "optim/cuda/vector_access.cuh"
+#include "optim/step_call.h"
 
 namespace fastopt::cuda {
 
