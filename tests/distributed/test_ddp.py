@@ -11,16 +11,13 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import RICH_OPTIONS, optimizer_pair, state_keys
-from gloo_group import run_checks
+from helpers.gloo_group import run_checks
+from helpers.optim_cases import RICH
+from helpers.optim_compare import state_keys
+from helpers.optim_pairs import optimizer_pair
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-OPTIONS = {
-    "Adam": dict(lr=0.05, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=0.05, weight_decay=0.1),
-    **RICH_OPTIONS,
-}
 TOLERANCE = dict(rtol=1e-12, atol=1e-12)
 DTYPE = torch.float64
 BATCH = 8  # each of the 2 ranks takes half
@@ -64,7 +61,7 @@ def ddp_matches_single_process(name: str, **ddp_options) -> None:
     batches = [
         (torch.randn(BATCH, 5, dtype=DTYPE), torch.randn(BATCH, 1, dtype=DTYPE)) for _ in range(3)
     ]
-    assert _run(name, OPTIONS[name], model, batches, **ddp_options) == {torch.strided}
+    assert _run(name, RICH[name], model, batches, **ddp_options) == {torch.strided}
 
 
 def ddp_sparse_embedding_adagrad() -> None:
@@ -82,7 +79,7 @@ def ddp_sparse_embedding_adagrad() -> None:
 
 
 CHECKS = {
-    **{f"ddp-{name}": functools.partial(ddp_matches_single_process, name) for name in OPTIONS},
+    **{f"ddp-{name}": functools.partial(ddp_matches_single_process, name) for name in RICH},
     "ddp-Adam-grads-as-bucket-views": functools.partial(
         ddp_matches_single_process, "Adam", gradient_as_bucket_view=True
     ),

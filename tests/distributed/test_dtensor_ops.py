@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from gloo_group import run_checks
+from helpers.gloo_group import run_checks
 from torch.distributed.tensor import (
     DTensor,
     Partial,

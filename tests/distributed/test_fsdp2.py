@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import RICH_OPTIONS, optimizer_pair, state_keys
-from gloo_group import run_checks
+from helpers.gloo_group import run_checks
+from helpers.optim_cases import RICH
+from helpers.optim_compare import state_keys
+from helpers.optim_pairs import optimizer_pair
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.distributed.checkpoint.state_dict import (
@@ -36,11 +38,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-OPTIONS = {
-    "Adam": dict(lr=0.05, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=0.05, weight_decay=0.1),
-    **RICH_OPTIONS,
-}
 TOLERANCE = dict(rtol=1e-12, atol=1e-12)
 DTYPE = torch.float64
 
@@ -58,9 +55,7 @@ def _sharded_pair(name: str) -> tuple[list[nn.Module], list[torch.optim.Optimize
     """[torch's model, fastopt's model], each the same `_model()` under `fully_shard`, with
     torch.optim.`name`(foreach=False) and fastopt.Fused`name` on them."""
     models = [fully_shard(_model()), fully_shard(_model())]
-    optimizers = optimizer_pair(
-        name, models[0].parameters(), models[1].parameters(), **OPTIONS[name]
-    )
+    optimizers = optimizer_pair(name, models[0].parameters(), models[1].parameters(), **RICH[name])
     return models, list(optimizers)
 
 
@@ -99,7 +94,7 @@ def _assert_same_run(name, reference, ref_opt, model, opt, where: str) -> None:
     """Full params and every state tensor of `model`/`opt` equal those of `reference`/`ref_opt`,
     and each state tensor of `opt` is laid out as its param (a DTensor of its placements, step a
     plain float32 tensor, as torch keeps it)."""
-    keys = state_keys(name, OPTIONS[name])
+    keys = state_keys(name, RICH[name])
     for i, (r, p) in enumerate(zip(reference.parameters(), model.parameters(), strict=True)):
         torch.testing.assert_close(_full(p), _full(r), **TOLERANCE, msg=f"{where}: param {i}")
         state, ref_state = opt.state[p], ref_opt.state[r]
@@ -205,7 +200,7 @@ def fsdp2_with_tensor_parallel() -> None:
     ref_model, model = build(), build()
     assert {p.device_mesh.ndim for p in model.parameters()} == {1, 2}
     ref_opt, opt = optimizer_pair(
-        "Adam", ref_model.parameters(), model.parameters(), **OPTIONS["Adam"]
+        "Adam", ref_model.parameters(), model.parameters(), **RICH["Adam"]
     )
     for step in range(3):  # the tp ranks share their batches
         _train(ref_model, ref_opt, step, 1, data_rank=0)
@@ -256,7 +251,7 @@ def fsdp2_grad_scaler() -> None:
 CHECKS = {
     **{
         f"fsdp2-{name}": functools.partial(fsdp2_against_torch_then_checkpoints, name)
-        for name in OPTIONS
+        for name in RICH
     },
     "fsdp2-tensor-parallel": fsdp2_with_tensor_parallel,
     "fsdp2-grad-scaler": fsdp2_grad_scaler,
