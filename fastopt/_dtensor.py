@@ -44,7 +44,6 @@ _enabled = False
 _DTensor: type = type(None)  # torch.distributed.tensor.DTensor once enable() has run
 
 
-@torch.compiler.assume_constant_result  # traced: registers once, at trace time, not in the graph
 def enable() -> bool:
     """Registers the DTensor rules of fastopt's optimizer ops, once, if DTensor is loaded;
     returns whether they are registered."""
@@ -66,6 +65,12 @@ def enable() -> bool:
             torch.library.register_torch_dispatch(op, DTensor, _local_step_rule(op))
         _enabled = True
     return _enabled
+
+
+# torch.compile runs enable() while tracing rather than tracing into it (registering is no graph
+# op): what torch.compiler.assume_constant_result marks, set here without that call, which would
+# import torch._dynamo with fastopt (about as long as importing torch itself).
+enable._dynamo_marked_constant = True
 
 
 def _local_step_rule(op: torch._ops.OpOverload) -> Callable[..., Any]:

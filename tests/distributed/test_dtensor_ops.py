@@ -78,10 +78,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def functional_step_against_torch(name: str, lr_layout=None) -> None:
+def functional_step_against_torch(name: str, lr_layout=None, compiled=False) -> None:
     """Three steps of fastopt.functional's step `name` against torch.optim.`name`; with
-    `lr_layout`, the step takes its lr as the tensor lr_layout(tensor lr)."""
+    `lr_layout`, the step takes its lr as the tensor lr_layout(tensor lr); `compiled`: the step
+    is torch.compile'd (fullgraph, inductor)."""
     torch_options, step_, keys, options = STEPS[name]
+    if compiled:
+        torch._dynamo.reset()
+        step_ = torch.compile(step_, fullgraph=True)
     if lr_layout is not None:
         options = options | {"lr": lr_layout(torch.tensor(options["lr"], dtype=DTYPE))}
     layouts = _layouts()
@@ -213,7 +217,15 @@ def _replicated(t: torch.Tensor) -> DTensor:
     return distribute_tensor(t, init_device_mesh("cpu", (2,)), [Replicate()])
 
 
+def compiled_before_any_eager_step() -> None:
+    """The first fastopt step of the process is a compiled one: the DTensor rules get registered
+    while torch.compile traces it."""
+    assert not fastopt._dtensor._enabled
+    functional_step_against_torch("Adam", compiled=True)
+
+
 CHECKS = {
+    "compiled-functional-Adam-first": compiled_before_any_eager_step,
     **{
         f"functional-{name}": functools.partial(functional_step_against_torch, name)
         for name in STEPS
