@@ -72,6 +72,10 @@ def run_checks(checks: dict[str, Callable[[], None]], world_size: int = 2) -> di
 def _rank_main(rank: int, world_size: int, port: int, checks, log_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    # torch.compile's caches of its own, per rank and per run: torch 2.14 keys a compiled graph of
+    # DTensors by their global shapes, so a rank can load another rank's graph, compiled for
+    # that rank's shard shapes (uneven shards then fail its size asserts).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(log_dir, f"compile-cache.{rank}"))
     # The processes share the machine's cores: one thread each keeps them from oversubscribing.
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=_COLLECTIVE_TIMEOUT)
