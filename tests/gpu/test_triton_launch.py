@@ -10,7 +10,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import generator
+from helpers.rng import generator
 
 from fastopt.triton import blocksparse, configs, int8_linear, launch
 

@@ -12,15 +12,15 @@ import os
 
 import pytest
 import torch
-from blocksparse_reference import (
+from helpers.blocksparse_reference import (
     assert_close_to_reference,
     dense_weight,
     make_case,
     make_mask,
     reference,
 )
-from conftest import generator
-from int8_reference import fake_quant_linear
+from helpers.int8_reference import fake_quant_linear
+from helpers.rng import generator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastopt.blocksparse as bs
