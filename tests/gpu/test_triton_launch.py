@@ -117,13 +117,14 @@ def test_device_guard_makes_the_tensors_device_current(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_launchers_run_on_the_tensors_device_not_the_current_one():
-    """Tensors on cuda:1 while cuda:0 is current give the CPU launch's results (Triton would
-    otherwise launch on cuda:0, reading cuda:1's memory), also on a side stream of cuda:1."""
+    """Tensors on cuda:1 while cuda:0 is current give the results of the same launches on cuda:0
+    (Triton would otherwise launch on cuda:0, reading cuda:1's memory), also on a side stream of
+    cuda:1."""
     torch.cuda.set_device(0)
+    torch.manual_seed(0)  # _launchers_on draws a seed: the same inputs on both devices
+    expected = [call().cpu() for _, call in _launchers_on("cuda:0")]
     side = torch.cuda.Stream(device=1)
     for stream in (None, side):
-        torch.manual_seed(0)  # _launchers_on draws a seed: the same inputs on both devices
-        expected = [call() for _, call in _launchers_on("cpu")]
         torch.manual_seed(0)
         calls = _launchers_on("cuda:1")
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -132,7 +133,7 @@ def test_launchers_run_on_the_tensors_device_not_the_current_one():
         assert torch.cuda.current_device() == 0
         for got, want in zip(results, expected, strict=True):
             assert got.device == torch.device("cuda", 1)
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.cpu(), want)
 
 
 def _assert_launchable(grid):
