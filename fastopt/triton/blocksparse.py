@@ -27,10 +27,10 @@ from .._library import (
     check_blocksparse_linear_grad_input,
     check_blocksparse_linear_grad_values,
 )
+from . import configs
+from .launch import checked_grid, device_guard
 
 __all__ = ["blocksparse_linear", "blocksparse_linear_grad_input", "blocksparse_linear_grad_values"]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -54,8 +54,10 @@ def _dsd_kernel(
     PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    # Row tiles on grid axis 0, the only one that takes more than 65535 programs; int64 before
+    # the product, which passes 2**31 past that many rows.
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK)
     in_rows = offs_m[:, None] < rows
     w_tile = offs_b[:, None] * stride_wk + offs_b[None, :] * stride_wn
@@ -126,21 +128,20 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit inputs
+def _precision(kind: str) -> str:
+    """tl.dot's input_precision for a dot kind of ``configs.dot_kind``."""
+    return "ieee" if kind == "ieee" else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
 def _check(name: str, values_or_block: Tensor | int, *dense: tuple[str, Tensor]) -> int:
     """The block size, after checking what the Triton kernels need beyond the op's schema."""
     block = values_or_block if isinstance(values_or_block, int) else values_or_block.shape[-1]
-    if block not in (16, 32, 64, 128):
+    if block not in configs.BLOCKSPARSE_BLOCKS:
         raise ValueError(
             f"fastopt::{name}: the Triton kernels take blocks of 16 to 128, got {block}"
         )
     for label, t in dense:
-        if t.dtype not in _DTYPES:
+        if t.dtype not in configs.BLOCKSPARSE_DTYPES:
             raise TypeError(f"fastopt::{name}: {label} must be float16, bfloat16 or float32")
     return block
 
@@ -150,39 +151,48 @@ def _as_matrix(t: Tensor) -> Tensor:
     return t.reshape(t.shape[:-1].numel(), t.shape[-1]).contiguous()
 
 
-def _rows_tile(rows: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(max(rows, 1))))
+def dsd_grid(op: str, rows: int, out_blocks: int, config: configs.Config) -> tuple[int, int]:
+    """(row tiles, output block columns): the rows, unbounded, on axis 0."""
+    tiles = triton.cdiv(rows, dict(config.blocks)["BLOCK_M"])
+    return checked_grid(op, (tiles, out_blocks), ("row tiles", "output block columns"))
 
 
-def _dsd(a: Tensor, values: Tensor, offsets: Tensor, indices: Tensor, order, transpose, bias):
+def sdd_grid(op: str, nnz: int) -> tuple[int]:
+    """One program per stored block."""
+    return checked_grid(op, (nnz,), ("stored blocks",))
+
+
+def _dsd(op, a: Tensor, values: Tensor, offsets: Tensor, indices: Tensor, order, transpose, bias):
     block = values.shape[-1]
     a2 = _as_matrix(a)
     values = values.contiguous()
     out_blocks = offsets.numel() - 1
     out = a2.new_empty((a2.shape[0], out_blocks * block))
     if out.numel() and a2.shape[0]:
-        tile = _rows_tile(a2.shape[0])
-        grid = (out_blocks, triton.cdiv(a2.shape[0], tile))
-        _dsd_kernel[grid](
-            a2,
-            values,
-            bias.contiguous() if bias is not None else values,
-            out,
-            offsets,
-            indices,
-            order if order is not None else indices,
-            a2.shape[0],
-            a2.shape[1],
-            out.shape[1],
-            1 if transpose else block,
-            block if transpose else 1,
-            HAS_BIAS=bias is not None,
-            HAS_ORDER=order is not None,
-            BLOCK=block,
-            BLOCK_M=tile,
-            PRECISION=_precision(a2.dtype),
-            DOT_IN_FP32=_dot_in_fp32(a2.dtype),
-        )
+        kind = configs.dot_kind(a2.dtype)
+        config = configs.dsd(block, kind, a2.shape[0])
+        grid = dsd_grid(op, a2.shape[0], out_blocks, config)
+        with device_guard(a2.device):
+            _dsd_kernel[grid](
+                a2,
+                values,
+                bias.contiguous() if bias is not None else values,
+                out,
+                offsets,
+                indices,
+                order if order is not None else indices,
+                a2.shape[0],
+                a2.shape[1],
+                out.shape[1],
+                1 if transpose else block,
+                block if transpose else 1,
+                HAS_BIAS=bias is not None,
+                HAS_ORDER=order is not None,
+                BLOCK=block,
+                PRECISION=_precision(kind),
+                DOT_IN_FP32=_dot_in_fp32(a2.dtype),
+                **config.launch_options(),
+            )
     return out.reshape(*a.shape[:-1], out.shape[1])
 
 
@@ -196,7 +206,7 @@ def blocksparse_linear(
         t_block_indices,
     )  # fmt: skip
     _check("blocksparse_linear", values, ("input", input))
-    return _dsd(input, values, crow_indices, col_indices, None, True, bias)
+    return _dsd("blocksparse_linear", input, values, crow_indices, col_indices, None, True, bias)
 
 
 def blocksparse_linear_grad_input(
@@ -207,7 +217,10 @@ def blocksparse_linear_grad_input(
         grad_output, values, ccol_indices, t_row_indices, t_block_indices
     )
     _check("blocksparse_linear_grad_input", values, ("grad_output", grad_output))
-    return _dsd(grad_output, values, ccol_indices, t_row_indices, t_block_indices, False, None)
+    return _dsd(
+        "blocksparse_linear_grad_input", grad_output, values, ccol_indices, t_row_indices,
+        t_block_indices, False, None,
+    )  # fmt: skip
 
 
 def blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size):
@@ -219,18 +232,22 @@ def blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices,
     nnz = col_indices.numel()
     out = x.new_empty((nnz, block, block))
     if nnz:
-        _sdd_kernel[(nnz,)](
-            dy,
-            x,
-            out,
-            row_indices,
-            col_indices,
-            x.shape[0],
-            dy.shape[1],
-            x.shape[1],
-            BLOCK=block,
-            BLOCK_K=32 if x.shape[0] <= 32 else 64,
-            PRECISION=_precision(x.dtype),
-            DOT_IN_FP32=_dot_in_fp32(x.dtype),
-        )
+        kind = configs.dot_kind(x.dtype)
+        config = configs.sdd(block, kind, x.shape[0])
+        grid = sdd_grid("blocksparse_linear_grad_values", nnz)
+        with device_guard(x.device):
+            _sdd_kernel[grid](
+                dy,
+                x,
+                out,
+                row_indices,
+                col_indices,
+                x.shape[0],
+                dy.shape[1],
+                x.shape[1],
+                BLOCK=block,
+                PRECISION=_precision(kind),
+                DOT_IN_FP32=_dot_in_fp32(x.dtype),
+                **config.launch_options(),
+            )
     return out

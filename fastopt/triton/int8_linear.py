@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .. import _library
-
-BLOCK_N_PACKED, GROUP_K_PACKED = 16, 4
+from . import configs
+from .launch import checked_grid, device_guard
 
 
 @triton.jit
@@ -71,7 +71,8 @@ def _int8_gemm_kernel(
 ):  # fmt: skip
     """out = a @ w.T in exact int32; with DEQUANTIZE, the epilogue applies both scales and the
     bias and stores the output dtype instead."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row tiles on grid axis 0 (the unbounded one), in int64: M * K may pass 2**31.
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -104,7 +105,8 @@ def _weight_only_kernel(
     """out = (x * input_scale) @ (w * weight_scale).T + bias, the int8 weight widened to fp32 in
     registers. The products are fp32 (not bf16 tensor-core ones): this kernel serves the small,
     memory-bound batches, and Triton's interpreter computes bf16 dots wrongly."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row tiles on grid axis 0 (the unbounded one), in int64: M * K may pass 2**31.
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -124,27 +126,29 @@ def _weight_only_kernel(
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _gemm_blocks(rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small-M tiles for decode-like batches (tl.dot needs
-    16 rows at least), large tiles where the GEMM is compute-bound."""
-    if rows <= 16:
-        return 16, 64, 128, 4
-    if rows <= 64:
-        return 64, 128, 64, 4
-    return 128, 128, 64, 8
+def gemm_grid(op: str, rows: int, n: int, config: configs.Config) -> tuple[int, int]:
+    """(row tiles, column tiles) of the GEMM kernels: the rows, unbounded, on axis 0."""
+    blocks = dict(config.blocks)
+    grid = (triton.cdiv(rows, blocks["BLOCK_M"]), triton.cdiv(n, blocks["BLOCK_N"]))
+    return checked_grid(op, grid, ("row tiles", "output feature tiles"))
 
 
-def _launch_gemm(a, packed_weight, n, out, row_scale=None, weight_scale=None, bias=None):
+def quantize_grid(op: str, rows: int) -> tuple[int]:
+    """One program per row."""
+    return checked_grid(op, (rows,), ("rows",))
+
+
+def _launch_gemm(op, a, packed_weight, n, out, row_scale=None, weight_scale=None, bias=None):
     rows, k = a.shape
-    block_m, block_n, block_k, warps = _gemm_blocks(rows)
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
+    config = configs.int8_gemm(rows)
+    grid = gemm_grid(op, rows, n, config)
     dequantize = row_scale is not None
-    _int8_gemm_kernel[grid](
-        a, packed_weight, packed_weight.shape[1], row_scale if dequantize else out,
-        weight_scale if dequantize else out, bias if bias is not None else out, out, rows, n, k,
-        DEQUANTIZE=dequantize, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )  # fmt: skip
+    with device_guard(a.device):
+        _int8_gemm_kernel[grid](
+            a, packed_weight, packed_weight.shape[1], row_scale if dequantize else out,
+            weight_scale if dequantize else out, bias if bias is not None else out, out, rows, n,
+            k, DEQUANTIZE=dequantize, HAS_BIAS=bias is not None, **config.launch_options(),
+        )  # fmt: skip
 
 
 def int8_mm(input, packed_weight, weight_compensation, in_features):
@@ -156,7 +160,7 @@ def int8_mm(input, packed_weight, weight_compensation, in_features):
     if out.numel() and in_features == 0:
         out.zero_()  # an empty sum
     elif out.numel():
-        _launch_gemm(input.contiguous(), packed_weight.contiguous(), n, out)
+        _launch_gemm("int8_mm", input.contiguous(), packed_weight.contiguous(), n, out)
     return out
 
 
@@ -195,20 +199,22 @@ def int8_linear(
     if quantize_input:
         q = torch.empty((rows, k), dtype=torch.int8, device=input.device)
         row_scale = torch.empty(rows, dtype=torch.float32, device=input.device)
-        _quantize_rows_kernel[(rows,)](
-            x, input_scale if has_scale else x, q, row_scale, k, HAS_INPUT_SCALE=has_scale,
-            BLOCK_K=min(1024, triton.next_power_of_2(k)),
-        )  # fmt: skip
-        _launch_gemm(q, packed_weight, n, out, row_scale, weight_scale, bias)
+        grid = quantize_grid("int8_linear", rows)
+        with device_guard(x.device):
+            _quantize_rows_kernel[grid](
+                x, input_scale if has_scale else x, q, row_scale, k, HAS_INPUT_SCALE=has_scale,
+                **configs.quantize_rows(k).launch_options(),
+            )  # fmt: skip
+        _launch_gemm("int8_linear", q, packed_weight, n, out, row_scale, weight_scale, bias)
     else:
-        block_m, block_n, block_k, warps = _gemm_blocks(rows)
-        grid = (triton.cdiv(rows, block_m), triton.cdiv(n, block_n))
-        _weight_only_kernel[grid](
-            x, input_scale if has_scale else x, packed_weight, packed_weight.shape[1], weight_scale,
-            bias if bias is not None else x, out, rows, n, k, HAS_INPUT_SCALE=has_scale,
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps,
-        )  # fmt: skip
+        config = configs.weight_only(input.dtype, rows)
+        grid = gemm_grid("int8_linear", rows, n, config)
+        with device_guard(x.device):
+            _weight_only_kernel[grid](
+                x, input_scale if has_scale else x, packed_weight, packed_weight.shape[1],
+                weight_scale, bias if bias is not None else x, out, rows, n, k,
+                HAS_INPUT_SCALE=has_scale, HAS_BIAS=bias is not None, **config.launch_options(),
+            )  # fmt: skip
     return out.view(*input.shape[:-1], n)
 
 
