@@ -22,6 +22,8 @@ from torch import Tensor
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import cuda_emulation  # noqa: E402
+
 import fastopt  # noqa: E402
 from fastopt import _extension
 
@@ -59,11 +61,22 @@ def cpu_isa(request) -> str:
         module.set_cpu_isa(previous)
 
 
-# The marks of a CUDA test (or of a test's CUDA case): selected by `-m cuda`, and skipped, with
-# the reason said, where there is no GPU.
+# The marks of a test that needs a CUDA GPU itself (streams, graphs, several GPUs, CUDA tensors):
+# selected by `-m cuda`, and skipped, with the reason said, where there is no GPU.
 ON_CUDA = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# The marks of a test (or a test's case) of fastopt's CUDA kernels: on a GPU where there is one,
+# else on the CPU through their emulation (`cuda_kernels`).
+ON_CUDA_KERNELS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or cuda_emulation.available()),
+        reason="needs a CUDA GPU, or fastopt's emulated CUDA kernels (built with its CUDA "
+        "extension unless FASTOPT_CUDA_EMULATION=0)",
+    ),
 ]
 
 
@@ -78,12 +91,26 @@ def checked_cuda() -> Iterator[None]:
     torch.cuda.synchronize()
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA)])
-def device(request) -> Iterator[str]:
-    """Runs the test on the CPU and on CUDA (the CUDA case skipped without a GPU)."""
-    if request.param == "cuda":
+@contextlib.contextmanager
+def cuda_kernels() -> Iterator[str]:
+    """Around a test of fastopt's CUDA kernels; gives the device its tensors go on: "cuda" on a
+    GPU machine, else "cpu", with fastopt's optimizer ops running their CUDA kernels' code,
+    emulated thread by thread (tests/cuda_emulation.py)."""
+    if torch.cuda.is_available():
         with checked_cuda():
-            yield request.param
+            yield "cuda"
+    else:
+        with cuda_emulation.emulated_cuda_kernels():
+            yield "cpu"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA_KERNELS)])
+def device(request) -> Iterator[str]:
+    """Runs the test with fastopt's CPU kernels and with its CUDA kernels (on a GPU, or emulated
+    on the CPU without one; see `cuda_kernels`). Gives the device to put tensors on."""
+    if request.param == "cuda":
+        with cuda_kernels() as kernel_device:
+            yield kernel_device
     else:
         yield request.param
 

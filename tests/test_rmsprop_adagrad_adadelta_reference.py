@@ -18,9 +18,10 @@ import zlib
 import pytest
 import torch
 from conftest import (
+    ON_CUDA_KERNELS,
     RICH_OPTIONS,
     TOLERANCES,
-    checked_cuda,
+    cuda_kernels,
     generator,
     mixed_dtype_starts,
     run_against_torch,
@@ -150,15 +151,17 @@ def test_low_precision_error_is_within_torchs_under_every_isa(cpu_isa, dtype, na
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@ON_CUDA_KERNELS[0]
+@ON_CUDA_KERNELS[1]
 def test_every_config_on_cuda(dtype, name):
-    """The CPU configurations and torch's CUDA-only ones (capturable), on CUDA."""
-    with checked_cuda():
-        for config in ALL_CONFIGS[name] + TORCH_CUDA_CONFIGS[name]:
+    """The CPU configurations and, on a GPU, torch's CUDA-only ones (capturable: torch refuses it
+    for the CPU tensors of the emulated kernels' runs), with fastopt's CUDA kernels."""
+    with cuda_kernels() as device:
+        torch_only = TORCH_CUDA_CONFIGS[name] if device == "cuda" else []
+        for config in ALL_CONFIGS[name] + torch_only:
             if dtype not in TOLERANCES and config.get("tensor_lr"):
                 continue
-            run_against_torch(name, dtype, _options(name, config), seed=1, device="cuda")
+            run_against_torch(name, dtype, _options(name, config), seed=1, device=device)
 
 
 def _torch_test_configs(name: str) -> list[dict]:

@@ -6,7 +6,7 @@
 
 namespace fastopt::cuda {
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+FASTOPT_CUDA_KERNELS_IMPL(m) {
   m.impl("adagrad_step_", &adagrad_step<run_step_on_cuda<AdagradRule>>);
 }
 

@@ -6,7 +6,7 @@
 
 namespace fastopt::cuda {
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+FASTOPT_CUDA_KERNELS_IMPL(m) {
   m.impl("adam_step_", &adam_step<run_step_on_cuda<AdamRule>>);
 }
 
