@@ -44,7 +44,7 @@ CASES = {
 
 
 def _check(rows, shape, dtype, device, steps=3, lr=0.1, **options):
-    start = torch.randn(shape, generator=generator(9), dtype=torch.float64).to(dtype, device)
+    start = torch.randn(shape, generator=generator(9), dtype=torch.float64).to(device, dtype)
     ref_p, fast_p = start.clone().requires_grad_(), start.clone().requires_grad_()
     ref, fast = optimizer_pair("Adagrad", [ref_p], [fast_p], lr=lr, **options)
     rtol, atol = TOLERANCES[dtype]
