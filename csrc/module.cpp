@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #include "cpu/isa.h"
 #include "eager_calls.h"
 
@@ -42,26 +44,28 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   });
 }
 
-PyMethodDef methods[] = {
-    {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
-    {"best_cpu_isa", best_cpu_isa, METH_NOARGS, "The widest instruction set this CPU supports."},
-    {"set_cpu_isa", set_cpu_isa, METH_O,
-     "Makes the CPU kernels use the named instruction set; returns the previous one."},
-    {"adam_step_eager", fastopt::adam_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.adam_step_ without per-tensor boxing, or NotImplemented."},
-    {"rmsprop_step_eager", fastopt::rmsprop_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.rmsprop_step_ without per-tensor boxing, or NotImplemented."},
-    {"adagrad_step_eager", fastopt::adagrad_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.adagrad_step_ without per-tensor boxing, or NotImplemented."},
-    {"adadelta_step_eager", fastopt::adadelta_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.adadelta_step_ without per-tensor boxing, or NotImplemented."},
-    {nullptr, nullptr, 0, nullptr}};
+// The module's functions: the instruction-set queries, then the eager entry points.
+PyMethodDef* methods() {
+  static std::vector<PyMethodDef> table = [] {
+    std::vector<PyMethodDef> t{
+        {"active_cpu_isa", active_cpu_isa, METH_NOARGS,
+         "The instruction set the CPU kernels use."},
+        {"best_cpu_isa", best_cpu_isa, METH_NOARGS,
+         "The widest instruction set this CPU supports."},
+        {"set_cpu_isa", set_cpu_isa, METH_O,
+         "Makes the CPU kernels use the named instruction set; returns the previous one."}};
+    fastopt::add_eager_entries(t);
+    t.push_back({nullptr, nullptr, 0, nullptr});
+    return t;
+  }();
+  return table.data();
+}
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT,
                       "_C",
                       "fastopt's CPU kernels.",
                       -1,
-                      methods,
+                      nullptr,
                       nullptr,
                       nullptr,
                       nullptr,
@@ -70,5 +74,6 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT,
 }  // namespace
 
 PyMODINIT_FUNC PyInit__C() {
+  module.m_methods = methods();
   return PyModule_Create(&module);
 }

@@ -9,38 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from ._step_ops import STEP_OPS, StepOp
+
 _lib = torch.library.Library("fastopt", "DEF")  # the namespace's one definition
 
-# The arguments every multi-tensor optimizer op ends with.
-_STEP_TAIL = "Tensor? grad_scale, Tensor? found_inf) -> ()"
-
-_lib.define(
-    "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
-    "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] steps, float lr, "
-    "Tensor? lr_tensor, float beta1, float beta2, float eps, float weight_decay, "
-    "bool decoupled_weight_decay, bool amsgrad, bool maximize, " + _STEP_TAIL
-)
-_lib.define(
-    "rmsprop_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
-    "Tensor(d!)[] momentum_buffers, Tensor(e!)[] grad_avgs, Tensor(f!)[] steps, float lr, "
-    "Tensor? lr_tensor, float alpha, float eps, float weight_decay, float momentum, "
-    "bool centered, bool maximize, " + _STEP_TAIL
-)
-_lib.define(
-    "adagrad_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state_sums, "
-    "Tensor(d!)[] steps, float lr, Tensor? lr_tensor, float lr_decay, float weight_decay, "
-    "float eps, bool maximize, " + _STEP_TAIL
-)
-_lib.define(
-    "adadelta_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, "
-    "Tensor(d!)[] acc_deltas, Tensor(e!)[] steps, float lr, Tensor? lr_tensor, float rho, "
-    "float eps, float weight_decay, bool maximize, " + _STEP_TAIL
-)
+# The multi-tensor optimizer ops, from their table (their fakes are below).
+for _op in STEP_OPS:
+    _lib.define(_op.schema)
 # `grad` is a sparse COO gradient; it is written only to store its values back unscaled.
 _lib.define(
     "sparse_adagrad_step_(Tensor(a!) param, Tensor(b!) grad, Tensor(c!) state_sum, "
     "Tensor(d!) step, float lr, Tensor? lr_tensor, float lr_decay, float eps, bool maximize, "
-    + _STEP_TAIL
+    "Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 # The roofline of the optimizer benchmarks: reads each `updated` and `read` tensor once and
 # writes each `updated` one once, with the kernels' own loop (float32, contiguous, one size).
@@ -100,92 +80,27 @@ def _optional_state(name: str, tensors: list[torch.Tensor], used: bool, needs: s
     return {}
 
 
-@torch.library.register_fake("fastopt::adam_step_")
-def _adam_step_fake(
-    params,
-    grads,
-    exp_avgs,
-    exp_avg_sqs,
-    max_exp_avg_sqs,
-    steps,
-    lr,
-    lr_tensor,
-    beta1,
-    beta2,
-    eps,
-    weight_decay,
-    decoupled_weight_decay,
-    amsgrad,
-    maximize,
-    grad_scale,
-    found_inf,
-) -> None:
-    per_param = {"grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    per_param |= _optional_state("max_exp_avg_sqs", max_exp_avg_sqs, amsgrad, "amsgrad=True")
-    _check_step_lists(params, per_param, steps, lr_tensor)
+def _step_fake(op: StepOp):
+    """The fake of a multi-tensor optimizer op: the checks of `_check_step_lists`, with each
+    state list that the op's own arguments leave unused checked to be empty."""
+    n_lists = len(op.list_names)
+
+    def fake(*args) -> None:
+        lists = dict(zip(op.list_names, args, strict=False))
+        lr_tensor = args[n_lists + 1]
+        own_values = args[n_lists + 2 : n_lists + 2 + len(op.own)]
+        own = {a.name: value for a, value in zip(op.own, own_values, strict=True)}
+        per_param = {"grads": lists["grads"]}
+        for state in op.states:
+            used = state.needed_when(own)
+            per_param |= _optional_state(state.name, lists[state.name], used, state.needs)
+        _check_step_lists(lists["params"], per_param, lists["steps"], lr_tensor)
+
+    return fake
 
 
-@torch.library.register_fake("fastopt::rmsprop_step_")
-def _rmsprop_step_fake(
-    params,
-    grads,
-    square_avgs,
-    momentum_buffers,
-    grad_avgs,
-    steps,
-    lr,
-    lr_tensor,
-    alpha,
-    eps,
-    weight_decay,
-    momentum,
-    centered,
-    maximize,
-    grad_scale,
-    found_inf,
-) -> None:
-    per_param = {"grads": grads, "square_avgs": square_avgs}
-    per_param |= _optional_state("momentum_buffers", momentum_buffers, momentum > 0, "momentum > 0")
-    per_param |= _optional_state("grad_avgs", grad_avgs, centered, "centered=True")
-    _check_step_lists(params, per_param, steps, lr_tensor)
-
-
-@torch.library.register_fake("fastopt::adagrad_step_")
-def _adagrad_step_fake(
-    params,
-    grads,
-    state_sums,
-    steps,
-    lr,
-    lr_tensor,
-    lr_decay,
-    weight_decay,
-    eps,
-    maximize,
-    grad_scale,
-    found_inf,
-) -> None:
-    _check_step_lists(params, {"grads": grads, "state_sums": state_sums}, steps, lr_tensor)
-
-
-@torch.library.register_fake("fastopt::adadelta_step_")
-def _adadelta_step_fake(
-    params,
-    grads,
-    square_avgs,
-    acc_deltas,
-    steps,
-    lr,
-    lr_tensor,
-    rho,
-    eps,
-    weight_decay,
-    maximize,
-    grad_scale,
-    found_inf,
-) -> None:
-    per_param = {"grads": grads, "square_avgs": square_avgs, "acc_deltas": acc_deltas}
-    _check_step_lists(params, per_param, steps, lr_tensor)
+for _op in STEP_OPS:
+    torch.library.register_fake(f"fastopt::{_op.name}", _step_fake(_op))
 
 
 @torch.library.register_fake("fastopt::sparse_adagrad_step_")

@@ -21,14 +21,13 @@ import torch
 
 import fastopt
 from fastopt import _extension
+from fastopt._step_ops import STEP_OPS
 
 NAMESPACE = "fastopt_cuda_emulation"
-# Every op with a CUDA kernel in csrc/optim/cuda, with the dispatch keys its CPU kernel has.
+# Every op with a CUDA kernel in csrc/optim/cuda (the op table's, and sparse Adagrad), with the
+# dispatch keys of its CPU kernels.
 OPS = {
-    "adam_step_": ("CPU",),
-    "rmsprop_step_": ("CPU",),
-    "adagrad_step_": ("CPU",),
-    "adadelta_step_": ("CPU",),
+    **{op.name: ("CPU",) for op in STEP_OPS},
     "sparse_adagrad_step_": ("CPU", "SparseCPU"),
 }
 
