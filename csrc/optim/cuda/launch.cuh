@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #if defined(FASTOPT_CUDA_EMULATION)
@@ -42,6 +43,13 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 // The GPU itself faults on a misaligned 16-byte access.
 __device__ __forceinline__ void check_vector_access(const void*) {}
 #endif
+
+// An op's name within its namespace ("adam_step_" of "fastopt::adam_step_"): the registrations
+// above name the namespace themselves.
+inline const char* unqualified_op_name(const char* qualified) {
+  const char* separator = std::strstr(qualified, "::");
+  return separator != nullptr ? separator + 2 : qualified;
+}
 
 // Launches `kernel` on `blocks` blocks (a 1-d grid) of `threads` threads, with no dynamic shared
 // memory, on the current stream.

@@ -10,7 +10,8 @@ namespace fastopt::cuda {
 FASTOPT_CUDA_KERNELS_IMPL(m) {
   StepRules::for_each([&m](auto rule) {
     using Rule = decltype(rule);
-    m.impl(Rule::kOpName, &StepOp<Rule>::template kernel<run_step_on_cuda<Rule>>);
+    m.impl(unqualified_op_name(Rule::kOpName),
+           &StepOp<Rule>::template kernel<run_step_on_cuda<Rule>>);
   });
 }
 
