@@ -48,8 +48,7 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
 PyMethodDef* methods() {
   static std::vector<PyMethodDef> table = [] {
     std::vector<PyMethodDef> t{
-        {"active_cpu_isa", active_cpu_isa, METH_NOARGS,
-         "The instruction set the CPU kernels use."},
+        {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
         {"best_cpu_isa", best_cpu_isa, METH_NOARGS,
          "The widest instruction set this CPU supports."},
         {"set_cpu_isa", set_cpu_isa, METH_O,

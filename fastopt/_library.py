@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ._step_ops import STEP_OPS, StepOp
+from ._step_ops import STEP_OPS
 
 _lib = torch.library.Library("fastopt", "DEF")  # the namespace's one definition
 
-# The multi-tensor optimizer ops, from their table (their fakes are below).
+# The multi-tensor optimizer ops, from their table. Their fake is a C++ Meta kernel
+# (csrc/optim/meta_step_ops.cpp) that runs the very checks of the CPU and CUDA kernels.
 for _op in STEP_OPS:
     _lib.define(_op.schema)
 # `grad` is a sparse COO gradient; it is written only to store its values back unscaled.
@@ -25,82 +26,6 @@ _lib.define(
 # The roofline of the optimizer benchmarks: reads each `updated` and `read` tensor once and
 # writes each `updated` one once, with the kernels' own loop (float32, contiguous, one size).
 _lib.define("traffic_probe_(Tensor(a!)[] updated, Tensor[] read) -> ()")
-
-
-def _check_step_lists(
-    params: list[torch.Tensor],
-    per_param: dict[str, list[torch.Tensor]],
-    steps: list[torch.Tensor],
-    lr_tensor: torch.Tensor | None,
-) -> None:
-    """What the kernels check of a multi-tensor step, on fake tensors: list lengths, one device,
-    float32 step counters, and per-param tensors of the param's shape and dtype."""
-    for name, tensors in {**per_param, "steps": steps}.items():
-        torch._check(
-            len(tensors) == len(params),
-            lambda name=name, tensors=tensors: (
-                f"{name} has {len(tensors)} tensors but params has {len(params)}"
-            ),
-        )
-    if lr_tensor is not None and params:
-        torch._check(
-            lr_tensor.device.type == "cpu" or lr_tensor.device == params[0].device,
-            lambda: f"lr_tensor is on {lr_tensor.device} but params are on {params[0].device}",
-        )
-    for i, p in enumerate(params):
-        torch._check(
-            p.device == params[0].device,
-            lambda i=i, p=p: f"params[{i}] is on {p.device} but params[0] is on {params[0].device}",
-        )
-        step = steps[i]
-        torch._check(
-            step.numel() == 1 and step.dtype == torch.float32,
-            lambda i=i, step=step: (
-                f"steps[{i}] must be a one-element float32 tensor, got "
-                f"{step.dtype} {tuple(step.shape)}"
-            ),
-        )
-        for name, tensors in per_param.items():
-            t = tensors[i]
-            torch._check(
-                t.shape == p.shape and t.dtype == p.dtype,
-                lambda name=name, i=i, t=t, p=p: (
-                    f"{name}[{i}] is {t.dtype} {tuple(t.shape)}, params[{i}] is "
-                    f"{p.dtype} {tuple(p.shape)}"
-                ),
-            )
-
-
-def _optional_state(name: str, tensors: list[torch.Tensor], used: bool, needs: str) -> dict:
-    """`{name: tensors}` where the option that needs them is on; else checks that they are
-    absent."""
-    if used:
-        return {name: tensors}
-    torch._check(len(tensors) == 0, lambda: f"{name} must be empty without {needs}")
-    return {}
-
-
-def _step_fake(op: StepOp):
-    """The fake of a multi-tensor optimizer op: the checks of `_check_step_lists`, with each
-    state list that the op's own arguments leave unused checked to be empty."""
-    n_lists = len(op.list_names)
-
-    def fake(*args) -> None:
-        lists = dict(zip(op.list_names, args, strict=False))
-        lr_tensor = args[n_lists + 1]
-        own_values = args[n_lists + 2 : n_lists + 2 + len(op.own)]
-        own = {a.name: value for a, value in zip(op.own, own_values, strict=True)}
-        per_param = {"grads": lists["grads"]}
-        for state in op.states:
-            used = state.needed_when(own)
-            per_param |= _optional_state(state.name, lists[state.name], used, state.needs)
-        _check_step_lists(lists["params"], per_param, lists["steps"], lr_tensor)
-
-    return fake
-
-
-for _op in STEP_OPS:
-    torch.library.register_fake(f"fastopt::{_op.name}", _step_fake(_op))
 
 
 @torch.library.register_fake("fastopt::sparse_adagrad_step_")

@@ -1,9 +1,11 @@
 """The op table of the multi-tensor optimizer ops, one entry each.
 
 An entry names the op's per-param state lists and its own arguments (with their defaults and
-what they mean); from it follow the op's schema and fake (`fastopt._library`) and its
-functional wrapper (`fastopt.functional`). Its kernels follow from the matching update rule in
-the C++ op table (csrc/optim/step_ops.h); torch checks at import that they fit the schema.
+what they mean); from it follow the op's schema (`fastopt._library`) and its functional wrapper
+(`fastopt.functional`). Its kernels, the meta one that torch.compile traces with included,
+follow from the matching update rule in the C++ op table (csrc/optim/step_ops.h), whose checks
+(which state lists an option needs, ...) run on every device; torch checks at import that the
+kernels fit the schema.
 
 Every op's arguments are a shared head and tail around its own (`schema` below):
 ``params, grads, <state lists>, steps, lr, lr_tensor, <own arguments>, grad_scale, found_inf``.
@@ -12,9 +14,7 @@ An argument every optimizer takes is added there, once, and to csrc/optim/step_o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 # What the shared arguments mean, for every op's docstring.
 SHARED_ARGUMENTS_DOC = """\
@@ -45,22 +45,12 @@ class Argument:
 
 
 @dataclass(frozen=True)
-class StateList:
-    """A per-param state list; `needed_when` (of the op's own arguments) says when it is used,
-    `needs` says so in words. Unused, it must be passed empty."""
-
-    name: str
-    needs: str = ""
-    needed_when: Callable[[dict[str, Any]], bool] = field(default=lambda own: True)
-
-
-@dataclass(frozen=True)
 class StepOp:
     """One multi-tensor optimizer op."""
 
     name: str
     summary: str  # the first lines of the functional wrapper's docstring
-    states: tuple[StateList, ...]
+    states: tuple[str, ...]  # the per-param state lists, in the rule's slot order
     own: tuple[Argument, ...]
     own_doc: str  # what the own arguments (and state lists) mean
 
@@ -68,7 +58,7 @@ class StepOp:
     def schema(self) -> str:
         # Each mutated list gets its own alias set: a, b for params and grads, then one a state.
         letters = iter("abcdefghijklmnopqrstuvwxyz")
-        lists = ["params", "grads", *(s.name for s in self.states), "steps"]
+        lists = ["params", "grads", *self.states, "steps"]
         mutated = [f"Tensor({next(letters)}!)[] {name}" for name in lists]
         arguments = [
             *mutated,
@@ -83,11 +73,7 @@ class StepOp:
     @property
     def list_names(self) -> tuple[str, ...]:
         """The tensor-list arguments, in schema order."""
-        return ("params", "grads", *(s.name for s in self.states), "steps")
-
-
-def _flag(name: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda own: bool(own[name])
+        return ("params", "grads", *self.states, "steps")
 
 
 STEP_OPS: tuple[StepOp, ...] = (
@@ -96,11 +82,7 @@ STEP_OPS: tuple[StepOp, ...] = (
         summary="""One Adam (or, with ``decoupled_weight_decay=True``, AdamW) step over many
 tensors, in place: what ``torch.optim.Adam`` / ``AdamW`` compute (fp32 and fp64 to rounding; bf16
 and fp16 rounded once per element rather than after every operation), in one pass over memory.""",
-        states=(
-            StateList("exp_avgs"),
-            StateList("exp_avg_sqs"),
-            StateList("max_exp_avg_sqs", "amsgrad=True", _flag("amsgrad")),
-        ),
+        states=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
         own=(
             Argument("beta1", float),
             Argument("beta2", float),
@@ -120,11 +102,7 @@ and fp16 rounded once per element rather than after every operation), in one pas
         name="rmsprop_step_",
         summary="""One RMSprop step over many tensors, in place: what ``torch.optim.RMSprop``
 computes, in one pass over memory.""",
-        states=(
-            StateList("square_avgs"),
-            StateList("momentum_buffers", "momentum > 0", lambda own: own["momentum"] > 0),
-            StateList("grad_avgs", "centered=True", _flag("centered")),
-        ),
+        states=("square_avgs", "momentum_buffers", "grad_avgs"),
         own=(
             Argument("alpha", float),
             Argument("eps", float),
@@ -144,7 +122,7 @@ computes, in one pass over memory.""",
         summary="""One Adagrad step over many tensors with dense grads, in place: what
 ``torch.optim.Adagrad`` computes, in one pass over memory. For a sparse grad see
 :func:`sparse_adagrad_step_`.""",
-        states=(StateList("state_sums"),),
+        states=("state_sums",),
         own=(
             Argument("lr_decay", float, 0.0),
             Argument("weight_decay", float, 0.0),
@@ -159,7 +137,7 @@ computes, in one pass over memory.""",
         name="adadelta_step_",
         summary="""One Adadelta step over many tensors, in place: what ``torch.optim.Adadelta``
 computes, in one pass over memory.""",
-        states=(StateList("square_avgs"), StateList("acc_deltas")),
+        states=("square_avgs", "acc_deltas"),
         own=(
             Argument("rho", float),
             Argument("eps", float),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import generator
+from helpers.rng import generator
 
 import fastopt
 from fastopt import _extension, benchmarking, functional

@@ -4,8 +4,8 @@
 #pragma once
 
 #include "common/macros.h"
-#include "optim/step_op.h"
 #include "optim/step_math.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 
@@ -39,8 +39,7 @@ struct AdadeltaRule {
   using Coefficients = AdadeltaCoefficients<C>;
 
   // The op's own arguments, in schema order.
-  static StepConfig<Options> configure(double rho, double eps, double weight_decay,
-                                       bool maximize) {
+  static StepConfig<Options> configure(double rho, double eps, double weight_decay, bool maximize) {
     return {{rho, eps, weight_decay, maximize}, 0};
   }
 

@@ -10,8 +10,8 @@
 #include <cmath>
 
 #include "common/macros.h"
-#include "optim/step_op.h"
 #include "optim/step_math.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 
@@ -74,9 +74,8 @@ struct AdamRule {
   using Coefficients = AdamCoefficients<C>;
 
   // The op's own arguments, in schema order.
-  static StepConfig<Options> configure(double beta1, double beta2, double eps,
-                                       double weight_decay, bool decoupled_weight_decay,
-                                       bool amsgrad, bool maximize) {
+  static StepConfig<Options> configure(double beta1, double beta2, double eps, double weight_decay,
+                                       bool decoupled_weight_decay, bool amsgrad, bool maximize) {
     return {{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
             amsgrad ? kAmsgrad : 0};
   }

@@ -4,8 +4,8 @@
 #pragma once
 
 #include "common/macros.h"
-#include "optim/step_op.h"
 #include "optim/step_math.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 

@@ -15,8 +15,8 @@
 #include <optional>
 #include <string>
 
-#include "optim/adagrad_rule.h"
 #include "common/macros.h"
+#include "optim/adagrad_rule.h"
 #include "optim/optimizer_checks.h"
 #include "optim/step_op.h"
 

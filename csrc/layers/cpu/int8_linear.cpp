@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "cpu/dtype_switch.h"
-#include "layers/cpu/int8_tiles.h"
 #include "cpu/isa.h"
+#include "layers/cpu/int8_tiles.h"
 
 namespace fastopt::cpu::int8 {
 namespace {

@@ -11,10 +11,10 @@
 #include <vector>
 
 #include "common/macros.h"
-#include "optim/step_call.h"
 #include "cpu/dtype_switch.h"
 #include "optim/cpu/multi_tensor.h"
 #include "optim/cpu/prefetched_loop.h"
+#include "optim/step_call.h"
 
 namespace fastopt::cpu {
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import generator
-from int8_reference import fake_quant_linear, relative_error
+from helpers.int8_reference import fake_quant_linear, relative_error
+from helpers.rng import generator
 from torch import nn
 
 from fastopt import int8

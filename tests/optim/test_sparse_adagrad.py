@@ -15,19 +15,12 @@ import re
 
 import pytest
 import torch
-from conftest import (
-    FP32,
-    TOLERANCES,
-    assert_error_within_torchs,
-    assert_matches_reference,
-    assert_unchanged,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    scaler_step_and_compare,
-    set_grads,
-    snapshot,
-)
+from helpers.against_torch import assert_error_within_torchs
+from helpers.optim_compare import assert_matches_reference, scaler_step_and_compare
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.snapshot import assert_unchanged, snapshot
+from helpers.tolerances import FP32, TOLERANCES
 from torch import Tensor, nn
 
 import fastopt

@@ -1,7 +1,8 @@
 """fastopt's CUDA kernels against torch.optim.*(foreach=False): every option, fp32 / fp64 / bf16 /
 fp16, thousands of tensors (several kernel launches), a 10M element tensor, CUDA graph capture,
-and bad input. On a GPU; without one, the kernels run emulated on the CPU (tests/cuda_emulation.py),
-except what only a GPU has (graphs, streams, CUDA tensors next to CPU ones, a second GPU).
+and bad input. On a GPU; without one, the kernels run emulated on the CPU
+(tests/helpers/cuda_emulation.py), except what only a GPU has (graphs, streams, CUDA tensors next
+to CPU ones, a second GPU).
 
 The tests that run on both devices (checkpoints, GradScaler, mixed dtypes) are in the files of
 their subject, with a `device` parameter."""
@@ -12,27 +13,14 @@ import inspect
 
 import pytest
 import torch
-from conftest import (
-    ADAM_OPTIONS,
-    FP32,
-    ON_CUDA,
-    ON_CUDA_KERNELS,
-    RICH_OPTIONS,
-    SHAPES,
-    assert_matches_reference,
-    assert_unchanged,
-    checked_cuda,
-    cuda_kernels,
-    fp64_twin,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    rounding_noise,
-    run_against_torch,
-    set_grads,
-    snapshot,
-    step_and_compare,
-)
+from helpers.against_torch import run_against_torch
+from helpers.cuda import ON_CUDA, ON_CUDA_KERNELS, checked_cuda, cuda_kernels
+from helpers.optim_cases import ADAM_OPTIONS, RICH, SHAPES
+from helpers.optim_compare import assert_matches_reference, rounding_noise, step_and_compare
+from helpers.optim_pairs import fp64_twin, make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.snapshot import assert_unchanged, snapshot
+from helpers.tolerances import FP32
 
 import fastopt
 
@@ -100,19 +88,11 @@ def test_unaligned_and_non_contiguous_params_on_cuda(cuda):
     step_and_compare(ref, fast, ref_params, fast_params, gen, 4)
 
 
-# Per optimizer, arguments that take the optional paths of its kernel, weight_decay included.
-# Among millions of elements some have grad + weight_decay * param within a few ulps of 0, and
-# their step (RMSprop's ~ lr * sign, near eps; Adam's cancellation) or acc_delta (~ its square)
-# hinges on how that sum rounded, in torch as in fastopt: the large tests below therefore judge
-# fastopt against torch's own rounding noise, measured by an fp64 twin of torch's run
-# (`step_and_compare(exact=...)`), not by rtol alone.
-RICH = {
-    "Adam": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
-    **RICH_OPTIONS,
-}
-
-
+# With RICH's weight_decay, among millions of elements some have grad + weight_decay * param
+# within a few ulps of 0, and their step (RMSprop's ~ lr * sign, near eps; Adam's cancellation)
+# or acc_delta (~ its square) hinges on how that sum rounded, in torch as in fastopt: the large
+# tests below therefore judge fastopt against torch's own rounding noise, measured by an fp64
+# twin of torch's run (`step_and_compare(exact=...)`), not by rtol alone.
 def thousands_of_tensors(name: str, device: str) -> None:
     """1500 tensors of assorted sizes (and some without grads on some steps, so the step counts
     differ between tensors of one launch), within twice torch's own rounding noise of torch."""

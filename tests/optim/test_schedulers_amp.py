@@ -13,39 +13,20 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import (
-    FP32,
-    RICH_OPTIONS,
-    SHAPES,
-    assert_matches_reference,
-    assert_unchanged,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    scaler_step_and_compare,
-    set_grads,
-    snapshot,
-    state_keys,
-)
+from helpers.optim_cases import NON_ADAM_OPTIMIZERS, OPTIMIZERS, RICH, SHAPES
+from helpers.optim_compare import assert_matches_reference, scaler_step_and_compare, state_keys
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.snapshot import assert_unchanged, snapshot
+from helpers.tolerances import FP32
 from torch import nn
 
 import fastopt
 
-NAMES = ["RMSprop", "Adagrad", "Adadelta"]
-EVERY = ["Adam", "AdamW", *NAMES]
-
-# One argument set per optimizer with every optional state tensor and path.
-RICH = {
-    "Adam": dict(lr=0.04, amsgrad=True),
-    "AdamW": dict(lr=0.04, amsgrad=True),
-    **RICH_OPTIONS,
-}
-
-
 # -- LR schedulers -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 def test_step_lr(name, tensor_lr):
     ref_params, fast_params = make_param_pairs(SHAPES, seed=21)
@@ -66,7 +47,7 @@ def test_step_lr(name, tensor_lr):
         assert_matches_reference(ref, fast, ref_params, fast_params, **FP32, where=f"{step}")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_cosine_annealing_with_warm_restarts(name):
     ref_params, fast_params = make_param_pairs(SHAPES, seed=23)
     ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
@@ -128,7 +109,7 @@ def test_one_cycle_lr_changes_lr_and_momentum(name, options, base_momentum, tota
 # -- GradScaler ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_fastopt_takes_the_fused_amp_path(name):
     assert getattr(fastopt, f"Fused{name}")._step_supports_amp_scaling is True
 
@@ -138,7 +119,7 @@ def _model(device, seed):
     return nn.Sequential(nn.Linear(13, 33), nn.Tanh(), nn.Linear(33, 7)).to(device)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("bad", [None, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
 def test_grad_scaler_matches_torch_and_skips_a_non_finite_step(device, name, bad):
     """Torch unscales before its step, fastopt inside the kernel, storing the grads back
@@ -325,7 +306,7 @@ def _call_functional(name, params, grads, state, steps, options, **amp):
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_functional_unscales_and_stores_grads_unscaled(name, dtype):
     gen = generator(29)
@@ -361,7 +342,7 @@ def test_functional_unscales_and_stores_grads_unscaled(name, dtype):
         assert steps[i].item() == 5.0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_functional_found_inf_changes_nothing(name, with_scale):
     gen = generator(31)

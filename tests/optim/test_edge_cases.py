@@ -1,8 +1,7 @@
 """Every fused optimizer against torch.optim.*(foreach=False) beyond the option grids of
-test_adam_reference.py and test_rmsprop_adagrad_adadelta_reference.py: thread splits inside
-tensors, params at offsets into a shared buffer, non-finite grads and params, closures, the
-constructor signature, arguments accepted and ignored, a model of 1200 small params, and a
-bf16 / fp16 step that is the fp32 step rounded once (under every CPU instruction set)."""
+test_reference.py: thread splits inside tensors, params at offsets into a shared buffer,
+non-finite grads and params, closures, the constructor signature, arguments accepted and
+ignored, and a model of 1200 small params."""
 
 from __future__ import annotations
 
@@ -10,34 +9,17 @@ import inspect
 
 import pytest
 import torch
-from conftest import (
-    FP32,
-    RICH_OPTIONS,
-    assert_matches_reference,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    run_against_torch,
-    set_grads,
-    state_keys,
-    step_and_compare,
-    ulp,
-)
+from helpers.against_torch import run_against_torch
+from helpers.optim_cases import OPTIMIZERS, RICH
+from helpers.optim_compare import assert_matches_reference, state_keys, step_and_compare
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.tolerances import FP32
 
 import fastopt
 
-NAMES = ["Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
 
-# One configuration per optimizer that takes every optional path of its kernel at once (AdamW's
-# with non-default betas and eps).
-RICH = {
-    "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
-    "AdamW": dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05, amsgrad=True),
-    **RICH_OPTIONS,
-}
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_many_threads_split_tensors_mid_way(name):
     """Enough elements that several threads share the work, with thread boundaries falling
     inside tensors, around empty ones."""
@@ -50,7 +32,7 @@ def test_many_threads_split_tensors_mid_way(name):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_params_at_offsets_into_a_shared_buffer(name):
     gen = generator(11)
     buffer = torch.randn(1 + 7 + 4097 + 2, generator=gen)
@@ -62,7 +44,7 @@ def test_params_at_offsets_into_a_shared_buffer(name):
     step_and_compare(ref, fast, ref_params, fast_params, gen, 6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_nan_and_inf_grads_propagate_like_torch(name):
     """Without a GradScaler, a non-finite grad poisons the param and state as it does in torch."""
     ref_params, fast_params = make_param_pairs([(9,), (4097,)], seed=5)
@@ -91,7 +73,7 @@ def test_nan_and_inf_grads_propagate_like_torch(name):
 # Without weight decay, and AdamW's decoupled weight decay (which scales the param, never
 # adding it to the grad).
 INFINITE_PARAM_CASES = [
-    *(pytest.param(name, {**RICH[name], "weight_decay": 0.0}, id=name) for name in NAMES),
+    *(pytest.param(name, {**RICH[name], "weight_decay": 0.0}, id=name) for name in OPTIMIZERS),
     pytest.param("AdamW", dict(lr=0.01, weight_decay=0.01), id="AdamW-decoupled-wd"),
 ]
 
@@ -110,7 +92,7 @@ def test_infinite_param_without_l2_term_stays_as_torch_leaves_it(name, options):
         assert ref_params[0][1] == float("-inf") and ref_params[0][3] == float("inf")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_closure_is_called_and_its_loss_returned(name):
     ref_params, fast_params = make_param_pairs([(5,)], seed=8)
     ref, fast = optimizer_pair(name, ref_params, fast_params, **RICH[name])
@@ -132,7 +114,7 @@ def test_closure_is_called_and_its_loss_returned(name):
     assert_matches_reference(ref, fast, ref_params, fast_params, **FP32)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_constructor_signature_is_torchs(name):
     def shape(cls):
         params = inspect.signature(cls).parameters.values()
@@ -159,7 +141,7 @@ def _accepted(name: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
-    [(name, kwargs) for name in NAMES for kwargs in _accepted(name)],
+    [(name, kwargs) for name in OPTIMIZERS for kwargs in _accepted(name)],
     ids=lambda v: v if isinstance(v, str) else repr(v),
 )
 def test_accepted_arguments_do_not_change_the_result(name, kwargs):
@@ -176,7 +158,7 @@ def test_accepted_arguments_do_not_change_the_result(name, kwargs):
     step_and_compare(ref, fast, ref_params, fast_params, generator(13), 3)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_a_model_of_1200_small_params(device, name):
     """Many small tensors of assorted sizes in one group, against torch, flattened per step."""
     gen = generator(21)
@@ -188,85 +170,3 @@ def test_a_model_of_1200_small_params(device, name):
         step_and_compare(ref, fast, ref_params, fast_params, gen, 1, first=step, flat=True)
         steps = torch.stack([fast.state[p]["step"] for p in fast_params])
         assert torch.all(steps == step + 1)
-
-
-# -- low precision: one rounding per element --------------------------------------------------
-
-
-def _random_state(name: str, n: int, dtype: torch.dtype, gen: torch.Generator) -> dict:
-    """A plausible mid-training state in `dtype` (RMSprop's square_avg above grad_avg**2, so the
-    centered variance stays positive once rounded), with every state tensor of `name`."""
-
-    def rand(scale, offset=0.0):
-        return scale * torch.rand(n, generator=gen) + offset
-
-    if name in ("Adam", "AdamW"):
-        return dict(
-            exp_avg=(0.1 * torch.randn(n, generator=gen)).to(dtype),
-            exp_avg_sq=(0.01 * torch.rand(n, generator=gen)).to(dtype),
-            max_exp_avg_sq=(0.02 * torch.rand(n, generator=gen)).to(dtype),
-        )
-    if name == "RMSprop":
-        grad_avg = (0.1 * torch.randn(n, generator=gen)).to(dtype)
-        return dict(
-            square_avg=(grad_avg.float().square() + rand(0.01, 1e-3)).to(dtype),
-            momentum_buffer=(0.1 * torch.randn(n, generator=gen)).to(dtype),
-            grad_avg=grad_avg,
-        )
-    if name == "Adagrad":
-        return dict(sum=rand(2.0, 1e-1).to(dtype))
-    return dict(square_avg=rand(0.5, 1e-3).to(dtype), acc_delta=rand(1e-3, 1e-5).to(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["Adam", "AdamW"])
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_low_precision_step_is_the_fp32_step_rounded_once(dtype, name, amsgrad):
-    """One bf16/fp16 step from a random state equals torch's fp32 step from the same (upcast)
-    values, rounded once to the low precision: within one ulp of it, element by element (under
-    the default CPU instruction set: under `baseline`, exp_avg near 0 keeps a residue of a few
-    fp32 ulps, as the optimizers below do under every one)."""
-    kwargs = dict(lr=0.01, weight_decay=0.1, amsgrad=amsgrad, eps=1e-3)
-    _assert_rounded_once(name, kwargs, dtype, residue_ulps=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["RMSprop", "Adagrad", "Adadelta"])
-def test_low_precision_step_is_the_fp32_step_rounded_once_under_every_isa(cpu_isa, dtype, name):
-    """As above, under every CPU instruction set; plus, where the fp32 result cancels to near 0,
-    a few fp32 ulps of the quantity's magnitude (an equally exact fp32 evaluation in another
-    order, e.g. with FMA, leaves a residue there)."""
-    kwargs = {**RICH[name], "eps": 1e-3 if name != "Adadelta" else 1e-6}
-    _assert_rounded_once(name, kwargs, dtype, residue_ulps=4)
-
-
-def _assert_rounded_once(name, kwargs, dtype, residue_ulps):
-    """One step of Fused`name` in `dtype` from a random state is within one ulp (plus
-    `residue_ulps` fp32 ulps of the quantity's magnitude) of torch's fp32 step, rounded."""
-    gen = generator(41)
-    n = 4 * 4097
-    param = torch.randn(n, generator=gen).to(dtype)
-    grad = torch.randn(n, generator=gen).to(dtype)
-    keys = state_keys(name, kwargs)
-    state = {k: v for k, v in _random_state(name, n, dtype, gen).items() if k in keys}
-    assert set(keys) == set(state)
-    high = param.float().requires_grad_()
-    high.grad = grad.float()
-    ref = getattr(torch.optim, name)([high], foreach=False, **kwargs)
-    ref.state[high] = dict(step=torch.tensor(3.0), **{k: v.float() for k, v in state.items()})
-    fast_param = param.clone().requires_grad_()
-    fast_param.grad = grad.clone()
-    fast = getattr(fastopt, f"Fused{name}")([fast_param], **kwargs)
-    fast.state[fast_param] = dict(
-        step=torch.tensor(3.0), **{k: v.clone() for k, v in state.items()}
-    )
-    ref.step()
-    fast.step()
-    for key in ("param", *keys):
-        value = fast_param.detach() if key == "param" else fast.state[fast_param][key]
-        exact = (high.detach() if key == "param" else ref.state[high][key]).to(dtype)
-        assert value.dtype == dtype, key
-        error = (value.float() - exact.float()).abs()
-        residue = residue_ulps * torch.finfo(torch.float32).eps * exact.float().abs().max()
-        assert bool((error <= ulp(exact) + residue).all()), f"{key}: {error.max().item()}"
-    assert fast.state[fast_param]["step"].item() == 4.0

@@ -12,22 +12,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
-    ON_CUDA_KERNELS,
-    RICH_OPTIONS,
-    cuda_kernels,
-    fp64_twin,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    step_and_compare,
-)
+from helpers.cuda import ON_CUDA_KERNELS, cuda_kernels
+from helpers.optim_cases import RICH
+from helpers.optim_compare import step_and_compare
+from helpers.optim_pairs import fp64_twin, make_param_pairs, optimizer_pair
+from helpers.rng import generator
 
 pytestmark = ON_CUDA_KERNELS
 
 CHUNK = 65536
 BLOCKS_PER_LAUNCH = 320
-RICH = {"Adam": dict(lr=0.01, weight_decay=0.1, amsgrad=True), **RICH_OPTIONS}
 
 
 def small_shapes(count: int, seed: int) -> list[tuple[int, ...]]:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from blocksparse_reference import assert_close_to_reference, make_case, make_mask
+from helpers.blocksparse_reference import assert_close_to_reference, make_case, make_mask
 
 import fastopt.blocksparse as bs
 

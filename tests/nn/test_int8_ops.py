@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from conftest import generator
+from helpers.rng import generator
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 

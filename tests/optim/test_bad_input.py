@@ -10,31 +10,16 @@ import re
 
 import pytest
 import torch
-from conftest import (
-    FP32,
-    assert_matches_reference,
-    assert_unchanged,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    set_grads,
-    snapshot,
-)
+from helpers.optim_cases import OPTIMIZERS, RICH
+from helpers.optim_compare import assert_matches_reference
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.snapshot import assert_unchanged, snapshot
+from helpers.tolerances import FP32
 from torch import nn
 
 import fastopt
 from fastopt import _extension
-
-NAMES = ["Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
-
-# Per optimizer, arguments that create every optional state tensor.
-RICH = {
-    "Adam": dict(lr=0.01, amsgrad=True),
-    "AdamW": dict(lr=0.01, amsgrad=True),
-    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
-    "Adagrad": dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.1),
-    "Adadelta": dict(lr=0.5, weight_decay=0.1),
-}
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +69,7 @@ BAD = {
 # Adagrad takes sparse grads (test_sparse_adagrad.py).
 BAD_CASES = [
     (name, case)
-    for name in NAMES
+    for name in OPTIMIZERS
     for case in BAD
     if not (name == "Adagrad" and case == "sparse-grad")
 ]
@@ -149,7 +134,7 @@ def test_sparse_embedding_gradient_is_refused(name):
     assert_unchanged(opt, params, before)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_error_names_the_param_by_its_index_in_the_group(name):
     """Params without a grad still count: the index is the one in param_groups[i]["params"]."""
     no_grad = _leaf(torch.randn(3))
@@ -169,7 +154,7 @@ STATE_LISTS = {"Adam": ("exp_avg", "exp_avgs"), "AdamW": ("exp_avg", "exp_avgs")
                "Adadelta": ("acc_delta", "acc_deltas")}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_bad_state_in_a_later_group_changes_no_group(name):
     """State the Python checks never look at (here a loaded state tensor of the wrong shape) is
     caught by the op's own checks, which run on later groups before any group steps."""
@@ -187,7 +172,7 @@ def test_bad_state_in_a_later_group_changes_no_group(name):
     assert_unchanged(opt, first + second, before)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_lr_tensor_on_another_device_is_refused(name):
     params = [_leaf(torch.randn(7)), _leaf(torch.randn(3, 5))]
     opt = getattr(fastopt, f"Fused{name}")(params, lr=torch.tensor(0.01))
@@ -214,7 +199,7 @@ def test_require_kernels_names_what_is_missing_for_cuda():
         _extension.require_kernels(torch.device("cuda"), "x")
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_on_a_device_without_kernels(monkeypatch, name):
     """The CPU kernels made to look unbuilt: a clear error, and nothing changed (by the
     optimizer, nor for Adam by fastopt.functional.adam_step_)."""
@@ -264,7 +249,7 @@ def test_functional_sparse_adagrad_step_without_kernels(monkeypatch):
         assert torch.equal(t.to_dense(), c.to_dense())
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_differentiable_is_refused(name):
     with pytest.raises(ValueError, match="differentiable"):
         getattr(fastopt, f"Fused{name}")([_leaf(torch.randn(3))], differentiable=True)
@@ -313,7 +298,7 @@ BAD_HYPERPARAMETERS = {
 
 @pytest.mark.parametrize(
     ("name", "kwargs"),
-    [(name, kwargs) for name in NAMES for kwargs in BAD_HYPERPARAMETERS[name]],
+    [(name, kwargs) for name in OPTIMIZERS for kwargs in BAD_HYPERPARAMETERS[name]],
     ids=lambda v: v if isinstance(v, str) else repr(v),
 )
 def test_bad_hyperparameters_raise_like_torch(name, kwargs):

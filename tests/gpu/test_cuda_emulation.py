@@ -1,13 +1,13 @@
 """The emulation of the CUDA optimizer kernels that the GPU tests use without a GPU
-(tests/cuda_emulation.py): it is built wherever the CUDA kernels are, and its routing of the ops
-is in place exactly while asked for."""
+(tests/helpers/cuda_emulation.py): it is built wherever the CUDA kernels are, and its routing of
+the ops is in place exactly while asked for."""
 
 from __future__ import annotations
 
-import cuda_emulation
 import pytest
 import torch
-from conftest import generator
+from helpers import cuda_emulation
+from helpers.rng import generator
 
 import fastopt
 from fastopt import _extension

@@ -12,8 +12,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import generator
-from int8_reference import fake_quant_linear
+from helpers.int8_reference import fake_quant_linear
+from helpers.rng import generator
 
 from fastopt import int8
 from fastopt.triton import int8_linear as triton_int8
@@ -155,11 +155,12 @@ def test_packed_weight_offsets_past_2_gib():
     for a weight over 2 GiB and the tile is read from the wrong address. In a subprocess: that
     read faults (a segfault in the interpreter, a sticky CUDA error on a GPU)."""
     check = "import test_int8_triton as t; t.read_a_tile_past_2_gib()"
-    tests = os.path.dirname(os.path.abspath(__file__))
-    path = os.pathsep.join([tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = os.path.dirname(here)
+    path = os.pathsep.join([here, tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run(
-        [sys.executable, "-c", check], cwd=tests, env=env, capture_output=True, text=True
+        [sys.executable, "-c", check], cwd=here, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

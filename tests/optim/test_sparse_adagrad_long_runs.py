@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP32, TOLERANCES, assert_matches_reference, generator, optimizer_pair
+from helpers.optim_compare import assert_matches_reference
+from helpers.optim_pairs import optimizer_pair
+from helpers.rng import generator
+from helpers.tolerances import FP32, TOLERANCES
 
 import fastopt.functional as F
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from blocksparse_reference import (
+from helpers.blocksparse_reference import (
     LAYOUT_KINDS,
     Case,
     assert_close_to_reference,
     make_case,
     make_mask,
 )
-from conftest import ON_CUDA, checked_cuda
+from helpers.cuda import ON_CUDA, checked_cuda
 
 import fastopt.blocksparse as bs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import generator
+from helpers.rng import generator
 
 import fastopt.functional as F
 

@@ -10,23 +10,18 @@ import io
 
 import pytest
 import torch
-from conftest import (
-    FP32,
-    RICH_OPTIONS,
-    SHAPES,
+from helpers.optim_cases import OPTIMIZERS, RICH, SHAPES
+from helpers.optim_compare import (
     assert_matches_reference,
     assert_state_format,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    set_grads,
     state_keys,
     step_and_compare,
 )
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from helpers.tolerances import FP32
 
 import fastopt
-
-NAMES = ["Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta"]
 
 # Per optimizer, argument sets for the format tests: the defaults, every option on, Tensor lr.
 ADAM_FORMAT_KWARGS = [
@@ -59,17 +54,9 @@ FORMAT_KWARGS = {
 
 FORMAT_CASES = [
     pytest.param(name, kwargs, id=f"{name}-{i}")
-    for name in NAMES
+    for name in OPTIMIZERS
     for i, kwargs in enumerate(FORMAT_KWARGS[name])
 ]
-
-# One argument set per optimizer for the bookkeeping tests (with every optional state tensor and
-# path for RMSprop / Adagrad / Adadelta).
-RICH = {
-    "Adam": dict(lr=0.01),
-    "AdamW": dict(lr=0.01, amsgrad=True),
-    **RICH_OPTIONS,
-}
 
 
 def _state_dicts(name, steps, **kwargs):
@@ -135,7 +122,7 @@ def test_adagrad_state_exists_from_construction_as_in_torch(initial_accumulator_
         assert torch.equal(state["sum"], ref_sd["state"][index]["sum"]), index
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_foreach_and_fused_arguments_keep_the_state_dict_keys(name):
     has_fused = name in ("Adam", "AdamW", "Adagrad")
     flags = [dict(foreach=False), dict(foreach=True)] + ([dict(fused=True)] if has_fused else [])
@@ -215,7 +202,7 @@ def test_checkpoint_round_trip_continues_torchs_trajectory(
             assert second.state[p]["step"].device == p.device
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_tensor_lr_survives_the_round_trip(name):
     ref_params, fast_params = make_param_pairs([(7,), (33, 65)], seed=5)
     kwargs = {**RICH[name], "lr": torch.tensor(0.02)}
@@ -231,7 +218,7 @@ def test_tensor_lr_survives_the_round_trip(name):
     step_and_compare(ref, loaded, ref_params, fast_params, gen, 3, first=1)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_old_checkpoint_with_python_number_steps(name):
     """Checkpoints of old torch versions hold `step` as a Python number."""
     ref_params, fast_params = make_param_pairs([(7,), (4097,)], seed=7)
@@ -315,7 +302,7 @@ def _groups(settings, params):
     ]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_param_groups_with_different_hyperparameters(name):
     shapes = [(7,), (4097,), (33, 65), (1,), (0,), (5, 3)]
     ref_params, fast_params = make_param_pairs(shapes, seed=15)
@@ -325,7 +312,7 @@ def test_param_groups_with_different_hyperparameters(name):
     step_and_compare(ref, fast, ref_params, fast_params, generator(16), 6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_add_param_group_midway(name):
     ref_a, fast_a = make_param_pairs([(7,), (33, 65)], seed=12)
     ref_b, fast_b = make_param_pairs([(1,), (4097,), (0,)], seed=13)
@@ -361,7 +348,7 @@ def test_adagrad_initial_accumulator_value_is_the_constructors():
     step_and_compare(ref, fast, ref_a + ref_b, fast_a + fast_b, gen, 2, first=2)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad(name, set_to_none):
     ref_params, fast_params = make_param_pairs([(7,), (33, 65)], seed=17)
@@ -382,7 +369,7 @@ def test_zero_grad(name, set_to_none):
     assert all(fast.state[p]["step"].item() == expected_steps for p in fast_params)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_params_without_grad_are_skipped(name):
     """No state is created for them (Adagrad's, created by the constructor, stays as it is);
     they join later with their own step count."""

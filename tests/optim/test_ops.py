@@ -1,24 +1,21 @@
-"""The ops of FusedRMSprop / FusedAdagrad / FusedAdadelta and the traffic probe, as
-test_ops.py tests adam_step_: opcheck (schema, fake, autograd registration, AOT dispatch), the
-fake implementations' checks, the dispatcher route of a step, torch.compile(fullgraph=True) of
-a step, and the in-place semantics autograd must see. The tests of an optimizer's step (the
-dispatcher route, compiling opt.step, version counters) run for FusedAdam / FusedAdamW too."""
+"""The optimizers' ops under torch.ops.fastopt and the traffic probe: opcheck (schema, fake,
+autograd registration, AOT dispatch), the fake implementations' checks, the dispatcher route of
+a step, torch.compile(fullgraph=True) of a training step, of opt.step and of a functional call,
+the in-place semantics autograd must see, fastopt.functional's signatures, and the eager entry
+against torch.ops."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
 import torch
-from conftest import (
-    RICH_OPTIONS,
-    SHAPES,
-    assert_matches_reference,
-    generator,
-    make_param_pairs,
-    optimizer_pair,
-    set_grads,
-)
+from helpers.optim_cases import NON_ADAM_OPTIMIZERS, OPTIMIZERS, RICH, SHAPES
+from helpers.optim_compare import assert_matches_reference
+from helpers.optim_pairs import make_param_pairs, optimizer_pair, set_grads
+from helpers.rng import generator
+from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,27 +23,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastopt
 from fastopt import _extension
 
-NAMES = ["RMSprop", "Adagrad", "Adadelta"]
 OPS = {"RMSprop": "rmsprop_step_", "Adagrad": "adagrad_step_", "Adadelta": "adadelta_step_",
        "Adam": "adam_step_", "AdamW": "adam_step_"}  # fmt: skip
-# The tests of the optimizers' route into their ops run for FusedAdam / FusedAdamW too.
-EVERY = ["Adam", "AdamW", *NAMES]
-
-# Per optimizer, arguments that take every optional path of its kernel.
-RICH = {
-    "Adam": dict(lr=0.01),
-    "AdamW": dict(lr=0.01),
-    **RICH_OPTIONS,
-}
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 
 
 def _op_args(
-    name, scaled, tensor_lr, seed=0, shapes=SHAPES, device="cpu", found_inf=0.0, plain=False
+    name,
+    scaled,
+    tensor_lr,
+    seed=0,
+    shapes=SHAPES,
+    device="cpu",
+    found_inf=0.0,
+    plain=False,
+    amsgrad=False,
 ):
     """The positional arguments of torch.ops.fastopt.<op> for `name`: random state that keeps
-    every denominator positive; with `plain`, RMSprop without momentum and centering."""
+    every denominator positive; with `plain`, RMSprop without momentum and centering; `amsgrad`
+    for Adam / AdamW."""
     gen = generator(seed)
 
     def randn(shape):
@@ -64,6 +60,14 @@ def _op_args(
         if scaled
         else (None, None)
     )
+    if name in ("Adam", "AdamW"):
+        exp_avgs = [randn(s) for s in shapes]
+        exp_avg_sqs = [randn(s).abs() for s in shapes]
+        max_sqs = [v + randn(v.shape).abs() for v in exp_avg_sqs] if amsgrad else []
+        return (
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *lr,
+            0.9, 0.999, 1e-8, 0.1, name == "AdamW", amsgrad, False, *amp,
+        )  # fmt: skip
     if name == "RMSprop":
         grad_avgs = [] if plain else [0.1 * randn(s) for s in shapes]
         square_avgs = [positive(s) for s in shapes]
@@ -87,7 +91,7 @@ def _op(name):
     return getattr(torch.ops.fastopt, OPS[name])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 def test_opcheck(name, scaled, tensor_lr):
@@ -98,9 +102,22 @@ def test_opcheck_rmsprop_without_momentum_and_centering():
     torch.library.opcheck(_op("RMSprop"), _op_args("RMSprop", True, False, plain=True))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_opcheck_skipped_by_found_inf(name):
     torch.library.opcheck(_op(name), _op_args(name, True, False, found_inf=1.0))
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_opcheck_adam_step(amsgrad, scaled, tensor_lr):
+    args = _op_args("AdamW", scaled, tensor_lr, amsgrad=amsgrad)
+    torch.library.opcheck(torch.ops.fastopt.adam_step_, args)
+
+
+def test_opcheck_adam_step_skipped_by_found_inf():
+    args = _op_args("AdamW", True, False, found_inf=1.0, amsgrad=True)
+    torch.library.opcheck(torch.ops.fastopt.adam_step_, args)
 
 
 def _sparse_args(scaled, tensor_lr, found_inf=0.0, seed=1):
@@ -139,11 +156,32 @@ def test_opcheck_sparse_adagrad_step_skipped_by_found_inf():
     )
 
 
-def test_opcheck_traffic_probe():
-    gen = generator(2)
-    updated = [torch.randn(4097, generator=gen) for _ in range(3)]
-    read = [torch.randn(4097, generator=gen) for _ in range(2)]
+@pytest.mark.parametrize("n_updated, n_read", [(1, 1), (2, 1), (3, 1), (4, 2), (3, 2)])
+def test_opcheck_traffic_probe(n_updated, n_read):
+    gen = generator(1)
+    updated = [torch.randn(4097, generator=gen) for _ in range(n_updated)]
+    read = [torch.randn(4097, generator=gen) for _ in range(n_read)]
     torch.library.opcheck(torch.ops.fastopt.traffic_probe_, (updated, read))
+
+
+@pytest.mark.parametrize("n_updated, n_read", [(1, 1), (3, 1), (2, 2)])
+def test_traffic_probe_moves_the_bytes_it_claims(n_updated, n_read):
+    """Its arithmetic, spelled out: the probe is a roofline, but it must touch every element."""
+    gen = generator(2)
+    updated = [torch.randn(4097, generator=gen) for _ in range(n_updated)]
+    read = [torch.randn(4097, generator=gen) for _ in range(n_read)]
+    read_sum = sum(read[1:], read[0])
+    expected = [u * 0.9 + read_sum for u in updated]
+    torch.ops.fastopt.traffic_probe_(updated, read)
+    for u, e in zip(updated, expected, strict=True):
+        torch.testing.assert_close(u, e)
+
+
+def test_traffic_probe_refuses_bad_input():
+    with pytest.raises(RuntimeError, match="1 to 4 updated"):
+        torch.ops.fastopt.traffic_probe_([torch.zeros(3)] * 5, [torch.zeros(3)])
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        torch.ops.fastopt.traffic_probe_([torch.zeros(3)], [torch.zeros(4)])
 
 
 def test_traffic_probe_writes_only_the_updated_tensors():
@@ -163,7 +201,7 @@ def test_traffic_probe_writes_only_the_updated_tensors():
 # -- fakes ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_fake_implementation_checks_shapes_and_lengths(name):
     args = list(_op_args(name, False, False, device="meta"))
     args[1] = [g.reshape(-1) if g.dim() == 2 else g for g in args[1]]
@@ -178,6 +216,22 @@ def test_fake_implementation_checks_shapes_and_lengths(name):
     args[step_index] = [s.double() for s in args[step_index]]
     with pytest.raises(RuntimeError, match=r"steps\[0\]"):
         _op(name)(*args)
+
+
+def test_meta_adam_step_checks_shapes_and_lengths():
+    """On meta tensors (what torch.compile traces with) the op runs the checks of every device."""
+    args = list(_op_args("AdamW", False, False, device="meta"))
+    args[1] = [g.reshape(-1) if g.dim() == 2 else g for g in args[1]]
+    with pytest.raises(RuntimeError, match=r"grads\[3\] has shape \[2145\]"):
+        torch.ops.fastopt.adam_step_(*args)
+    args = list(_op_args("AdamW", False, False, device="meta"))
+    args[2] = args[2][:-1]
+    with pytest.raises(RuntimeError, match="exp_avgs has"):
+        torch.ops.fastopt.adam_step_(*args)
+    args = list(_op_args("AdamW", False, False, device="meta"))
+    args[5] = [s.double() for s in args[5]]
+    with pytest.raises(RuntimeError, match=r"steps\[0\] must be a one-element float32"):
+        torch.ops.fastopt.adam_step_(*args)
 
 
 def test_fake_rmsprop_checks_the_optional_lists():
@@ -215,7 +269,7 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_step_goes_through_the_dispatcher(name):
     params = [torch.randn(7, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
     opt = getattr(fastopt, f"Fused{name}")(params, **RICH[name])
@@ -243,7 +297,7 @@ def test_sparse_adagrad_step_goes_through_the_dispatcher():
 # -- torch.compile ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_compiled_optimizer_step_fullgraph(name):
     """torch.compile(opt.step, fullgraph=True), with a Tensor lr, against torch's eager step."""
     torch._dynamo.reset()
@@ -263,10 +317,97 @@ def test_compiled_optimizer_step_fullgraph(name):
     assert {op, f"{op}.default"} & graph_ops, graph_ops
 
 
+def _train_step_fn(model, opt):
+    def train_step(x, y):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return train_step
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_compiled_training_step_fullgraph(tensor_lr):
+    """forward, backward and FusedAdam.step in one fullgraph-compiled function, against the same
+    steps in eager mode with torch.optim.Adam(foreach=False).
+
+    Tracing `loss.backward()` needs torch._dynamo.config.trace_autograd_ops (torch's own switch,
+    off by default); `opt.zero_grad()` is skipped by dynamo on purpose, so it stays outside.
+    """
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 3))
+    ref_model = copy.deepcopy(model)
+    lr = torch.tensor(0.01) if tensor_lr else 0.01
+    opt = fastopt.FusedAdam(model.parameters(), lr=lr, weight_decay=0.1, amsgrad=True)
+    ref_opt = torch.optim.Adam(
+        ref_model.parameters(), lr=0.01, weight_decay=0.1, amsgrad=True, foreach=False
+    )
+    counter = CompileCounterWithBackend("inductor")
+    gen = generator(4)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(_train_step_fn(model, opt), fullgraph=True, backend=counter)
+        reference = _train_step_fn(ref_model, ref_opt)
+        for step in range(4):
+            x, y = torch.randn(5, 6, generator=gen), torch.randn(5, 3, generator=gen)
+            loss = compiled(x, y)
+            ref_loss = reference(x, y)
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+            for p, r in zip(model.parameters(), ref_model.parameters(), strict=True):
+                torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                    torch.testing.assert_close(
+                        opt.state[p][key], ref_opt.state[r][key], rtol=1e-5, atol=1e-6
+                    )
+                assert opt.state[p]["step"].item() == step + 1
+    assert counter.frame_count >= 1
+    # The op is in the graph (not run in a graph break or silently dropped).
+    graph_ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
+    assert {"fastopt.adam_step_", "fastopt.adam_step_.default"} & graph_ops, graph_ops
+
+
+def test_compiled_functional_adam_step_fullgraph():
+    """fastopt.functional.adam_step_ compiled alone, against the same call in eager mode."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step_fn(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, lr, grad_scale, found_inf):
+        fastopt.functional.adam_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, lr=lr, beta1=0.9,
+            beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True, grad_scale=grad_scale,
+            found_inf=found_inf,
+        )  # fmt: skip
+
+    compiled_args = _op_args("AdamW", True, True, seed=5, amsgrad=True)
+    eager_args = _op_args("AdamW", True, True, seed=5, amsgrad=True)
+
+    def pick(a):
+        return (*a[:6], a[7], a[15], a[16])
+
+    for _ in range(3):
+        step_fn(*pick(compiled_args))
+        fastopt.functional.adam_step_(
+            *eager_args[:6], lr=eager_args[7], beta1=0.9, beta2=0.999, eps=1e-8,
+            weight_decay=0.1, amsgrad=True, grad_scale=eager_args[15], found_inf=eager_args[16],
+        )  # fmt: skip
+    for compiled_list, eager_list in zip(compiled_args[:6], eager_args[:6], strict=True):
+        for c, e in zip(compiled_list, eager_list, strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7)
+    assert counter.frame_count == 1
+    graph_ops = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
+    assert {"fastopt.adam_step_", "fastopt.adam_step_.default"} & graph_ops, graph_ops
+    # The eager run really stepped (3 steps from the initial counts 1..6).
+    assert [s.item() for s in eager_args[5]] == [float(i + 4) for i in range(len(SHAPES))]
+
+
 # -- autograd semantics of the in-place ops ----------------------------------------------------
 
 
-@pytest.mark.parametrize("name", EVERY)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_step_bumps_version_counters_like_torch(name):
     """A step modifies params in place: autograd must notice, as it does after torch's step."""
     state_key = {"RMSprop": "square_avg", "Adagrad": "sum", "Adadelta": "acc_delta"}.get(
@@ -289,7 +430,7 @@ def test_step_bumps_version_counters_like_torch(name):
             loss.backward()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 def test_op_refuses_grad_mode_on_tensors_that_require_grad(name):
     args = list(_op_args(name, False, False, shapes=[(7,), (3, 5)]))
     args[0] = [p.requires_grad_() for p in args[0]]
@@ -304,6 +445,27 @@ def test_op_refuses_grad_mode_on_tensors_that_require_grad(name):
         _op(name)(*args)
     steps = lists[-1]
     assert [s.item() for s in steps] == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("entry", ["functional", "torch.ops"])
+def test_adam_step_refuses_grad_mode_on_tensors_that_require_grad(entry):
+    args = list(_op_args("AdamW", False, False, shapes=[(7,), (3, 5)]))
+    args[0] = [p.requires_grad_() for p in args[0]]
+    before = [[t.detach().clone() for t in ts] for ts in args[:6]]
+    with pytest.raises(RuntimeError, match="requires grad"):
+        if entry == "functional":
+            fastopt.functional.adam_step_(
+                *args[:6], lr=args[6], beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                decoupled_weight_decay=True,
+            )  # fmt: skip
+        else:
+            torch.ops.fastopt.adam_step_(*args)
+    for ts, bs in zip(args[:6], before, strict=True):
+        for t, b in zip(ts, bs, strict=True):
+            assert torch.equal(t.detach(), b)
+    with torch.no_grad():  # what optimizer.step() does
+        torch.ops.fastopt.adam_step_(*args)
+    assert [s.item() for s in args[5]] == [2.0, 3.0]
 
 
 # -- fastopt.functional ------------------------------------------------------------------------
@@ -357,7 +519,7 @@ def _eager_entry(name):
     return getattr(_extension.cpu_module(), OPS[name])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
 @pytest.mark.parametrize("scaled", [False, True], ids=["unscaled", "grad_scale+found_inf"])
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
 def test_eager_entry_and_torch_ops_agree(name, scaled, tensor_lr):

@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from blocksparse_reference import dense_weight, make_case, make_mask, stored_blocks
+from helpers.blocksparse_reference import dense_weight, make_case, make_mask, stored_blocks
 from torch import nn
 
 import fastopt
