@@ -33,7 +33,7 @@ inline bool is_supported_param_dtype(at::ScalarType t) {
 
 // Finds a tensor listed twice in one call: a param (or step counter) that appears twice would be
 // updated twice, once per occurrence on the CPU and in a race on the GPU. One hash lookup per
-// tensor; empty tensors hold no memory to update.
+// tensor.
 class RepeatedTensorCheck {
  public:
   RepeatedTensorCheck(const char* op, const char* list, size_t size) : op_(op), list_(list) {
@@ -41,7 +41,8 @@ class RepeatedTensorCheck {
   }
 
   void add(const at::Tensor& t, size_t i) {
-    if (t.numel() == 0) return;
+    // Meta and fake tensors (shape checks, torch.compile) have no memory to compare.
+    if (t.numel() == 0 || !t.has_storage() || t.const_data_ptr() == nullptr) return;
     const auto [entry, inserted] = first_index_.emplace(t.const_data_ptr(), i);
     TORCH_CHECK(inserted, op_, ": ", list_, "[", i, "] is ", list_, "[", entry->second,
                 "] again (the same memory); list each tensor once: one listed twice would be "
