@@ -41,8 +41,11 @@ class RepeatedTensorCheck {
   }
 
   void add(const at::Tensor& t, size_t i) {
-    // Meta and fake tensors (shape checks, torch.compile) have no memory to compare.
-    if (t.numel() == 0 || !t.has_storage() || t.const_data_ptr() == nullptr) return;
+    // Meta and fake tensors (shape checks, torch.compile, symbolic shapes) have no memory to
+    // compare; empty tensors none to update.
+    if (t.is_meta() || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.numel() == 0) {
+      return;
+    }
     const auto [entry, inserted] = first_index_.emplace(t.const_data_ptr(), i);
     TORCH_CHECK(inserted, op_, ": ", list_, "[", i, "] is ", list_, "[", entry->second,
                 "] again (the same memory); list each tensor once: one listed twice would be "
