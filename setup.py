@@ -3,6 +3,9 @@
 
 Environment:
   FASTOPT_CUDA=0          skip the CUDA extension (quick CPU-only builds)
+  FASTOPT_CUDA_EMULATION=0  skip `fastopt._C_cuda_emulation`, the CUDA optimizer kernels compiled
+                          for the CPU, which the tests run where there is no GPU (built with the
+                          CUDA extension otherwise; fastopt itself never loads it)
   CUDA_HOME, CUDA_PATH    the CUDA toolkit (default: /usr/local/cuda, else where nvcc is)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default: "8.0;9.0+PTX")
   MAX_JOBS                parallel compile jobs (ninja)
@@ -44,6 +47,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 WANT_CUDA = os.environ.get("FASTOPT_CUDA", "1") != "0"
 BUILD_CUDA = WANT_CUDA and torch.version.cuda is not None and cuda_home is not None
+BUILD_CUDA_EMULATION = BUILD_CUDA and os.environ.get("FASTOPT_CUDA_EMULATION", "1") != "0"
 
 COMMON_CXX_FLAGS = [
     "-O3",
@@ -73,10 +77,27 @@ def write_build_info() -> None:
         "CUDA_BUILT": BUILD_CUDA,
         "CUDA_VERSION": torch.version.cuda if BUILD_CUDA else None,
         "CUDA_ARCHS": os.environ["TORCH_CUDA_ARCH_LIST"] if BUILD_CUDA else None,
+        "CUDA_EMULATION_BUILT": BUILD_CUDA_EMULATION,
     }
     lines = ['"""Written by setup.py at build time; do not edit."""', ""]
     lines += [f"{key} = {value!r}" for key, value in info.items()]
     (ROOT / "fastopt" / "_build_info.py").write_text("\n".join(lines) + "\n")
+
+
+def cuda_emulation_sources() -> list[str]:
+    """One C++ file per .cu file of csrc/optim/cuda that includes it, so that the host compiler
+    builds the kernels' own source for the emulation (setuptools hands .cu files to nvcc). The
+    layers' CUDA code (csrc/cuda) is not emulated: it is not free of thread cooperation."""
+    folder = Path("build") / "cuda_emulation"
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for cu in sorted(Path("csrc/optim/cuda").glob("*.cu")):
+        wrapper = folder / f"{cu.stem}.cpp"
+        text = f'#include "{cu.relative_to("csrc").as_posix()}"\n'
+        if not wrapper.exists() or wrapper.read_text() != text:  # keep the build incremental
+            wrapper.write_text(text)
+        sources.append(str(wrapper))
+    return sources
 
 
 def extensions():
@@ -106,6 +127,19 @@ def extensions():
                 extra_compile_args={
                     "cxx": COMMON_CXX_FLAGS,
                     "nvcc": ["-O3", "-lineinfo"],
+                },
+            )
+        )
+    if BUILD_CUDA_EMULATION:
+        exts.append(
+            CppExtension(
+                "fastopt._C_cuda_emulation",
+                cuda_emulation_sources(),
+                include_dirs=[str(ROOT / "csrc"), os.path.join(cuda_home, "include")],
+                extra_compile_args={
+                    "cxx": COMMON_CXX_FLAGS
+                    # Hidden: its fastopt::cuda symbols must never stand in for _C_cuda's.
+                    + ["-DFASTOPT_CUDA_EMULATION", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
                 },
             )
         )

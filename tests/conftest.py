@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers.cpu_isa import supported_cpu_isas  # noqa: E402
-from helpers.cuda import ON_CUDA, checked_cuda  # noqa: E402
+from helpers.cuda import ON_CUDA_KERNELS, cuda_kernels  # noqa: E402
 
 from fastopt import _extension  # noqa: E402
 
@@ -32,11 +32,12 @@ def cpu_isa(request) -> str:
         module.set_cpu_isa(previous)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA)])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA_KERNELS)])
 def device(request) -> Iterator[str]:
-    """Runs the test on the CPU and on CUDA (the CUDA case skipped without a GPU)."""
+    """Runs the test with fastopt's CPU kernels and with its CUDA kernels (on a GPU, or emulated
+    on the CPU without one; see `helpers.cuda.cuda_kernels`). Gives the device for the tensors."""
     if request.param == "cuda":
-        with checked_cuda():
-            yield request.param
+        with cuda_kernels() as kernel_device:
+            yield kernel_device
     else:
         yield request.param

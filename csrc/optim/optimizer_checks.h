@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/flat_hash_map.h>
 
 #include <optional>
 #include <utility>
@@ -30,9 +31,37 @@ inline bool is_supported_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Finds a tensor listed twice in one call: a param (or step counter) that appears twice would be
+// updated twice, once per occurrence on the CPU and in a race on the GPU. One hash lookup per
+// tensor.
+class RepeatedTensorCheck {
+ public:
+  RepeatedTensorCheck(const char* op, const char* list, size_t size) : op_(op), list_(list) {
+    first_index_.reserve(size);
+  }
+
+  void add(const at::Tensor& t, size_t i) {
+    // Meta and fake tensors (shape checks, torch.compile, symbolic shapes) have no memory to
+    // compare; empty tensors none to update.
+    if (t.is_meta() || t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.numel() == 0) {
+      return;
+    }
+    const auto [entry, inserted] = first_index_.emplace(t.const_data_ptr(), i);
+    TORCH_CHECK(inserted, op_, ": ", list_, "[", i, "] is ", list_, "[", entry->second,
+                "] again (the same memory); list each tensor once: one listed twice would be "
+                "updated twice");
+  }
+
+ private:
+  const char* op_;
+  const char* list_;
+  ska::flat_hash_map<const void*, size_t> first_index_;
+};
+
 // `params` and each list in `companions` (grads and per-element state) are checked element by
 // element: same device, dtype, shape and memory layout as the param, dense storage, supported
-// dtype. `steps` holds one float32 step counter per param on the params' device.
+// dtype. `steps` holds one float32 step counter per param on the params' device. No param and no
+// step counter may appear twice.
 inline void check_optimizer_tensors(const char* op, at::TensorList params,
                                     c10::ArrayRef<NamedTensorList> companions, at::TensorList steps,
                                     c10::DeviceType device_type) {
@@ -46,6 +75,8 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
   const at::Device device = params[0].device();
   TORCH_CHECK(device.type() == device_type, op, ": params are on ", device, ", expected ",
               c10::DeviceTypeName(device_type));
+  RepeatedTensorCheck repeated_params(op, "params", params.size());
+  RepeatedTensorCheck repeated_steps(op, "steps", steps.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const size_t ahead = i + kMetadataPrefetchDistance;
     prefetch_tensor_metadata(params, ahead);
@@ -76,6 +107,8 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op,
                 ": steps[", i, "] must be a one-element float32 tensor on ", device, ", got ",
                 s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    repeated_params.add(p, i);
+    repeated_steps.add(s, i);
   }
 }
 

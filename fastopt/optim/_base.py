@@ -135,9 +135,17 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _skip_flag(self, device: torch.device) -> Tensor:
         """A found_inf that is set, on `device`; kept, so that steps after the first (those a
-        CUDA graph captures) make no copy."""
+        CUDA graph captures) make no copy. Created in a graph capture, it would only be recorded,
+        never filled: so the first step must not be captured."""
         flags = self.__dict__.setdefault("_skip_flags", {})
         if device not in flags:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"{type(self).__name__}: the first step on {device} of an optimizer with "
+                    "several param groups is being captured in a CUDA graph, which would leave "
+                    "its tensors unfilled; take one step before capturing (a warm-up on a side "
+                    "stream, as torch.cuda.graphs asks)"
+                )
             flags[device] = torch.ones((), dtype=torch.float32, device=device)
         return flags[device]
 

@@ -1,6 +1,8 @@
-"""FusedAdam on CUDA against torch.optim.Adam / AdamW(foreach=False) on CUDA: every option, fp32 /
-fp64 / bf16 / fp16, thousands of tensors (several kernel launches), a 10M element tensor, CUDA
-graph capture, and bad input. Skipped without a GPU.
+"""fastopt's CUDA kernels against torch.optim.*(foreach=False): every option, fp32 / fp64 / bf16 /
+fp16, thousands of tensors (several kernel launches), a 10M element tensor, CUDA graph capture,
+and bad input. On a GPU; without one, the kernels run emulated on the CPU
+(tests/helpers/cuda_emulation.py), except what only a GPU has (graphs, streams, CUDA tensors next
+to CPU ones, a second GPU).
 
 The tests that run on both devices (checkpoints, GradScaler, mixed dtypes) are in the files of
 their subject, with a `device` parameter."""
@@ -12,7 +14,7 @@ import inspect
 import pytest
 import torch
 from helpers.against_torch import run_against_torch
-from helpers.cuda import ON_CUDA, checked_cuda
+from helpers.cuda import ON_CUDA, ON_CUDA_KERNELS, checked_cuda, cuda_kernels
 from helpers.optim_cases import ADAM_OPTIONS, RICH, SHAPES
 from helpers.optim_compare import assert_matches_reference, rounding_noise, step_and_compare
 from helpers.optim_pairs import fp64_twin, make_param_pairs, optimizer_pair, set_grads
@@ -22,13 +24,22 @@ from helpers.tolerances import FP32
 
 import fastopt
 
-pytestmark = ON_CUDA
+pytestmark = ON_CUDA_KERNELS
 
 CUDA = "cuda"
 
 
-@pytest.fixture(autouse=True)
-def _checked_cuda():
+@pytest.fixture
+def cuda():
+    """The device for the tensors of a test of the CUDA kernels: "cuda", or "cpu" where the
+    kernels run emulated."""
+    with cuda_kernels() as device:
+        yield device
+
+
+@pytest.fixture
+def real_cuda():
+    """For a test that needs a GPU itself."""
     with checked_cuda():
         yield
 
@@ -36,38 +47,39 @@ def _checked_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("options", ADAM_OPTIONS)
-def test_matches_torch_on_cuda(dtype, name, options):
+def test_matches_torch_on_cuda(cuda, dtype, name, options):
     """Tensor lr on the device; params and every state tensor compared after every step."""
-    run_against_torch(name, dtype, options, seed=1, steps=10, device=CUDA)
+    run_against_torch(name, dtype, options, seed=1, steps=10, device=cuda)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_low_precision_on_cuda(dtype, name, amsgrad):
+def test_low_precision_on_cuda(cuda, dtype, name, amsgrad):
     options = dict(amsgrad=amsgrad, maximize=False, weight_decay=0.1)
-    run_against_torch(name, dtype, options, seed=2, device=CUDA)
+    run_against_torch(name, dtype, options, seed=2, device=cuda)
 
 
-@pytest.mark.parametrize("lr_device", ["cpu", CUDA])
-def test_tensor_lr_on_either_device(lr_device):
-    ref_params, fast_params = make_param_pairs(SHAPES, device=CUDA, seed=3)
-    lr = torch.tensor(0.01, device=lr_device)
+@pytest.mark.parametrize("lr_on", ["cpu", "params' device"])
+def test_tensor_lr_on_either_device(cuda, lr_on):
+    """An lr tensor on the CPU is read by the host, one on the params' device by the kernel."""
+    ref_params, fast_params = make_param_pairs(SHAPES, device=cuda, seed=3)
+    lr = torch.tensor(0.01, device="cpu" if lr_on == "cpu" else cuda)
     ref, fast = optimizer_pair("AdamW", ref_params, fast_params, lr=lr, amsgrad=True)
     step_and_compare(ref, fast, ref_params, fast_params, generator(4), 5)
 
 
-def test_unaligned_and_non_contiguous_params_on_cuda():
+def test_unaligned_and_non_contiguous_params_on_cuda(cuda):
     """Params at odd offsets (no 16-byte vector access possible) next to aligned ones, plus a
     transposed and a channels_last param."""
     gen = generator(5)
-    buffer = torch.randn(1 + 4097 + 33, generator=gen, device="cpu").to(CUDA)
+    buffer = torch.randn(1 + 4097 + 33, generator=gen, device="cpu").to(cuda)
     views = [buffer[1 : 1 + 4097], buffer[1 + 4097 :]]
     starts = [
         *views,
-        torch.randn(9, 5, generator=gen).to(CUDA).t(),
-        torch.randn(4, 3, 5, 7, generator=gen).to(CUDA).to(memory_format=torch.channels_last),
-        torch.randn(4099, generator=gen).to(CUDA),
+        torch.randn(9, 5, generator=gen).to(cuda).t(),
+        torch.randn(4, 3, 5, 7, generator=gen).to(cuda).to(memory_format=torch.channels_last),
+        torch.randn(4099, generator=gen).to(cuda),
     ]
     fast_params = [s.detach().requires_grad_() for s in starts]  # the first two share `buffer`
     ref_params = [s.clone(memory_format=torch.preserve_format).requires_grad_() for s in starts]
@@ -120,13 +132,13 @@ def ten_million_elements(name: str, device: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["AdamW", "RMSprop", "Adagrad", "Adadelta"])
-def test_thousands_of_tensors_span_several_launches(name):
-    thousands_of_tensors(name, CUDA)
+def test_thousands_of_tensors_span_several_launches(cuda, name):
+    thousands_of_tensors(name, cuda)
 
 
 @pytest.mark.parametrize("name", ["Adam", "RMSprop", "Adagrad", "Adadelta"])
-def test_a_ten_million_element_tensor_across_two_launches(name):
-    ten_million_elements(name, CUDA)
+def test_a_ten_million_element_tensor_across_two_launches(cuda, name):
+    ten_million_elements(name, cuda)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +152,8 @@ def test_a_ten_million_element_tensor_across_two_launches(name):
     ],
     ids=lambda v: v if isinstance(v, str) else repr(v),
 )
-def test_cuda_graph_capture_of_step(name, kwargs):
+@ON_CUDA[1]
+def test_cuda_graph_capture_of_step(real_cuda, name, kwargs):
     """opt.step() (capturable=True where torch has the argument) captured once and replayed 5
     times with new grads and a new Tensor lr each time, against eager torch."""
     ref_params, fast_params = make_param_pairs(SHAPES, device=CUDA, seed=11)
@@ -190,7 +203,8 @@ def test_cuda_graph_capture_of_step(name, kwargs):
 # -- bad input -------------------------------------------------------------------------------
 
 
-def test_cpu_and_cuda_params_in_one_group_are_refused():
+@ON_CUDA[1]
+def test_cpu_and_cuda_params_in_one_group_are_refused(real_cuda):
     params = [torch.randn(7, device=CUDA, requires_grad=True), torch.randn(5, requires_grad=True)]
     opt = fastopt.FusedAdam(params, lr=0.01)
     set_grads(generator(17), params)
@@ -200,7 +214,8 @@ def test_cpu_and_cuda_params_in_one_group_are_refused():
     assert_unchanged(opt, params, before)
 
 
-def test_cpu_params_with_a_cuda_lr_are_refused():
+@ON_CUDA[1]
+def test_cpu_params_with_a_cuda_lr_are_refused(real_cuda):
     params = [torch.randn(7, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
     opt = fastopt.FusedAdam(params, lr=torch.tensor(0.01, device=CUDA))
     set_grads(generator(18), params)
@@ -211,7 +226,7 @@ def test_cpu_params_with_a_cuda_lr_are_refused():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_params_on_a_second_gpu():
+def test_params_on_a_second_gpu(real_cuda):
     ref_params, fast_params = make_param_pairs(SHAPES, device="cuda:1", seed=19)
     ref, fast = optimizer_pair("Adam", ref_params, fast_params, lr=torch.tensor(0.01))
     with torch.cuda.device(0):  # the current device is not the params' one

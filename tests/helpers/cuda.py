@@ -1,4 +1,5 @@
-"""The marks and the guard of the tests that run on CUDA."""
+"""The marks and the guards of the tests that run on CUDA, or on fastopt's CUDA kernels emulated
+on the CPU (helpers/cuda_emulation.py) where there is no GPU."""
 
 from __future__ import annotations
 
@@ -9,12 +10,24 @@ import pytest
 import torch
 
 from fastopt import _extension
+from helpers import cuda_emulation
 
-# The marks of a CUDA test (or of a test's CUDA case): selected by `-m cuda`, and skipped, with
-# the reason said, where there is no GPU.
+# The marks of a test that needs a CUDA GPU itself (graphs, streams, CUDA tensors next to CPU
+# ones, several GPUs): selected by `-m cuda`, and skipped, with the reason said, without a GPU.
 ON_CUDA = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# The marks of a test (or a test's case) of fastopt's CUDA kernels: run on a GPU where there is
+# one, else on the CPU through their emulation (`cuda_kernels`).
+ON_CUDA_KERNELS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or cuda_emulation.available()),
+        reason="needs a CUDA GPU, or fastopt's emulated CUDA kernels (built with its CUDA "
+        "extension unless FASTOPT_CUDA_EMULATION=0)",
+    ),
 ]
 
 
@@ -27,3 +40,16 @@ def checked_cuda() -> Iterator[None]:
         pytest.fail(f"fastopt's CUDA kernels are not loaded: {_extension._load_errors.get('cuda')}")
     yield
     torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def cuda_kernels() -> Iterator[str]:
+    """Around a test of fastopt's CUDA kernels; gives the device its tensors go on: "cuda" on a
+    GPU machine, else "cpu", with fastopt's optimizer ops running their CUDA kernels' code,
+    emulated thread by thread."""
+    if torch.cuda.is_available():
+        with checked_cuda():
+            yield "cuda"
+    else:
+        with cuda_emulation.emulated_cuda_kernels():
+            yield "cpu"

@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 from helpers.against_torch import run_against_torch
-from helpers.cuda import checked_cuda
+from helpers.cuda import ON_CUDA_KERNELS, cuda_kernels
 from helpers.optim_cases import ADAM_OPTIONS, NON_ADAM_OPTIMIZERS
 from helpers.tolerances import TOLERANCES
 from helpers.torch_configs import (
@@ -56,15 +56,17 @@ def test_fp64_matches_torch_under_every_isa(cpu_isa, name, options):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", NON_ADAM_OPTIMIZERS)
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@ON_CUDA_KERNELS[0]
+@ON_CUDA_KERNELS[1]
 def test_every_config_on_cuda(dtype, name):
-    """The CPU configurations and torch's CUDA-only ones (capturable), on CUDA."""
-    with checked_cuda():
-        for config in ALL_CONFIGS[name] + TORCH_CUDA_CONFIGS[name]:
+    """The CPU configurations and, on a GPU, torch's CUDA-only ones (capturable: torch refuses it
+    for the CPU tensors of the emulated kernels' runs), with fastopt's CUDA kernels."""
+    with cuda_kernels() as device:
+        torch_only = TORCH_CUDA_CONFIGS[name] if device == "cuda" else []
+        for config in ALL_CONFIGS[name] + torch_only:
             if dtype not in TOLERANCES and config.get("tensor_lr"):
                 continue
-            run_against_torch(name, dtype, with_default_lr(name, config), seed=1, device="cuda")
+            run_against_torch(name, dtype, with_default_lr(name, config), seed=1, device=device)
 
 
 def _torch_test_configs(name: str) -> list[dict]:

@@ -5,22 +5,37 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
+#include <vector>
+
+#include "optim/cuda/launch.cuh"
 
 namespace fastopt::cuda {
 
 constexpr int kBlockSize = 512;
 constexpr int64_t kChunkSize = 65536;  // elements per block
+
+// A kernel's parameters may take 4 KiB, or 32764 bytes from CUDA 12.1 on with a driver of 12.1 or
+// later (r530) on Volta or newer. Every GPU a CUDA 13 build runs on has that (CUDA 13 needs an
+// r580 driver and a Turing or newer GPU); a CUDA 12.1-12.9 build may run on a 12.0 driver (minor
+// version compatibility), so it keeps the 4 KiB capacity.
+#if CUDART_VERSION >= 13000
+constexpr size_t kKernelParameterBytes = 32764;
+// Many small tensors (biases, norms) are what fills launches: 255 tensors (block_to_tensor is a
+// byte) take one launch instead of eight. 320 chunks are 21M elements, whose memory traffic
+// dwarfs a launch: more blocks per launch would buy nothing.
+constexpr int kMaxTensorsPerLaunch = 255;
+#else
+constexpr size_t kKernelParameterBytes = 4096;
 constexpr int kMaxTensorsPerLaunch = 36;
+#endif
 constexpr int kMaxBlocksPerLaunch = 320;
 
 // Kernel parameters of one launch: DEPTH parallel lists (param, grad, state...) of up to
 // kMaxTensorsPerLaunch tensors, each tensor's step counter, and which chunk each block takes.
-// DEPTH = 5 with these limits keeps it under the classic 4 KiB kernel parameter limit.
 template <int DEPTH>
 struct TensorListMetadata {
   void* addresses[DEPTH][kMaxTensorsPerLaunch];
@@ -32,7 +47,7 @@ struct TensorListMetadata {
 
 template <int DEPTH, typename Functor, typename Args>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_kernel(const __grid_constant__ TensorListMetadata<DEPTH> meta, Functor functor,
+    multi_tensor_kernel(FASTOPT_KERNEL_PARAM(TensorListMetadata<DEPTH>) meta, Functor functor,
                         Args args) {
   functor(meta, args);
 }
@@ -42,15 +57,15 @@ __global__ void __launch_bounds__(kBlockSize)
 template <int DEPTH, typename Functor, typename Args>
 void multi_tensor_apply(const std::array<std::vector<at::Tensor>, DEPTH>& lists,
                         const std::vector<at::Tensor>& steps, Functor functor, const Args& args) {
-  static_assert(sizeof(TensorListMetadata<DEPTH>) + sizeof(Args) < 4000,
-                "kernel parameters exceed 4 KiB");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  static_assert(
+      sizeof(TensorListMetadata<DEPTH>) + sizeof(Functor) + sizeof(Args) <= kKernelParameterBytes,
+      "the kernel's parameters exceed the parameter space");
   TensorListMetadata<DEPTH> meta;
   int n_tensors = 0;
   int n_blocks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<DEPTH><<<n_blocks, kBlockSize, 0, stream>>>(meta, functor, args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(&multi_tensor_kernel<DEPTH, Functor, Args>, n_blocks, kBlockSize, meta, functor,
+                  args);
     n_blocks = 0;
   };
   for (size_t t = 0; t < lists[0].size(); ++t) {

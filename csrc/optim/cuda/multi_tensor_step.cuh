@@ -7,7 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <array>
 #include <map>
@@ -15,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "optim/cuda/launch.cuh"
 #include "optim/cuda/multi_tensor_apply.cuh"
 #include "optim/cuda/step_counts.cuh"
 #include "optim/cuda/vector_access.cuh"
@@ -22,7 +22,8 @@
 
 namespace fastopt::cuda {
 
-// The learning rate: from device memory when the caller gave a CUDA tensor, else a value.
+// The learning rate: read by the kernel when the caller gave a tensor on the params' device (so a
+// captured graph sees its updates), else a value.
 struct LearningRate {
   const float* f32 = nullptr;
   const double* f64 = nullptr;
@@ -70,7 +71,7 @@ struct StepFunctor {
     constexpr int kVec = kVectorBytes / sizeof(S);
     const int64_t vector_end = aligned ? n - n % kVec : 0;
     for (int64_t i = int64_t(threadIdx.x) * kVec; i < vector_end; i += int64_t(blockDim.x) * kVec) {
-      C p[kVec], g[kVec], st[kSlots][kVec];
+      C p[kVec], g[kVec], st[kSlots][kVec] = {};  // unused slots stay 0, never read uninitialized
       load_vector(param + i, p);
       load_vector(grad + i, g);
 #pragma unroll
@@ -138,11 +139,12 @@ inline const float* float_pointer(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<float>() : nullptr;
 }
 
-inline LearningRate learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor) {
+inline LearningRate learning_rate(double lr, const std::optional<at::Tensor>& lr_tensor,
+                                  at::Device device) {
   LearningRate result;
   if (!lr_tensor.has_value()) {
     result.value = lr;
-  } else if (lr_tensor->is_cpu()) {
+  } else if (lr_tensor->device() != device) {  // on the CPU: read by the host
     result.value = lr_tensor->item<double>();
   } else if (lr_tensor->scalar_type() == at::kDouble) {
     result.f64 = lr_tensor->const_data_ptr<double>();
@@ -155,10 +157,11 @@ inline LearningRate learning_rate(double lr, const std::optional<at::Tensor>& lr
 template <typename Rule>
 void run_step_on_cuda(const StepCall<Rule>& call) {
   constexpr int kDepth = 2 + Rule::kStateSlots;
-  check_step_call(call, c10::DeviceType::CUDA);
+  check_step_call(call, kKernelDevice);
   if (call.params.empty()) return;
-  const c10::cuda::CUDAGuard guard(call.params[0].device());
-  const DeviceStepArgs<Rule> args{call.options, learning_rate(call.lr, call.lr_tensor),
+  const at::Device device = call.params[0].device();
+  const DeviceGuard guard(device);
+  const DeviceStepArgs<Rule> args{call.options, learning_rate(call.lr, call.lr_tensor, device),
                                   float_pointer(call.grad_scale), float_pointer(call.found_inf)};
 
   // One multi-tensor pass per dtype present (a group may mix, e.g., fp32 and bf16 params).

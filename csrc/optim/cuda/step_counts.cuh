@@ -3,10 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <vector>
+
+#include "optim/cuda/launch.cuh"
 
 namespace fastopt::cuda {
 
@@ -17,7 +17,7 @@ struct StepCounters {
   int count;
 };
 
-static __global__ void increment_steps_kernel(const __grid_constant__ StepCounters counters,
+static __global__ void increment_steps_kernel(FASTOPT_KERNEL_PARAM(StepCounters) counters,
                                               const float* found_inf) {
   const int i = threadIdx.x;
   if (i >= counters.count || (found_inf != nullptr && *found_inf != 0.0f)) return;
@@ -25,14 +25,12 @@ static __global__ void increment_steps_kernel(const __grid_constant__ StepCounte
 }
 
 inline void increment_steps(const std::vector<at::Tensor>& steps, const float* found_inf) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   StepCounters counters;
   counters.count = 0;
   for (size_t i = 0; i < steps.size(); ++i) {
     counters.steps[counters.count++] = steps[i].data_ptr<float>();
     if (counters.count == kMaxStepsPerLaunch || i + 1 == steps.size()) {
-      increment_steps_kernel<<<1, kMaxStepsPerLaunch, 0, stream>>>(counters, found_inf);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(&increment_steps_kernel, 1, kMaxStepsPerLaunch, counters, found_inf);
       counters.count = 0;
     }
   }

@@ -7,10 +7,11 @@
 
 namespace fastopt::cuda {
 
-TORCH_LIBRARY_IMPL(fastopt, CUDA, m) {
+FASTOPT_CUDA_KERNELS_IMPL(m) {
   StepRules::for_each([&m](auto rule) {
     using Rule = decltype(rule);
-    m.impl(Rule::kOpName, &StepOp<Rule>::template kernel<run_step_on_cuda<Rule>>);
+    m.impl(unqualified_op_name(Rule::kOpName),
+           &StepOp<Rule>::template kernel<run_step_on_cuda<Rule>>);
   });
 }
 

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "optim/cuda/launch.cuh"
+
 namespace fastopt::cuda {
 
 constexpr int kVectorBytes = 16;
@@ -20,6 +22,7 @@ __device__ __forceinline__ bool is_vector_aligned(const T* p) {
 
 template <typename S, typename C>
 __device__ __forceinline__ void load_vector(const S* src, C* dst) {
+  check_vector_access(src);
   const VectorOf<S> v = *reinterpret_cast<const VectorOf<S>*>(src);
 #pragma unroll
   for (int j = 0; j < kVectorBytes / int(sizeof(S)); ++j) dst[j] = C(v.values[j]);
@@ -27,6 +30,7 @@ __device__ __forceinline__ void load_vector(const S* src, C* dst) {
 
 template <typename S, typename C>
 __device__ __forceinline__ void store_vector(S* dst, const C* src) {
+  check_vector_access(dst);
   VectorOf<S> v;
 #pragma unroll
   for (int j = 0; j < kVectorBytes / int(sizeof(S)); ++j) v.values[j] = S(src[j]);
