@@ -1,15 +1,20 @@
-"""What the layers' ops share: how they reach their kernels, and F.linear's bias gradient.
+"""What the layers' ops share: how they reach their kernels and check their arguments, and
+F.linear's bias gradient.
 
 On CPU tensors the ops run fastopt's C++ kernels (``fastopt._C``); on CUDA tensors its Triton
 kernels (``fastopt.triton.<module>``), registered here lazily: each op's CUDA kernel imports its
 launcher module on first call. So ``import fastopt`` never imports Triton (slow to import, and
 not needed on the CPU), and a missing or broken Triton is reported when a CUDA tensor first meets
 the op, naming it. Both layers register and check their kernels this way.
+
+The argument checks that name the argument and the fix are those of `fastopt._library`, run by
+the ops' fakes and Triton launchers, and by `call_checked` on the CPU path.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -47,6 +52,21 @@ def require_kernels(device: torch.device, op: str, module: str) -> None:
         _triton_launchers(module, op)
     else:
         _extension.require_kernels(device, f"fastopt.{op}")
+
+
+def call_checked(op: Callable, check: Callable[[], None], *args):
+    """``op(*args)``; when its kernel refuses the arguments, the error of `check` (the
+    `fastopt._library` checks of the same arguments) in its place, which names the argument and
+    the fix where the kernel's own checks only keep memory safe. Checking only on failure keeps
+    the Python checks, tens of microseconds, off every call."""
+    if torch.compiler.is_compiling():  # the op's fake runs the checks
+        return op(*args)
+    try:
+        return op(*args)
+    except RuntimeError as kernel_error:
+        error = kernel_error
+    check()  # raises the friendly error, if the checks find one
+    raise error
 
 
 def bias_grad(grad_output: Tensor) -> Tensor:

@@ -78,9 +78,14 @@ def blocksparse_linear(
     _layers.require_kernels(input.device, "blocksparse_linear", "blocksparse")
     # The kernels read the index tensors as plain arrays: they must be contiguous.
     index = [t.contiguous() for t in index]
-    if not torch.compiler.is_compiling():  # when compiling, the op's fake runs them
-        _library.check_blocksparse_linear(input, values, bias, *index)
-    return torch.ops.fastopt.blocksparse_linear(input, values, bias, *index)
+    return _layers.call_checked(
+        torch.ops.fastopt.blocksparse_linear,
+        lambda: _library.check_blocksparse_linear(input, values, bias, *index),
+        input,
+        values,
+        bias,
+        *index,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -118,9 +118,10 @@ def int8_mm(
     """The exact int32 product ``input @ weight.T`` of an int8 [M, K] input and the int8
     [N, in_features] weight packed by `pack_int8_weight`. Returns int32 [M, N]."""
     _layers.require_kernels(input.device, "int8_mm", "int8_linear")
-    if not torch.compiler.is_compiling():  # when compiling, the op's fake runs them
-        _library.check_int8_mm(input, packed_weight, weight_compensation, in_features)
-    return torch.ops.fastopt.int8_mm(input, packed_weight, weight_compensation, in_features)
+    args = (input, packed_weight, weight_compensation, in_features)
+    return _layers.call_checked(
+        torch.ops.fastopt.int8_mm, lambda: _library.check_int8_mm(*args), *args
+    )
 
 
 def uses_weight_only_path(rows: int, device: torch.device) -> bool:
@@ -155,20 +156,13 @@ def int8_linear(
     if mode not in ("dynamic", "weight_only"):
         raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {mode!r}")
     _layers.require_kernels(input.device, "int8_linear", "int8_linear")
-    if not torch.compiler.is_compiling():  # when compiling, the op's fake runs them
-        _library.check_int8_linear(
-            input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
-        )
     rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 0
     quantize_input = mode == "dynamic" and not uses_weight_only_path(rows, input.device)
-    return torch.ops.fastopt.int8_linear(
-        input,
-        packed_weight,
-        weight_compensation,
-        in_features,
-        weight_scale,
-        bias,
-        input_scale,
+    args = (input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale)
+    return _layers.call_checked(
+        torch.ops.fastopt.int8_linear,
+        lambda: _library.check_int8_linear(*args),
+        *args,
         quantize_input,
     )
 

@@ -1,6 +1,14 @@
 // fastopt::int8_mm and fastopt::int8_linear on the CPU: activations staged once per call
 // (quantized per row, or widened to fp32), then panel-major tiles over the packed weight in
 // parallel, each finished by a fused epilogue (weight compensation, both scales, bias, cast).
+// No FMA contraction in this file: the epilogue rounds the scaled sum before adding the bias, as
+// torch eager's fake quantization does, so that every instruction set gives the same bits (GCC
+// otherwise fuses them wherever the target has FMA, and contracts across statements).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
