@@ -13,13 +13,14 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "op_signatures.h"
+#include "optim/step_ops.h"
 
 namespace fastopt {
 namespace {
@@ -118,7 +119,9 @@ struct EagerCall;
 
 template <const char* kName, typename... Args>
 struct EagerCall<kName, void(Args...)> {
-  static PyObject* call(PyObject* args) { return call(args, std::index_sequence_for<Args...>()); }
+  static PyObject* call(PyObject*, PyObject* args) {
+    return call(args, std::index_sequence_for<Args...>());
+  }
 
   template <size_t... I>
   static PyObject* call(PyObject* args, std::index_sequence<I...>) {
@@ -146,20 +149,15 @@ struct EagerCall<kName, void(Args...)> {
 
 }  // namespace
 
-PyObject* adam_step_eager(PyObject*, PyObject* args) {
-  return EagerCall<kAdamStepName, AdamStepSignature>::call(args);
-}
-
-PyObject* rmsprop_step_eager(PyObject*, PyObject* args) {
-  return EagerCall<kRmspropStepName, RmspropStepSignature>::call(args);
-}
-
-PyObject* adagrad_step_eager(PyObject*, PyObject* args) {
-  return EagerCall<kAdagradStepName, AdagradStepSignature>::call(args);
-}
-
-PyObject* adadelta_step_eager(PyObject*, PyObject* args) {
-  return EagerCall<kAdadeltaStepName, AdadeltaStepSignature>::call(args);
+void add_eager_entries(std::vector<PyMethodDef>& methods) {
+  StepRules::for_each([&methods](auto rule) {
+    using Rule = decltype(rule);
+    const char* name = std::strstr(Rule::kOpName, "::") + 2;  // the name without "fastopt::"
+    methods.push_back({name, EagerCall<Rule::kOpName, typename StepOp<Rule>::Signature>::call,
+                       METH_VARARGS,
+                       "The op without per-tensor boxing (its schema's arguments in order), or "
+                       "NotImplemented."});
+  });
 }
 
 }  // namespace fastopt

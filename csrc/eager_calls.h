@@ -3,14 +3,14 @@
 
 #include <Python.h>
 
+#include <vector>
+
 namespace fastopt {
 
-// <op>_eager(*args) takes the op's arguments in schema order and returns None, or NotImplemented
-// where the caller must use torch.ops.fastopt.<op> instead (tensor subclasses, torch function
-// modes).
-PyObject* adam_step_eager(PyObject* self, PyObject* args);
-PyObject* rmsprop_step_eager(PyObject* self, PyObject* args);
-PyObject* adagrad_step_eager(PyObject* self, PyObject* args);
-PyObject* adadelta_step_eager(PyObject* self, PyObject* args);
+// Appends to `methods` one entry point per multi-tensor optimizer op of the op table, named as
+// the op (adam_step_, ...). Each takes the op's arguments in schema order and returns None, or
+// NotImplemented where the caller must use torch.ops.fastopt.<op> instead (tensor subclasses,
+// torch function modes).
+void add_eager_entries(std::vector<PyMethodDef>& methods);
 
 }  // namespace fastopt

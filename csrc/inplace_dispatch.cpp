@@ -12,7 +12,8 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
-#include "op_signatures.h"
+#include "optim/sparse_adagrad.h"
+#include "optim/step_ops.h"
 
 namespace fastopt {
 namespace {
@@ -45,7 +46,7 @@ struct InplaceOpKernels<kName, void(Args...)> {
     if (c10::GradMode::is_enabled()) {
       for_each_tensor_in_lists(
           [](const at::Tensor& t) {
-            TORCH_CHECK(!t.requires_grad(), kName,
+            TORCH_CHECK(!t.requires_grad(), op_display_name(kName),
                         " updates tensors in place and is not differentiable, but one of them "
                         "requires grad; call it under torch.no_grad() (optimizer.step() does)");
           },
@@ -82,10 +83,10 @@ struct InplaceOpRegistrar {
 
 template <typename Registrar>
 void register_inplace_ops(const Registrar& registrar) {
-  registrar.template add<kAdamStepName, AdamStepSignature>();
-  registrar.template add<kRmspropStepName, RmspropStepSignature>();
-  registrar.template add<kAdagradStepName, AdagradStepSignature>();
-  registrar.template add<kAdadeltaStepName, AdadeltaStepSignature>();
+  StepRules::for_each([&registrar](auto rule) {
+    using Rule = decltype(rule);
+    registrar.template add<Rule::kOpName, typename StepOp<Rule>::Signature>();
+  });
   registrar.template add<kSparseAdagradStepName, SparseAdagradStepSignature>();
 }
 

@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <c10/util/Exception.h>
 
+#include <vector>
+
 #include "cpu/isa.h"
 #include "eager_calls.h"
 #include "layers/cpu/int8_tiles.h"
@@ -47,28 +49,29 @@ PyObject* int8_kernels(PyObject*, PyObject*) {
   return PyUnicode_FromString(fastopt::cpu::int8::active_int8_kernels().name);
 }
 
-PyMethodDef methods[] = {
-    {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
-    {"best_cpu_isa", best_cpu_isa, METH_NOARGS, "The widest instruction set this CPU supports."},
-    {"set_cpu_isa", set_cpu_isa, METH_O,
-     "Makes the CPU kernels use the named instruction set; returns the previous one."},
-    {"int8_kernels", int8_kernels, METH_NOARGS,
-     "The int8 GEMM variant the active instruction set runs: amx, vnni, avx2 or portable."},
-    {"adam_step_eager", fastopt::adam_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.adam_step_ without per-tensor boxing, or NotImplemented."},
-    {"rmsprop_step_eager", fastopt::rmsprop_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.rmsprop_step_ without per-tensor boxing, or NotImplemented."},
-    {"adagrad_step_eager", fastopt::adagrad_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.adagrad_step_ without per-tensor boxing, or NotImplemented."},
-    {"adadelta_step_eager", fastopt::adadelta_step_eager, METH_VARARGS,
-     "torch.ops.fastopt.adadelta_step_ without per-tensor boxing, or NotImplemented."},
-    {nullptr, nullptr, 0, nullptr}};
+// The module's functions: the instruction-set queries, then the eager entry points.
+PyMethodDef* methods() {
+  static std::vector<PyMethodDef> table = [] {
+    std::vector<PyMethodDef> t{
+        {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use."},
+        {"best_cpu_isa", best_cpu_isa, METH_NOARGS,
+         "The widest instruction set this CPU supports."},
+        {"set_cpu_isa", set_cpu_isa, METH_O,
+         "Makes the CPU kernels use the named instruction set; returns the previous one."},
+        {"int8_kernels", int8_kernels, METH_NOARGS,
+         "The int8 GEMM variant the active instruction set runs: amx, vnni, avx2 or portable."}};
+    fastopt::add_eager_entries(t);
+    t.push_back({nullptr, nullptr, 0, nullptr});
+    return t;
+  }();
+  return table.data();
+}
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT,
                       "_C",
                       "fastopt's CPU kernels.",
                       -1,
-                      methods,
+                      nullptr,
                       nullptr,
                       nullptr,
                       nullptr,
@@ -76,9 +79,10 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT,
 
 }  // namespace
 
-// The packed int8 weight layout (layers/cpu/int8_tiles.h), which fastopt/_library.py restates
-// for the fakes and a test compares with these.
+// The module also holds the packed int8 weight layout's constants (layers/cpu/int8_tiles.h),
+// which fastopt/_library.py restates for the fakes and a test compares with these.
 PyMODINIT_FUNC PyInit__C() {
+  module.m_methods = methods();
   PyObject* m = PyModule_Create(&module);
   if (m == nullptr) return nullptr;
   if (PyModule_AddIntConstant(m, "INT8_BLOCK_N", fastopt::cpu::int8::kBlockN) < 0 ||

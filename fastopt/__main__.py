@@ -1,4 +1,4 @@
-"""`python -m fastopt info | bench | demo`."""
+"""`python -m fastopt info | selftest | bench | demo`."""
 
 from __future__ import annotations
 
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastopt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what was built and what this machine runs")
+    sub.add_parser(
+        "selftest", help="check every kernel of every device present against torch eager"
+    )
     bench_parser = sub.add_parser("bench", help="the optimizer benchmark table")
     bench_parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bench_parser.add_argument(
@@ -113,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
+    elif args.command == "selftest":
+        from fastopt import selftest
+
+        return selftest.main()
     elif args.command == "bench":
         bench(args.device, args.optimizers.split(","), list(args.cases), args.repeats)
     else:

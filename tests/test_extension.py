@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import generator
+from helpers.rng import generator
 
 import fastopt
 from fastopt import _extension, benchmarking, functional
@@ -84,7 +84,7 @@ def test_both_routes_into_the_op_agree(route):
     )
     if route == "eager entry":
         inputs = _adam_inputs(0)
-        assert _extension.cpu_module().adam_step_eager(
+        assert _extension.cpu_module().adam_step_(
             *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
         ) is None  # fmt: skip
     elif route == "torch.ops":
@@ -93,7 +93,7 @@ def test_both_routes_into_the_op_agree(route):
     elif route == "subclass":
         inputs = _adam_inputs(0, wrap=lambda t: t.as_subclass(_Subclass))
         assert (
-            _extension.cpu_module().adam_step_eager(
+            _extension.cpu_module().adam_step_(
                 *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
             )
             is NotImplemented
@@ -108,7 +108,7 @@ def test_both_routes_into_the_op_agree(route):
 
         with Mode():
             assert (
-                _extension.cpu_module().adam_step_eager(
+                _extension.cpu_module().adam_step_(
                     *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
                 )
                 is NotImplemented

@@ -4,9 +4,8 @@
 #pragma once
 
 #include "common/macros.h"
-#include "optim/step_call.h"
 #include "optim/step_math.h"
-#include "op_signatures.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 
@@ -28,6 +27,7 @@ struct AdadeltaCoefficients {
 };
 
 struct AdadeltaRule {
+  static constexpr char kOpName[] = "fastopt::adadelta_step_";
   static constexpr int kStateSlots = 2;
   static constexpr const char* kStateNames[kStateSlots] = {"square_avgs", "acc_deltas"};
   static constexpr const char* kStateNeeds[kStateSlots] = {"", ""};
@@ -37,6 +37,11 @@ struct AdadeltaRule {
   using Options = AdadeltaOptions;
   template <typename C>
   using Coefficients = AdadeltaCoefficients<C>;
+
+  // The op's own arguments, in schema order.
+  static StepConfig<Options> configure(double rho, double eps, double weight_decay, bool maximize) {
+    return {{rho, eps, weight_decay, maximize}, 0};
+  }
 
   template <typename C>
   FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr, double) {
@@ -60,25 +65,5 @@ struct AdadeltaRule {
     param = param + k.neg_lr * delta;
   }
 };
-
-// fastopt::adadelta_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
-template <void (*Run)(const StepCall<AdadeltaRule>&)>
-void adadelta_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                   at::TensorList acc_deltas, at::TensorList steps, double lr,
-                   const std::optional<at::Tensor>& lr_tensor, double rho, double eps,
-                   double weight_decay, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
-  Run(StepCall<AdadeltaRule>{kAdadeltaStepName,
-                             params,
-                             grads,
-                             {square_avgs, acc_deltas},
-                             steps,
-                             0,
-                             AdadeltaOptions{rho, eps, weight_decay, maximize},
-                             lr,
-                             lr_tensor,
-                             grad_scale,
-                             found_inf});
-}
 
 }  // namespace fastopt

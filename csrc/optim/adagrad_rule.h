@@ -5,9 +5,8 @@
 #pragma once
 
 #include "common/macros.h"
-#include "optim/step_call.h"
 #include "optim/step_math.h"
-#include "op_signatures.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 
@@ -32,6 +31,7 @@ FASTOPT_HOST_DEVICE inline double adagrad_clr(double lr, double lr_decay, double
 }
 
 struct AdagradRule {
+  static constexpr char kOpName[] = "fastopt::adagrad_step_";
   static constexpr int kStateSlots = 1;
   static constexpr const char* kStateNames[kStateSlots] = {"state_sums"};
   static constexpr const char* kStateNeeds[kStateSlots] = {""};
@@ -41,6 +41,12 @@ struct AdagradRule {
   using Options = AdagradOptions;
   template <typename C>
   using Coefficients = AdagradCoefficients<C>;
+
+  // The op's own arguments, in schema order.
+  static StepConfig<Options> configure(double lr_decay, double weight_decay, double eps,
+                                       bool maximize) {
+    return {{lr_decay, weight_decay, eps, maximize}, 0};
+  }
 
   template <typename C>
   FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr,
@@ -62,25 +68,5 @@ struct AdagradRule {
     param = param + k.neg_clr * grad / std;
   }
 };
-
-// fastopt::adagrad_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
-template <void (*Run)(const StepCall<AdagradRule>&)>
-void adagrad_step(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                  at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
-                  double lr_decay, double weight_decay, double eps, bool maximize,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
-  Run(StepCall<AdagradRule>{kAdagradStepName,
-                            params,
-                            grads,
-                            {state_sums},
-                            steps,
-                            0,
-                            AdagradOptions{lr_decay, weight_decay, eps, maximize},
-                            lr,
-                            lr_tensor,
-                            grad_scale,
-                            found_inf});
-}
 
 }  // namespace fastopt

@@ -10,9 +10,8 @@
 #include <cmath>
 
 #include "common/macros.h"
-#include "optim/step_call.h"
 #include "optim/step_math.h"
-#include "op_signatures.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 
@@ -59,6 +58,7 @@ FASTOPT_HOST_DEVICE inline AdamCoefficients<C> adam_coefficients(const AdamOptio
 }
 
 struct AdamRule {
+  static constexpr char kOpName[] = "fastopt::adam_step_";
   static constexpr int kStateSlots = 3;
   static constexpr const char* kStateNames[kStateSlots] = {"exp_avgs", "exp_avg_sqs",
                                                            "max_exp_avg_sqs"};
@@ -72,6 +72,13 @@ struct AdamRule {
   using Options = AdamOptions;
   template <typename C>
   using Coefficients = AdamCoefficients<C>;
+
+  // The op's own arguments, in schema order.
+  static StepConfig<Options> configure(double beta1, double beta2, double eps, double weight_decay,
+                                       bool decoupled_weight_decay, bool amsgrad, bool maximize) {
+    return {{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
+            amsgrad ? kAmsgrad : 0};
+  }
 
   template <typename C>
   FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr,
@@ -100,27 +107,5 @@ struct AdamRule {
     param = param + (-k.step_size) * (exp_avg / denom);
   }
 };
-
-// fastopt::adam_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
-template <void (*Run)(const StepCall<AdamRule>&)>
-void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-               double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-               double eps, double weight_decay, bool decoupled_weight_decay, bool amsgrad,
-               bool maximize, const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
-  Run(StepCall<AdamRule>{
-      kAdamStepName,
-      params,
-      grads,
-      {exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-      steps,
-      amsgrad ? AdamRule::kAmsgrad : 0,
-      AdamOptions{beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize},
-      lr,
-      lr_tensor,
-      grad_scale,
-      found_inf});
-}
 
 }  // namespace fastopt

@@ -4,9 +4,8 @@
 #pragma once
 
 #include "common/macros.h"
-#include "optim/step_call.h"
 #include "optim/step_math.h"
-#include "op_signatures.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
 
@@ -30,6 +29,7 @@ struct RmspropCoefficients {
 };
 
 struct RmspropRule {
+  static constexpr char kOpName[] = "fastopt::rmsprop_step_";
   static constexpr int kStateSlots = 3;
   static constexpr const char* kStateNames[kStateSlots] = {"square_avgs", "momentum_buffers",
                                                            "grad_avgs"};
@@ -45,6 +45,13 @@ struct RmspropRule {
   using Options = RmspropOptions;
   template <typename C>
   using Coefficients = RmspropCoefficients<C>;
+
+  // The op's own arguments, in schema order.
+  static StepConfig<Options> configure(double alpha, double eps, double weight_decay,
+                                       double momentum, bool centered, bool maximize) {
+    return {{alpha, eps, weight_decay, momentum, maximize},
+            (momentum > 0 ? kMomentum : 0) | (centered ? kCentered : 0)};
+  }
 
   template <typename C>
   FASTOPT_HOST_DEVICE static Coefficients<C> coefficients(const Options& o, double lr, double) {
@@ -84,28 +91,5 @@ struct RmspropRule {
     }
   }
 };
-
-// fastopt::rmsprop_step_, its schema's arguments handed to `Run` (the CPU or the CUDA driver).
-template <void (*Run)(const StepCall<RmspropRule>&)>
-void rmsprop_step(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                  at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList steps,
-                  double lr, const std::optional<at::Tensor>& lr_tensor, double alpha, double eps,
-                  double weight_decay, double momentum, bool centered, bool maximize,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
-  const int variant =
-      (momentum > 0 ? RmspropRule::kMomentum : 0) | (centered ? RmspropRule::kCentered : 0);
-  Run(StepCall<RmspropRule>{kRmspropStepName,
-                            params,
-                            grads,
-                            {square_avgs, momentum_buffers, grad_avgs},
-                            steps,
-                            variant,
-                            RmspropOptions{alpha, eps, weight_decay, momentum, maximize},
-                            lr,
-                            lr_tensor,
-                            grad_scale,
-                            found_inf});
-}
 
 }  // namespace fastopt

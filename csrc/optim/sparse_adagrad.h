@@ -13,13 +13,23 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
-#include "optim/adagrad_rule.h"
 #include "common/macros.h"
+#include "optim/adagrad_rule.h"
 #include "optim/optimizer_checks.h"
-#include "op_signatures.h"
+#include "optim/step_op.h"
 
 namespace fastopt {
+
+// Its schema (fastopt/_library.py), for the code that calls it through the dispatcher.
+inline constexpr char kSparseAdagradStepName[] = "fastopt::sparse_adagrad_step_";
+using SparseAdagradStepSignature = void(const at::Tensor& param, const at::Tensor& grad,
+                                        const at::Tensor& state_sum, const at::Tensor& step,
+                                        double lr, const std::optional<at::Tensor>& lr_tensor,
+                                        double lr_decay, double eps, bool maximize,
+                                        const std::optional<at::Tensor>& grad_scale,
+                                        const std::optional<at::Tensor>& found_inf);
 
 // One element of a touched row: `grad` is the row's summed, unscaled gradient, its sign applied.
 template <typename C>
@@ -44,7 +54,8 @@ inline SparseRows check_sparse_adagrad_call(const at::Tensor& param, const at::T
                                             const std::optional<at::Tensor>& grad_scale,
                                             const std::optional<at::Tensor>& found_inf,
                                             c10::DeviceType device_type) {
-  const char* op = kSparseAdagradStepName;
+  static const std::string name = op_display_name(kSparseAdagradStepName);
+  const char* op = name.c_str();
   TORCH_CHECK(param.device().type() == device_type, op, ": param is on ", param.device(),
               ", expected ", c10::DeviceTypeName(device_type));
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()), op, ": param has dtype ",

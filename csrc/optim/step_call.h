@@ -1,17 +1,20 @@
 // One call of a multi-tensor optimizer op, whatever its update rule, and its input checks.
 //
 // An optimizer is an update rule (optim/*_rule.h), a struct with:
+//   kOpName: its op, "fastopt::<name>_step_" (listed in the op table, optim/step_ops.h);
 //   kStateSlots, kStateNames[slot], kStateNeeds[slot]: its per-element state tensors (the op's
 //       state lists in schema order), and the option without which a slot is unused ("" if
 //       always used);
 //   kVariants, uses_state(variant, slot): the kernel instantiations; a variant fixes which
 //       state slots are read and written, since that changes the memory traffic;
-//   Options: its hyperparameters;
+//   Options, configure(own arguments...): its hyperparameters, made from the op's own arguments
+//       (whose types, in schema order, are configure's parameters), with the variant;
 //   Coefficients<C>, coefficients<C>(options, lr, step): what one tensor's update needs beyond
 //       its elements, derived once per tensor and step;
 //   update<VARIANT>(param, grad, state[kStateSlots], coefficients): the math of one element,
 //       with the grad already unscaled.
-// The CPU driver (optim/cpu/multi_tensor_step.h) and the CUDA one (optim/cuda/multi_tensor_step.cuh) do
+// The op's signature and kernels follow from it (optim/step_op.h); the CPU driver
+// (optim/cpu/multi_tensor_step.h) and the CUDA one (optim/cuda/multi_tensor_step.cuh) do
 // everything else: checks, scheduling, unscaling, found_inf, step counts, a tensor lr.
 #pragma once
 

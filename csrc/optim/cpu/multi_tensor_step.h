@@ -1,9 +1,6 @@
 // The CPU driver of every multi-tensor optimizer op: all tensors of a call in one parallel
-// region, one pass over memory, the element loop compiled per instruction set. An optimizer's
-// CPU file only instantiates it for its rule (optim/step_call.h):
-//
-//   FASTOPT_DISPATCH_BY_ISA(rule_piece, step_piece_body<Rule>, StepPiece<Rule>)
-//   ... &rule_step<run_step_on_cpu<Rule, rule_piece>> ...
+// region, one pass over memory, the element loop compiled per instruction set. Every rule of the
+// op table is registered with it in optim/cpu/step_ops.cpp.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -14,10 +11,10 @@
 #include <vector>
 
 #include "common/macros.h"
-#include "optim/step_call.h"
 #include "cpu/dtype_switch.h"
 #include "optim/cpu/multi_tensor.h"
 #include "optim/cpu/prefetched_loop.h"
+#include "optim/step_call.h"
 
 namespace fastopt::cpu {
 

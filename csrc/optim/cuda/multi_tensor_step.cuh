@@ -1,7 +1,7 @@
 // The CUDA driver of every multi-tensor optimizer op: multi-tensor apply over (param, grad,
 // state...) with 16-byte vector accesses. Step counts, a tensor lr, grad_scale and found_inf are
-// read from device memory, so the whole step can be captured in a CUDA graph. An optimizer's
-// CUDA file only registers `rule_step<run_step_on_cuda<Rule>>` (optim/step_call.h).
+// read from device memory, so the whole step can be captured in a CUDA graph. Every rule of the
+// op table is registered with it in optim/cuda/step_ops.cu.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -15,10 +15,10 @@
 #include <utility>
 #include <vector>
 
-#include "optim/step_call.h"
 #include "optim/cuda/multi_tensor_apply.cuh"
 #include "optim/cuda/step_counts.cuh"
 #include "optim/cuda/vector_access.cuh"
+#include "optim/step_call.h"
 
 namespace fastopt::cuda {
 

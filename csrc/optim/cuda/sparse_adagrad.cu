@@ -9,9 +9,9 @@
 
 #include <algorithm>
 
-#include "optim/sparse_adagrad.h"
 #include "optim/cuda/multi_tensor_step.cuh"
 #include "optim/cuda/step_counts.cuh"
+#include "optim/sparse_adagrad.h"
 
 namespace fastopt::cuda {
 namespace {

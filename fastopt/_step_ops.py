@@ -1,0 +1,152 @@
+"""The op table of the multi-tensor optimizer ops, one entry each.
+
+An entry names the op's per-param state lists and its own arguments (with their defaults and
+what they mean); from it follow the op's schema (`fastopt._library`) and its functional wrapper
+(`fastopt.functional`). Its kernels, the meta one that torch.compile traces with included,
+follow from the matching update rule in the C++ op table (csrc/optim/step_ops.h), whose checks
+(which state lists an option needs, ...) run on every device; torch checks at import that the
+kernels fit the schema.
+
+Every op's arguments are a shared head and tail around its own (`schema` below):
+``params, grads, <state lists>, steps, lr, lr_tensor, <own arguments>, grad_scale, found_inf``.
+An argument every optimizer takes is added there, once, and to csrc/optim/step_op.h.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# What the shared arguments mean, for every op's docstring.
+SHARED_ARGUMENTS_DOC = """\
+    params, grads, <state lists>: one entry per param; each grad and state tensor has its
+        param's shape, dtype, device and memory layout. All params are on one device; their
+        dtypes (float32, float64, float16, bfloat16) may differ.
+    steps: one float32 one-element tensor per param on the params' device, the number of steps
+        taken so far; each is incremented.
+    lr: the learning rate, a float or a one-element tensor. A CUDA tensor is read from device
+        memory, so a captured CUDA graph sees later changes to it; a float or a CPU tensor is
+        read when the step is launched (or captured).
+    grad_scale: a loss scale to divide the grads by (``torch.amp.GradScaler``); the grads are
+        stored back unscaled, as torch's fused optimizers do.
+    found_inf: nonzero means an inf/NaN gradient was found: nothing at all is changed."""
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One of an op's own arguments: a float or a bool, required where `default` is None."""
+
+    name: str
+    type: type  # float or bool
+    default: float | bool | None = None
+
+    @property
+    def schema(self) -> str:
+        return f"{'float' if self.type is float else 'bool'} {self.name}"
+
+
+@dataclass(frozen=True)
+class StepOp:
+    """One multi-tensor optimizer op."""
+
+    name: str
+    summary: str  # the first lines of the functional wrapper's docstring
+    states: tuple[str, ...]  # the per-param state lists, in the rule's slot order
+    own: tuple[Argument, ...]
+    own_doc: str  # what the own arguments (and state lists) mean
+
+    @property
+    def schema(self) -> str:
+        # Each mutated list gets its own alias set: a, b for params and grads, then one a state.
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lists = ["params", "grads", *self.states, "steps"]
+        mutated = [f"Tensor({next(letters)}!)[] {name}" for name in lists]
+        arguments = [
+            *mutated,
+            "float lr",
+            "Tensor? lr_tensor",
+            *(a.schema for a in self.own),
+            "Tensor? grad_scale",
+            "Tensor? found_inf",
+        ]
+        return f"{self.name}({', '.join(arguments)}) -> ()"
+
+    @property
+    def list_names(self) -> tuple[str, ...]:
+        """The tensor-list arguments, in schema order."""
+        return ("params", "grads", *self.states, "steps")
+
+
+STEP_OPS: tuple[StepOp, ...] = (
+    StepOp(
+        name="adam_step_",
+        summary="""One Adam (or, with ``decoupled_weight_decay=True``, AdamW) step over many
+tensors, in place: what ``torch.optim.Adam`` / ``AdamW`` compute (fp32 and fp64 to rounding; bf16
+and fp16 rounded once per element rather than after every operation), in one pass over memory.""",
+        states=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+        own=(
+            Argument("beta1", float),
+            Argument("beta2", float),
+            Argument("eps", float),
+            Argument("weight_decay", float, 0.0),
+            Argument("decoupled_weight_decay", bool, False),
+            Argument("amsgrad", bool, False),
+            Argument("maximize", bool, False),
+        ),
+        own_doc="""\
+    exp_avgs, exp_avg_sqs: the running averages of the gradient and its square.
+    max_exp_avg_sqs: one per param with ``amsgrad=True``, else empty.
+    beta1, beta2, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``.
+    decoupled_weight_decay: apply weight decay as ``torch.optim.AdamW`` does.""",
+    ),
+    StepOp(
+        name="rmsprop_step_",
+        summary="""One RMSprop step over many tensors, in place: what ``torch.optim.RMSprop``
+computes, in one pass over memory.""",
+        states=("square_avgs", "momentum_buffers", "grad_avgs"),
+        own=(
+            Argument("alpha", float),
+            Argument("eps", float),
+            Argument("weight_decay", float, 0.0),
+            Argument("momentum", float, 0.0),
+            Argument("centered", bool, False),
+            Argument("maximize", bool, False),
+        ),
+        own_doc="""\
+    square_avgs: the running averages of the squared gradient.
+    momentum_buffers: one per param with ``momentum > 0``, else empty.
+    grad_avgs: one per param with ``centered=True``, else empty.
+    alpha, eps, weight_decay, momentum, centered, maximize: as in ``torch.optim.RMSprop``.""",
+    ),
+    StepOp(
+        name="adagrad_step_",
+        summary="""One Adagrad step over many tensors with dense grads, in place: what
+``torch.optim.Adagrad`` computes, in one pass over memory. For a sparse grad see
+:func:`sparse_adagrad_step_`.""",
+        states=("state_sums",),
+        own=(
+            Argument("lr_decay", float, 0.0),
+            Argument("weight_decay", float, 0.0),
+            Argument("eps", float, 1e-10),
+            Argument("maximize", bool, False),
+        ),
+        own_doc="""\
+    state_sums: the running sums of squared grads.
+    lr_decay, weight_decay, eps, maximize: as in ``torch.optim.Adagrad``.""",
+    ),
+    StepOp(
+        name="adadelta_step_",
+        summary="""One Adadelta step over many tensors, in place: what ``torch.optim.Adadelta``
+computes, in one pass over memory.""",
+        states=("square_avgs", "acc_deltas"),
+        own=(
+            Argument("rho", float),
+            Argument("eps", float),
+            Argument("weight_decay", float, 0.0),
+            Argument("maximize", bool, False),
+        ),
+        own_doc="""\
+    square_avgs: the running averages of the squared gradient.
+    acc_deltas: the running averages of squared updates.
+    rho, eps, weight_decay, maximize: as in ``torch.optim.Adadelta``.""",
+    ),
+)
