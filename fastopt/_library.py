@@ -286,13 +286,18 @@ def _check_block_size(op: str, block: int, device: torch.device) -> None:
     )
 
 
+def check_blocksparse_kernels(op: str, name: str, t: torch.Tensor, block: int) -> None:
+    """What the kernels of `t`'s device take: its dtype and the block size. Run by the fakes and
+    the CPU path; the Triton launchers, which tests also run on CPU tensors, check their own."""
+    _check_block_size(op, block, t.device)
+    _check_layer_dtype("blocksparse_linear", name, t)
+
+
 def _check_blocks(op: str, values: torch.Tensor, nnz: int) -> int:
     torch._check(
         values.dim() == 3 and values.shape[1] == values.shape[2] and values.shape[0] == nnz,
         lambda: f"{op}: values must be [{nnz}, B, B], got {tuple(values.shape)}",
     )
-    _check_block_size(op, values.shape[1], values.device)
-    _check_layer_dtype("blocksparse_linear", "values", values)
     return values.shape[1]
 
 
@@ -333,7 +338,7 @@ def check_blocksparse_linear(
     out_features = (crow_indices.shape[0] - 1) * block
     if bias is not None:
         torch._check(
-            bias.dim() == 1 and bias.shape[0] == out_features,
+            bias.dim() == 1,
             lambda: f"{op}: bias must be 1-D [{out_features}], got {tuple(bias.shape)}",
         )
         _check_features(op, "bias", bias, out_features, values)
@@ -371,8 +376,7 @@ def check_blocksparse_linear_grad_values(
     """The checks of fastopt::blocksparse_linear_grad_values's arguments (run by its fake and its
     Triton launcher)."""
     op = "fastopt.blocksparse_linear_grad_values"
-    _check_block_size(op, block_size, input.device)
-    _check_layer_dtype("blocksparse_linear", "input", input)
+    torch._check(block_size > 0, lambda: f"{op}: block_size must be positive, got {block_size}")
     for name, t in (("input", input), ("grad_output", grad_output)):
         torch._check(
             t.dim() >= 1 and t.shape[-1] % block_size == 0,
@@ -396,10 +400,11 @@ def _blocksparse_linear_fake(
     input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
     t_block_indices,
 ):  # fmt: skip
-    _, out_features = check_blocksparse_linear(
+    block, out_features = check_blocksparse_linear(
         input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
         t_block_indices,
     )  # fmt: skip
+    check_blocksparse_kernels("fastopt.blocksparse_linear", "values", values, block)
     return input.new_empty((*input.shape[:-1], out_features))
 
 
@@ -410,10 +415,13 @@ def _blocksparse_linear_grad_input_fake(
     block = check_blocksparse_linear_grad_input(
         grad_output, values, ccol_indices, t_row_indices, t_block_indices
     )
+    check_blocksparse_kernels("fastopt.blocksparse_linear_grad_input", "values", values, block)
     return grad_output.new_empty((*grad_output.shape[:-1], (ccol_indices.shape[0] - 1) * block))
 
 
 @torch.library.register_fake("fastopt::blocksparse_linear_grad_values")
 def _blocksparse_linear_grad_values_fake(grad_output, input, row_indices, col_indices, block_size):
     check_blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size)
+    op = "fastopt.blocksparse_linear_grad_values"
+    check_blocksparse_kernels(op, "input", input, block_size)
     return input.new_empty((col_indices.shape[0], block_size, block_size))

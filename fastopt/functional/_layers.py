@@ -34,15 +34,20 @@ def _triton_launchers(module: str, op: str) -> ModuleType:
         ) from error
 
 
-def register_triton_kernels(module: str, ops: tuple[str, ...]) -> None:
-    """Registers, as the CUDA kernel of each ``fastopt::<op>``, the launcher of the same name in
+def triton_kernel(module: str, op: str) -> Callable:
+    """The CUDA kernel of ``fastopt::<op>``: the launcher of the same name in
     ``fastopt.triton.<module>``, imported on first call."""
+
+    def kernel(*args):
+        return getattr(_triton_launchers(module, op), op)(*args)
+
+    return kernel
+
+
+def register_triton_kernels(module: str, ops: tuple[str, ...]) -> None:
+    """Registers `triton_kernel` as the CUDA kernel of each ``fastopt::<op>``."""
     for op in ops:
-
-        def kernel(*args, op=op):
-            return getattr(_triton_launchers(module, op), op)(*args)
-
-        torch.library.register_kernel(f"fastopt::{op}", "cuda", kernel)
+        torch.library.register_kernel(f"fastopt::{op}", "cuda", triton_kernel(module, op))
 
 
 def require_kernels(device: torch.device, op: str, module: str) -> None:

@@ -80,12 +80,18 @@ def blocksparse_linear(
     index = [t.contiguous() for t in index]
     return _layers.call_checked(
         torch.ops.fastopt.blocksparse_linear,
-        lambda: _library.check_blocksparse_linear(input, values, bias, *index),
+        lambda: _check(input, values, bias, index),
         input,
         values,
         bias,
         *index,
     )
+
+
+def _check(input: Tensor, values: Tensor, bias: Tensor | None, index: list[Tensor]) -> None:
+    """The checks of fastopt::blocksparse_linear's fake, for the CPU path."""
+    block, _ = _library.check_blocksparse_linear(input, values, bias, *index)
+    _library.check_blocksparse_kernels("fastopt.blocksparse_linear", "values", values, block)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -90,7 +90,7 @@ def test_grad_input_and_values_ops_alone():
         (dict(x=torch.randn(3, 40)), "input must end in 48 features"),
         (dict(x=torch.randn(3, 48, dtype=torch.float64)), "dtype"),
         (dict(values=torch.randn(2, 16, 16)), "values must be"),
-        (dict(bias=torch.randn(31)), "bias must be"),
+        (dict(bias=torch.randn(31)), r"bias must end in 32 features, got shape \(31,\)"),
     ],
     ids=["features", "dtype", "values", "bias"],
 )
