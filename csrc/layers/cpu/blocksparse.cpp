@@ -90,7 +90,7 @@ struct DsdShare {
 };
 
 // Block column j outer, panels inner: the weights of j stay in cache across the panels (the
-// other order re-reads all weights per panel, 40% slower at density 50%). For output block
+// other order re-reads every weight once per panel). For output block
 // column j and the batch rows of one panel: tiles of kRows features by
 // kPanelRows rows, accumulated over the entries of j, each broadcasting weights straight from
 // its block and loading batch rows from the panel; stored as the panel's [block, rows] piece of
