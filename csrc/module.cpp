@@ -9,6 +9,7 @@
 
 #include "cpu/isa.h"
 #include "eager_calls.h"
+#include "layers/cpu/int8_tiles.h"
 
 namespace {
 
@@ -44,6 +45,10 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   });
 }
 
+PyObject* int8_kernels(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastopt::cpu::int8::active_int8_kernels().name);
+}
+
 // The module's functions: the instruction-set queries, then the eager entry points.
 PyMethodDef* methods() {
   static std::vector<PyMethodDef> table = [] {
@@ -52,7 +57,9 @@ PyMethodDef* methods() {
         {"best_cpu_isa", best_cpu_isa, METH_NOARGS,
          "The widest instruction set this CPU supports."},
         {"set_cpu_isa", set_cpu_isa, METH_O,
-         "Makes the CPU kernels use the named instruction set; returns the previous one."}};
+         "Makes the CPU kernels use the named instruction set; returns the previous one."},
+        {"int8_kernels", int8_kernels, METH_NOARGS,
+         "The int8 GEMM variant the active instruction set runs: amx, vnni, avx2 or portable."}};
     fastopt::add_eager_entries(t);
     t.push_back({nullptr, nullptr, 0, nullptr});
     return t;
@@ -72,7 +79,17 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT,
 
 }  // namespace
 
+// The module also holds the packed int8 weight layout's constants (layers/cpu/int8_tiles.h),
+// which fastopt/_library.py restates for the fakes and a test compares with these.
 PyMODINIT_FUNC PyInit__C() {
   module.m_methods = methods();
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(m, "INT8_BLOCK_N", fastopt::cpu::int8::kBlockN) < 0 ||
+      PyModule_AddIntConstant(m, "INT8_GROUP_K", fastopt::cpu::int8::kGroupK) < 0 ||
+      PyModule_AddIntConstant(m, "INT8_MAX_IN_FEATURES", fastopt::cpu::int8::kMaxInFeatures) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -11,8 +11,8 @@ from . import _extension, _library  # noqa: F401
 
 _extension.load()
 
-# blocksparse and int8 register their ops' autograd and CUDA (Triton) kernels when imported.
-from . import blocksparse, functional, int8, nn  # noqa: E402, F401
+# functional registers the layers' autograd and CUDA (Triton) kernels when imported.
+from . import functional, nn  # noqa: E402, F401
 from .optim import (  # noqa: E402
     FusedAdadelta,
     FusedAdagrad,

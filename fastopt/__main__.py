@@ -19,11 +19,16 @@ def info() -> None:
     print(f"torch {torch.__version__} (fastopt built against {build.get('TORCH_VERSION')})")
     if _extension.has_kernels("cpu"):
         cpu = _extension.cpu_module()
-        compiled = "baseline, avx2, avx512" if platform.machine() == "x86_64" else "baseline"
+        compiled = (
+            "baseline, avx2, avx512, avx512_vnni, amx"
+            if platform.machine() == "x86_64"
+            else "baseline"
+        )
         print(
             f"CPU kernels: {cpu.active_cpu_isa()} in use (widest this CPU supports: "
             f"{cpu.best_cpu_isa()}; compiled: {compiled}) on {platform.machine()}"
         )
+        print(f"CPU int8 GEMM: {cpu.int8_kernels()}")
     else:
         print("CPU kernels: not built")
     if build.get("CUDA_BUILT"):

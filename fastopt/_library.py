@@ -61,10 +61,45 @@ def _traffic_probe_fake(updated, read) -> None:
     return None
 
 
-# ---- int8 linear layers: fastopt.int8 wraps these; csrc/layers/cpu/int8_tiles.h documents the
-# packed weight layout ([N/16, K/4, 16, 4] int8) they share on every device.
+# ---- int8 linear layers: fastopt.functional.int8 wraps these. The packed weight layout
+# ([N/16, K/4, 16, 4] int8) is shared by every device; csrc/layers/cpu/int8_tiles.h defines it,
+# and a test checks these constants against the built module's (fastopt._C.INT8_*).
 
-_INT8_BLOCK_N, _INT8_GROUP_K, _INT8_MAX_IN_FEATURES = 16, 4, 65536
+INT8_BLOCK_N = 16  # output channels per packed block
+INT8_GROUP_K = 4  # input channels per packed group
+INT8_MAX_IN_FEATURES = 65536  # beyond, int32 sums of int8 products could overflow
+
+# The dtypes each device's kernels take (meta tensors, which only trace, take any of them).
+_LAYER_DTYPES = {
+    "int8_linear": {
+        "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+        "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    },
+    "blocksparse_linear": {
+        "cpu": (torch.float32, torch.bfloat16, torch.float64),
+        "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    },
+}
+_BLOCKSPARSE_BLOCKS = {"cpu": (16, 32, 64), "cuda": (16, 32, 64, 128)}
+
+
+def _names(dtypes) -> str:
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _check_layer_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """`t` has a dtype the kernels of `op` take on its device."""
+    by_device = _LAYER_DTYPES[op]
+    dtypes = by_device.get(t.device.type, by_device["cpu"] + by_device["cuda"])
+    torch._check(
+        t.dtype in dtypes,
+        lambda: (
+            f"fastopt.{op}: {name} is {t.dtype}, but the {t.device.type} kernels take "
+            f"{_names(dtypes)}; convert it with .to(torch.float32)"
+        ),
+    )
+
 
 _lib.define(
     "int8_mm(Tensor input, Tensor packed_weight, Tensor weight_compensation, int in_features) "
@@ -80,10 +115,10 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_
     torch._check(
         packed_weight.dtype == torch.int8
         and packed_weight.dim() == 4
-        and tuple(packed_weight.shape[2:]) == (_INT8_BLOCK_N, _INT8_GROUP_K),
+        and tuple(packed_weight.shape[2:]) == (INT8_BLOCK_N, INT8_GROUP_K),
         lambda: (
             f"{op}: packed_weight must be the int8 [N/16, K/4, 16, 4] tensor of "
-            f"fastopt.int8.pack_int8_weight, got {packed_weight.dtype} "
+            f"fastopt.functional.pack_int8_weight, got {packed_weight.dtype} "
             f"{list(packed_weight.shape)}"
         ),
     )
@@ -105,28 +140,28 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_
     )
     groups = packed_weight.shape[1]
     torch._check(
-        (in_features + _INT8_GROUP_K - 1) // _INT8_GROUP_K == groups,
+        (in_features + INT8_GROUP_K - 1) // INT8_GROUP_K == groups,
         lambda: (
             f"{op}: packed_weight holds {groups} groups of 4 input features, which does not fit "
-            f"in_features={in_features}; pack the weight with fastopt.int8.pack_int8_weight"
+            f"in_features={in_features}; pack the weight with fastopt.functional.pack_int8_weight"
         ),
     )
     torch._check(
-        in_features <= _INT8_MAX_IN_FEATURES,
+        in_features <= INT8_MAX_IN_FEATURES,
         lambda: (
-            f"{op}: in_features {in_features} is above {_INT8_MAX_IN_FEATURES}, where int32 sums "
+            f"{op}: in_features {in_features} is above {INT8_MAX_IN_FEATURES}, where int32 sums "
             "of int8 products could overflow"
         ),
     )
     torch._check(
         weight_compensation.dtype == torch.int32
         and weight_compensation.dim() == 1
-        and (weight_compensation.shape[0] + _INT8_BLOCK_N - 1) // _INT8_BLOCK_N
+        and (weight_compensation.shape[0] + INT8_BLOCK_N - 1) // INT8_BLOCK_N
         == packed_weight.shape[0]
         and weight_compensation.is_contiguous(),
         lambda: (
             f"{op}: weight_compensation must be the int32 [out_features] tensor of "
-            f"fastopt.int8.pack_int8_weight for this packed_weight, got "
+            f"fastopt.functional.pack_int8_weight for this packed_weight, got "
             f"{weight_compensation.dtype} {list(weight_compensation.shape)}"
         ),
     )
@@ -142,11 +177,13 @@ def _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_
 
 @torch.library.register_fake("fastopt::int8_mm")
 def _int8_mm_fake(input, packed_weight, weight_compensation, in_features):
-    _check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
+    check_int8_mm(input, packed_weight, weight_compensation, in_features)
     return input.new_empty((input.shape[0], weight_compensation.shape[0]), dtype=torch.int32)
 
 
-def _check_int8_mm_args(input, packed_weight, weight_compensation, in_features) -> None:
+def check_int8_mm(input, packed_weight, weight_compensation, in_features) -> None:
+    """The checks of fastopt::int8_mm's arguments, naming the argument and the fix: run by its
+    fake, its Triton launcher and fastopt.functional.int8_mm (before the CPU kernel)."""
     torch._check(
         input.dtype == torch.int8 and input.dim() == 2,
         lambda: (
@@ -170,23 +207,19 @@ def _int8_linear_fake(
     input_scale,
     quantize_input,
 ):
-    _check_int8_linear_args(
+    check_int8_linear(
         input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
     )
     return input.new_empty((*input.shape[:-1], weight_compensation.shape[0]))
 
 
-def _check_int8_linear_args(
+def check_int8_linear(
     input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
 ) -> None:
+    """The checks of fastopt::int8_linear's arguments, naming the argument and the fix: run by its
+    fake, its Triton launcher and fastopt.functional.int8_linear (before the CPU kernel)."""
     op = "fastopt.int8_linear"
-    torch._check(
-        input.dtype in (torch.float32, torch.bfloat16, torch.float16),
-        lambda: (
-            f"{op}: input must be float32, bfloat16 or float16, got {input.dtype}; convert it "
-            "with .float()"
-        ),
-    )
+    _check_layer_dtype("int8_linear", "input", input)
     _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features)
     n, k = weight_compensation.shape[0], input.shape[-1]
     device = input.device
@@ -211,7 +244,7 @@ def _check_vector(op, name, t, dtype, length, device, what) -> None:
 # W [out, in] is stored as blocks `values` [nnz, B, B] with two indexes over its block grid:
 # block-CSR over block rows (crow_indices, col_indices, and row_indices: the block row of each
 # stored block), and the transposed one over block columns (ccol_indices, t_row_indices, and
-# t_block_indices: the position in `values` of each entry). See fastopt.blocksparse.
+# t_block_indices: the position in `values` of each entry). See fastopt.functional.blocksparse.
 
 _lib.define(
     "blocksparse_linear(Tensor input, Tensor values, Tensor? bias, Tensor crow_indices, "
@@ -236,9 +269,28 @@ def _check_features(op: str, name: str, t: torch.Tensor, features: int, like: to
     torch._check(
         t.dtype == like.dtype and t.device == like.device,
         lambda: (
-            f"{op}: {name} is {t.dtype} on {t.device}, the weight {like.dtype} on {like.device}"
+            f"{op}: {name} is {t.dtype} on {t.device}, the weight {like.dtype} on {like.device}; "
+            f"pass {name} of the weight's dtype and device"
         ),
     )
+
+
+def _check_block_size(op: str, block: int, device: torch.device) -> None:
+    sizes = _BLOCKSPARSE_BLOCKS.get(device.type, _BLOCKSPARSE_BLOCKS["cuda"])
+    torch._check(
+        block in sizes,
+        lambda: (
+            f"{op}: the {device.type} kernels take block sizes {', '.join(map(str, sizes))}, got "
+            f"{block}; pick one of those as block_size"
+        ),
+    )
+
+
+def check_blocksparse_kernels(op: str, name: str, t: torch.Tensor, block: int) -> None:
+    """What the kernels of `t`'s device take: its dtype and the block size. Run by the fakes and
+    the CPU path; the Triton launchers, which tests also run on CPU tensors, check their own."""
+    _check_block_size(op, block, t.device)
+    _check_layer_dtype("blocksparse_linear", name, t)
 
 
 def _check_blocks(op: str, values: torch.Tensor, nnz: int) -> int:
@@ -267,9 +319,11 @@ def check_blocksparse_linear(
     input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
     t_block_indices,
 ) -> tuple[int, int]:  # fmt: skip
-    """Checks the arguments of fastopt::blocksparse_linear (shapes, dtypes, devices; shared by the
-    fake implementation and the Triton launcher). Returns (block size, out_features)."""
-    op = "blocksparse_linear"
+    """The checks of fastopt::blocksparse_linear's arguments (shapes, dtypes, devices), naming the
+    argument and the fix: run by its fake, its Triton launcher and
+    fastopt.functional.blocksparse_linear (before the CPU kernel). Returns (block size,
+    out_features)."""
+    op = "fastopt.blocksparse_linear"
     block = _check_blocks(op, values, col_indices.shape[0])
     for name, t in (
         ("crow_indices", crow_indices),
@@ -294,9 +348,9 @@ def check_blocksparse_linear(
 def check_blocksparse_linear_grad_input(
     grad_output, values, ccol_indices, t_row_indices, t_block_indices
 ) -> int:
-    """Checks the arguments of fastopt::blocksparse_linear_grad_input (shared by the fake
-    implementation and the Triton launcher). Returns the block size."""
-    op = "blocksparse_linear_grad_input"
+    """The checks of fastopt::blocksparse_linear_grad_input's arguments (run by its fake and its
+    Triton launcher). Returns the block size."""
+    op = "fastopt.blocksparse_linear_grad_input"
     block = _check_blocks(op, values, t_row_indices.shape[0])
     for name, t in (
         ("ccol_indices", ccol_indices),
@@ -319,9 +373,9 @@ def check_blocksparse_linear_grad_input(
 def check_blocksparse_linear_grad_values(
     grad_output, input, row_indices, col_indices, block_size
 ) -> None:
-    """Checks the arguments of fastopt::blocksparse_linear_grad_values (shared by the fake
-    implementation and the Triton launcher)."""
-    op = "blocksparse_linear_grad_values"
+    """The checks of fastopt::blocksparse_linear_grad_values's arguments (run by its fake and its
+    Triton launcher)."""
+    op = "fastopt.blocksparse_linear_grad_values"
     torch._check(block_size > 0, lambda: f"{op}: block_size must be positive, got {block_size}")
     for name, t in (("input", input), ("grad_output", grad_output)):
         torch._check(
@@ -346,10 +400,11 @@ def _blocksparse_linear_fake(
     input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
     t_block_indices,
 ):  # fmt: skip
-    _, out_features = check_blocksparse_linear(
+    block, out_features = check_blocksparse_linear(
         input, values, bias, crow_indices, col_indices, row_indices, ccol_indices, t_row_indices,
         t_block_indices,
     )  # fmt: skip
+    check_blocksparse_kernels("fastopt.blocksparse_linear", "values", values, block)
     return input.new_empty((*input.shape[:-1], out_features))
 
 
@@ -360,10 +415,13 @@ def _blocksparse_linear_grad_input_fake(
     block = check_blocksparse_linear_grad_input(
         grad_output, values, ccol_indices, t_row_indices, t_block_indices
     )
+    check_blocksparse_kernels("fastopt.blocksparse_linear_grad_input", "values", values, block)
     return grad_output.new_empty((*grad_output.shape[:-1], (ccol_indices.shape[0] - 1) * block))
 
 
 @torch.library.register_fake("fastopt::blocksparse_linear_grad_values")
 def _blocksparse_linear_grad_values_fake(grad_output, input, row_indices, col_indices, block_size):
     check_blocksparse_linear_grad_values(grad_output, input, row_indices, col_indices, block_size)
+    op = "fastopt.blocksparse_linear_grad_values"
+    check_blocksparse_kernels(op, "input", input, block_size)
     return input.new_empty((col_indices.shape[0], block_size, block_size))

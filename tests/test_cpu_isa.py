@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers.cpu_isa import supported_cpu_isas
+from helpers.cpu_isa import ISA_LEVELS, supported_cpu_isas
 
 from fastopt import _extension
 
@@ -16,7 +16,7 @@ from fastopt import _extension
 def test_isa_fixture_covers_every_supported_isa():
     module = _extension.cpu_module()
     best = module.best_cpu_isa()
-    assert best in ("baseline", "avx2", "avx512")
+    assert best in ISA_LEVELS
     assert supported_cpu_isas()[-1] == best
     assert module.active_cpu_isa() in supported_cpu_isas()
     with pytest.raises(ValueError, match="unknown CPU instruction set"):
@@ -51,16 +51,17 @@ def test_fastopt_cpu_isa_environment_variable():
 
     assert run("baseline") == "active baseline"
     assert run("sse9") == (
-        "error unknown CPU instruction set 'sse9'; expected one of: baseline, avx2, avx512"
+        "error unknown CPU instruction set 'sse9'; expected one of: baseline, avx2, avx512, "
+        "avx512_vnni, amx"
     )
 
 
 @pytest.mark.skipif(
-    _extension.cpu_module().best_cpu_isa() == "avx512", reason="this CPU supports every ISA"
+    _extension.cpu_module().best_cpu_isa() == "amx", reason="this CPU supports every ISA"
 )
 def test_unsupported_isa_is_refused():
     module = _extension.cpu_module()
     before = module.active_cpu_isa()
-    with pytest.raises(ValueError, match="this CPU cannot run avx512"):
-        module.set_cpu_isa("avx512")
+    with pytest.raises(ValueError, match="this CPU cannot run amx"):
+        module.set_cpu_isa("amx")
     assert module.active_cpu_isa() == before

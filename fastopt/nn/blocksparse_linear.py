@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..blocksparse import BlockSparseIndex, blocksparse_linear, index_from_mask
+from ..functional.blocksparse import BlockSparseIndex, blocksparse_linear, index_from_mask
 from . import blocksparse_layout as layouts
 
 _INDEX_NAMES = BlockSparseIndex._fields
@@ -30,8 +30,8 @@ class BlockSparseLinear(nn.Module):
         layer = BlockSparseLinear.from_dense(linear, block_size=32, density=0.25)
         linear = layer.to_dense()
 
-    Inputs are [..., in_features]. CPU: float32 and bfloat16, block sizes 16, 32, 64; CUDA
-    (Triton): float16, bfloat16, float32, block sizes 16 to 128.
+    Inputs are [..., in_features]. CPU: float32, bfloat16 and float64, block sizes 16, 32, 64;
+    CUDA (Triton): float16, bfloat16, float32, block sizes 16 to 128.
     """
 
     def __init__(
@@ -204,21 +204,22 @@ def sparsify_(
     block_size: int = 32,
     density: float = 0.25,
     *,
-    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     norm: str = "l2",
     balanced: bool = False,
 ) -> nn.Module:
-    """Replaces, in place, every ``nn.Linear`` of ``model`` (for which ``filter_fn(name,
-    module)`` is true, if given) by ``BlockSparseLinear.from_dense(...)`` with these arguments.
-    Returns ``model``. A selected layer whose dimensions ``block_size`` does not divide raises a
-    ValueError naming it, before anything is replaced."""
+    """Replaces, in place, every ``nn.Linear`` of ``model`` for which ``filter_fn(module,
+    qualified_name)`` is true (default: all; torchao's convention, as `quantize_`'s) by
+    ``BlockSparseLinear.from_dense(...)`` with these arguments. Returns ``model``. A selected
+    layer whose dimensions ``block_size`` does not divide raises a ValueError naming it, before
+    anything is replaced."""
     layouts.blocks_per_row(density, (1, 1), balanced)  # a bad density fails before any change
     chosen = [
         (name, module)
         for name, module in model.named_modules()
         if name  # the model itself cannot be replaced in place
         and type(module) is nn.Linear
-        and (filter_fn is None or filter_fn(name, module))
+        and (filter_fn is None or filter_fn(module, name))
     ]
     for name, module in chosen:
         try:

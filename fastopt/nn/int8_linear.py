@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .. import int8 as int8_ops
+from ..functional import int8 as int8_ops
 
 MODES = ("dynamic", "weight_only")
 
@@ -18,7 +18,7 @@ class Int8Linear(nn.Module):
 
     ``mode="dynamic"`` (W8A8) quantizes each input row to int8 inside the op and runs an exact
     int8 GEMM (on CUDA, batches of up to 16 rows take the weight-only kernel; see
-    ``fastopt.int8.WEIGHT_ONLY_MAX_ROWS``);
+    ``fastopt.functional.int8.WEIGHT_ONLY_MAX_ROWS``);
     ``mode="weight_only"`` keeps activations in float. An optional per-input-channel
     ``input_scale`` (SmoothQuant, set by `from_float` from `calibrate`'s statistics) multiplies
     the input first.
@@ -183,7 +183,7 @@ def _load_state_dict_hook(
 def quantize_(
     model: nn.Module,
     mode: str = "dynamic",
-    filter_fn: Callable[[nn.Linear, str], bool] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     input_absmax: dict[str, Tensor] | None = None,
     alpha: float = 0.5,
 ) -> nn.Module:

@@ -154,7 +154,7 @@ def _launch_gemm(op, a, packed_weight, n, out, row_scale=None, weight_scale=None
 def int8_mm(input, packed_weight, weight_compensation, in_features):
     """``fastopt::int8_mm``: the exact int32 product of an int8 [M, K] input and the packed
     int8 weight."""
-    _library._check_int8_mm_args(input, packed_weight, weight_compensation, in_features)
+    _library.check_int8_mm(input, packed_weight, weight_compensation, in_features)
     n = weight_compensation.shape[0]
     out = torch.empty((input.shape[0], n), dtype=torch.int32, device=input.device)
     if out.numel() and in_features == 0:
@@ -176,7 +176,7 @@ def int8_linear(
 ):
     """``fastopt::int8_linear``: per-row int8 quantization, then the int8 GEMM with the
     dequantize + bias epilogue (``quantize_input``), or the weight-only kernel."""
-    _library._check_int8_linear_args(
+    _library.check_int8_linear(
         input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
     )
     k, n = input.shape[-1], weight_compensation.shape[0]
@@ -216,7 +216,3 @@ def int8_linear(
                 HAS_INPUT_SCALE=has_scale, HAS_BIAS=bias is not None, **config.launch_options(),
             )  # fmt: skip
     return out.view(*input.shape[:-1], n)
-
-
-torch.library.register_kernel("fastopt::int8_mm", "cuda", int8_mm)
-torch.library.register_kernel("fastopt::int8_linear", "cuda", int8_linear)

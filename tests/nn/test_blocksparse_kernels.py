@@ -15,11 +15,11 @@ from helpers.blocksparse_reference import (
 )
 from helpers.cuda import ON_CUDA, checked_cuda
 
-import fastopt.blocksparse as bs
+import fastopt.functional.blocksparse as bs
 
 
 def run(case: Case, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Forward and backward through fastopt.blocksparse.blocksparse_linear; results on the CPU."""
+    """Forward and backward through fastopt.functional.blocksparse_linear; results on the CPU."""
     leaves = {"input": case.x, "values": case.values}
     if case.bias is not None:
         leaves["bias"] = case.bias
@@ -90,7 +90,7 @@ def test_grad_input_and_values_ops_alone():
         (dict(x=torch.randn(3, 40)), "input must end in 48 features"),
         (dict(x=torch.randn(3, 48, dtype=torch.float64)), "dtype"),
         (dict(values=torch.randn(2, 16, 16)), "values must be"),
-        (dict(bias=torch.randn(31)), "bias must be"),
+        (dict(bias=torch.randn(31)), r"bias must end in 32 features, got shape \(31,\)"),
     ],
     ids=["features", "dtype", "values", "bias"],
 )

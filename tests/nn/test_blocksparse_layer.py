@@ -12,7 +12,7 @@ from helpers.blocksparse_reference import dense_weight, make_case, make_mask, st
 from torch import nn
 
 import fastopt
-import fastopt.blocksparse as bs
+import fastopt.functional.blocksparse as bs
 from fastopt.nn import BlockSparseLinear, sparsify_
 
 
@@ -136,11 +136,13 @@ def test_half_on_cpu_says_which_tensor_and_what_to_use():
     torch.manual_seed(12)
     layer = BlockSparseLinear(64, 32, block_size=16, density=0.5).half()
     before = _layer_state(layer)
-    with pytest.raises(RuntimeError, match=r"values is Half.*use \.float\(\) or \.bfloat16\(\)"):
+    message = r"values is torch\.float16, but the cpu kernels take float32, bfloat16 or float64; "
+    with pytest.raises(RuntimeError, match=message + r"convert it with \.to\(torch\.float32\)"):
         layer(torch.randn(3, 64, dtype=torch.float16))
     index = bs.index_from_mask(layer.layout)
     x = torch.randn(3, 64, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=r"input is Half.*use \.float\(\) or \.bfloat16\(\)"):
+    # The op called directly: the kernel's own check.
+    with pytest.raises(RuntimeError, match=r"input is Half, but the CPU kernels take float32, bfl"):
         torch.ops.fastopt.blocksparse_linear_grad_values(
             torch.randn(3, 32, dtype=torch.float16), x, index.row_indices, index.col_indices, 16
         )
@@ -153,7 +155,7 @@ def test_half_on_cpu_says_which_tensor_and_what_to_use():
 def test_sparsify_replaces_the_selected_linears():
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 3))
     x = torch.randn(2, 64)
-    sparsify_(model, block_size=16, density=0.5, filter_fn=lambda name, m: m.out_features >= 16)
+    sparsify_(model, block_size=16, density=0.5, filter_fn=lambda m, name: m.out_features >= 16)
     assert isinstance(model[0], BlockSparseLinear) and isinstance(model[2], BlockSparseLinear)
     assert type(model[3]) is nn.Linear
     expected = model[3](model[2].to_dense()(model[1](model[0].to_dense()(x))))

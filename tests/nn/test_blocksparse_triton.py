@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers.blocksparse_reference import assert_close_to_reference, make_case, make_mask
 
-import fastopt.blocksparse as bs
+import fastopt.functional.blocksparse as bs
+from fastopt.functional import _layers
 
 triton_blocksparse = pytest.importorskip("fastopt.triton.blocksparse")
 
@@ -158,5 +159,7 @@ def test_registered_cuda_kernel_runs_the_launcher():
     mask = make_mask("random", 2, 2, torch.Generator().manual_seed(3))
     case = make_case(mask, 16, (3,), torch.float32, seed=4)
     index = bs.index_from_mask(mask)
-    out = bs._triton_kernel("blocksparse_linear")(case.x, case.values, case.bias, *index)
+    out = _layers.triton_kernel("blocksparse", "blocksparse_linear")(
+        case.x, case.values, case.bias, *index
+    )
     assert_close_to_reference({"out": out}, case)

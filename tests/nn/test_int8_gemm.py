@@ -1,5 +1,5 @@
-"""The int8 GEMM (`fastopt.int8.int8_mm`) bit-exact against an int64 reference matmul, on every
-CPU instruction set variant, and the packed weight layout it reads."""
+"""The int8 GEMM (`fastopt.functional.int8_mm`) bit-exact against an int64 reference matmul, on
+every CPU instruction set variant, and the packed weight layout it reads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.rng import generator
 
-from fastopt import int8
+from fastopt.functional import int8
 
 SIZES = [1, 3, 16, 17, 512]  # rows: one, a few, a full tile pair, one past it, many tiles
 # (K, N): even / odd, below and above a group / block. Where the CPU has AMX, whole 16-row tiles

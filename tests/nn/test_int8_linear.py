@@ -1,4 +1,4 @@
-"""`fastopt.nn.Int8Linear` and `fastopt.int8.int8_linear` against torch eager: an fp64
+"""`fastopt.nn.Int8Linear` and `fastopt.functional.int8_linear` against torch eager: an fp64
 `F.linear` on the float weights, and fake quantization with the same scales."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from helpers.int8_reference import fake_quant_linear, relative_error
 from helpers.rng import generator
 from torch import nn
 
-from fastopt import int8
+from fastopt.functional import int8
 from fastopt.nn import Int8Linear
 
 ROWS = [1, 3, 16, 17, 512]

@@ -11,7 +11,7 @@ from helpers.rng import generator
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fastopt import int8
+from fastopt.functional import int8
 from fastopt.nn import Int8Linear, quantize_
 
 
@@ -115,8 +115,15 @@ def test_load_state_dict_rejects_a_wrong_weight_and_keeps_the_layer():
 
 
 BAD_INPUTS = [
-    (lambda: randn(4, 37, dtype=torch.float64), "input must be float32, bfloat16 or float16"),
-    (lambda: torch.ones(4, 37, dtype=torch.int32), "input must be float32, bfloat16 or float16"),
+    # float64 runs on the CPU, but this layer's bias is float32: the dtypes must agree.
+    (
+        lambda: randn(4, 37, dtype=torch.float64),
+        r"bias must be a \[21\] tensor of the input's dtype",
+    ),
+    (
+        lambda: torch.ones(4, 37, dtype=torch.int32),
+        "input is torch.int32, but the cpu kernels take",
+    ),
     (lambda: randn(4, 36), r"input has 36 features .* in_features=37; pass an input of shape"),
     (lambda: randn(4, 38), "input has 38 features"),  # same packed size: caught by in_features
     (lambda: randn(4, 41), "input has 41 features"),
@@ -160,9 +167,12 @@ def test_bad_op_arguments():
         bad = list(args)
         bad[index] = value
         with pytest.raises(RuntimeError, match=message):
-            torch.ops.fastopt.int8_linear(*bad)
+            int8.int8_linear(*bad[:7])
         with pytest.raises(RuntimeError, match=message):  # the fake says the same
             torch.ops.fastopt.int8_linear(*[a.to("meta") if torch.is_tensor(a) else a for a in bad])
+        # The op called directly skips the Python checks; the kernel's own still refuse it.
+        with pytest.raises(RuntimeError, match=r"^fastopt\.int8_linear: "):
+            torch.ops.fastopt.int8_linear(*bad)
     with pytest.raises(RuntimeError, match="input must be a 2-d int8 tensor"):
         int8.int8_mm(x, q.packed_weight, q.weight_compensation, 37)
 

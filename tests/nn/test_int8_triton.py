@@ -15,7 +15,7 @@ import triton.language as tl
 from helpers.int8_reference import fake_quant_linear
 from helpers.rng import generator
 
-from fastopt import int8
+from fastopt.functional import int8
 from fastopt.triton import int8_linear as triton_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

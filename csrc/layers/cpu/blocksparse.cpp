@@ -1,4 +1,5 @@
-// The block-sparse linear layer's three products on the CPU (fp32 and bf16 in, fp32 accumulate):
+// The block-sparse linear layer's three products on the CPU (fp32 and bf16 in, fp32 accumulate;
+// fp64 in fp64):
 //   blocksparse_linear             Y = X W^T + b       dense = dense x sparse^T  (dsd)
 //   blocksparse_linear_grad_input  dX = dY W           dense = dense x sparse    (dsd)
 //   blocksparse_linear_grad_values dW = dY^T X at W's stored blocks              (sdd)
@@ -8,10 +9,19 @@
 // Both dsd products are one routine: output block column j sums, over the entries of its index
 // row, a [rows, B] panel of the dense operand times a B x B block (as stored, or transposed for
 // the forward pass). Threads own ranges of output block columns balanced by their entry counts;
-// the sdd product splits its blocks evenly.
+// the sdd product splits its blocks evenly. float64 (gradcheck, fp64 models) takes ATen's batched
+// products over the stored blocks instead: exact in fp64 rather than fast.
+//
+// The argument checks that name the fix live in fastopt/_library.py and run first on every path;
+// the ones here are those memory safety needs (shapes, dtypes, and the index contents, which only
+// the kernel sees).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/einsum.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/repeat_interleave.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -80,7 +90,7 @@ struct DsdShare {
 };
 
 // Block column j outer, panels inner: the weights of j stay in cache across the panels (the
-// other order re-reads all weights per panel, 40% slower at density 50%). For output block
+// other order re-reads every weight once per panel). For output block
 // column j and the batch rows of one panel: tiles of kRows features by
 // kPanelRows rows, accumulated over the entries of j, each broadcasting weights straight from
 // its block and loading batch rows from the panel; stored as the panel's [block, rows] piece of
@@ -209,12 +219,10 @@ void check_index(const char* op, const char* name, const at::Tensor& t) {
               t.stride(0), "; pass ", name, ".contiguous()");
 }
 
-// The CPU kernels compute in float32 or bfloat16 only.
 void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
-              " is ", t.scalar_type(),
-              ", but the CPU kernels take float32 or bfloat16: use .float() or .bfloat16() on "
-              "the CPU (float16 runs on CUDA)");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kDouble, op, ": ", name,
+              " is ", dtype, ", but the CPU kernels take float32, bfloat16 or float64");
 }
 
 // offsets is a valid offsets array over `entries` entries whose indices lie in [0, bound).
@@ -263,6 +271,41 @@ at::Tensor as_matrix(const at::Tensor& t) {
   int64_t rows = 1;
   for (int64_t d = 0; d < t.dim() - 1; ++d) rows *= t.size(d);
   return t.reshape({rows, t.size(-1)}).contiguous();
+}
+
+// ---- float64: ATen products over the stored blocks ---------------------------------------------
+
+// dsd in fp64: each entry's [rows, B] panel of the dense operand times its block, summed into the
+// entry's output block column.
+at::Tensor dsd_fp64(const at::Tensor& dense, const at::Tensor& values, const at::Tensor& offsets,
+                    const at::Tensor& indices, const std::optional<at::Tensor>& order, bool by_rows,
+                    const std::optional<at::Tensor>& bias) {
+  const int64_t block = values.size(1), out_blocks = offsets.numel() - 1;
+  const at::Tensor a = as_matrix(dense);
+  const int64_t rows = a.size(0);
+  std::vector<int64_t> out_shape(dense.sizes().begin(), dense.sizes().end());
+  out_shape.back() = out_blocks * block;
+  at::Tensor blocks = order.has_value() ? values.index_select(0, *order) : values;
+  if (by_rows) blocks = blocks.transpose(1, 2);  // Y = X W^T: the blocks' rows are outputs
+  const at::Tensor panels = a.view({rows, a.size(1) / block, block}).index_select(1, indices);
+  const at::Tensor products = at::einsum("rnk,nko->rno", {panels, blocks});
+  const at::Tensor owners =
+      at::repeat_interleave(at::arange(out_blocks, offsets.options()), offsets.diff());
+  at::Tensor out =
+      at::zeros({rows, out_blocks, block}, a.options()).index_add_(1, owners, products);
+  out = out.view({rows, out_blocks * block});
+  if (bias.has_value()) out.add_(*bias);
+  return out.view(out_shape);
+}
+
+// sdd in fp64: the stored block (r, c) of dY^T X.
+at::Tensor sdd_fp64(const at::Tensor& grad_output, const at::Tensor& input,
+                    const at::Tensor& row_indices, const at::Tensor& col_indices, int64_t block) {
+  const at::Tensor dy = as_matrix(grad_output), x = as_matrix(input);
+  const int64_t rows = x.size(0);
+  const at::Tensor left = dy.view({rows, dy.size(1) / block, block}).index_select(1, row_indices);
+  const at::Tensor right = x.view({rows, x.size(1) / block, block}).index_select(1, col_indices);
+  return at::einsum("rni,rnk->nik", {left, right}).contiguous();
 }
 
 // Cuts [0, n) into `parts` contiguous ranges of about equal total cost[i].
@@ -335,9 +378,9 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   return out;
 }
 
-constexpr const char* kForward = "fastopt::blocksparse_linear";
-constexpr const char* kGradInput = "fastopt::blocksparse_linear_grad_input";
-constexpr const char* kGradValues = "fastopt::blocksparse_linear_grad_values";
+constexpr const char* kForward = "fastopt.blocksparse_linear";
+constexpr const char* kGradInput = "fastopt.blocksparse_linear_grad_input";
+constexpr const char* kGradValues = "fastopt.blocksparse_linear_grad_values";
 
 at::Tensor blocksparse_linear_cpu(const at::Tensor& input, const at::Tensor& values,
                                   const std::optional<at::Tensor>& bias,
@@ -354,6 +397,9 @@ at::Tensor blocksparse_linear_cpu(const at::Tensor& input, const at::Tensor& val
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, kForward, ": bias must be [",
                 out_features, "], got ", bias->sizes());
     check_dense(kForward, "bias", *bias, out_features, values.scalar_type());
+  }
+  if (values.scalar_type() == at::kDouble) {
+    return dsd_fp64(input, values, crow_indices, col_indices, std::nullopt, /*by_rows=*/true, bias);
   }
   return dsd(input, values, crow_indices, col_indices, nullptr, /*by_rows=*/true, bias);
 }
@@ -378,6 +424,10 @@ at::Tensor blocksparse_linear_grad_input_cpu(const at::Tensor& grad_output,
   TORCH_CHECK(std::all_of(order, order + nnz, [&](int64_t v) { return 0 <= v && v < nnz; }),
               kGradInput, ": t_block_indices must lie in [0, ", nnz, ")");
   check_dense(kGradInput, "grad_output", grad_output, out_blocks * block, values.scalar_type());
+  if (values.scalar_type() == at::kDouble) {
+    return dsd_fp64(grad_output, values, ccol_indices, t_row_indices, t_block_indices,
+                    /*by_rows=*/false, std::nullopt);
+  }
   return dsd(grad_output, values, ccol_indices, t_row_indices, order, /*by_rows=*/false,
              std::nullopt);
 }
@@ -412,6 +462,7 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
                 kGradValues, ": ", name, " must lie in [0, ", bound / block, ")");
   }
 
+  if (dtype == at::kDouble) return sdd_fp64(grad_output, input, row_indices, col_indices, block);
   at::Tensor out = at::empty({nnz, block, block}, input.options());
   if (nnz == 0) return out;
   const at::Tensor x = as_matrix(input);

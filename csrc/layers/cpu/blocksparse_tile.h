@@ -4,8 +4,7 @@
 //
 // FASTOPT_DISPATCH_BY_ISA (isa.h) compiles the same body for every variant; these kernels need
 // the variant's vector width as a type, because the register tile (rows x vectors) depends on
-// it. So the dispatch here passes the vector type, with the same target attributes and the same
-// run-time choice (active_isa()).
+// it. So FASTOPT_DISPATCH_BY_VECTOR passes the vector type to the one dispatch of isa.h.
 #pragma once
 
 #include <algorithm>
@@ -86,28 +85,14 @@ struct VecAvx512 : VecGcc<Floats16> {
   static constexpr int kAccumulators = 24;  // of 32 registers, leaving room for loads
 };
 
-// Defines `static void name(const Args&)`, which runs `body<Vec>(args)` compiled for the active
-// instruction set, Vec being that set's vector type.
-#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args)                  \
-  FASTOPT_TARGET_AVX512 static void name##_avx512(const Args& args) { \
-    body<::fastopt::cpu::blocksparse::VecAvx512>(args);               \
-  }                                                                   \
-  FASTOPT_TARGET_AVX2 static void name##_avx2(const Args& args) {     \
-    body<::fastopt::cpu::blocksparse::VecAvx2>(args);                 \
-  }                                                                   \
-  static void name##_baseline(const Args& args) {                     \
-    body<::fastopt::cpu::blocksparse::VecScalar>(args);               \
-  }                                                                   \
-  FASTOPT_ISA_SWITCH(name, Args)
-
-#else  // other CPUs: the scalar variant only
-
-#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args)    \
-  static void name(const Args& args) {                  \
-    body<::fastopt::cpu::blocksparse::VecScalar>(args); \
-  }
-
 #endif
+
+// Defines `static void name(const Args&)`, which runs `body<V>(args)` compiled for the active
+// instruction set, V being that set's vector type (off x86-64, only the scalar call is compiled).
+#define FASTOPT_DISPATCH_BY_VECTOR(name, body, Args)                                               \
+  FASTOPT_DISPATCH_BY_VECTOR_WIDTH(name, Args, body<::fastopt::cpu::blocksparse::VecAvx512>(args), \
+                                   body<::fastopt::cpu::blocksparse::VecAvx2>(args),               \
+                                   body<::fastopt::cpu::blocksparse::VecScalar>(args))
 
 // A power of two of at most 16 rows that `accumulators` accumulators hold, 4 at least: tile rows
 // cut a block's rows or columns, so they must divide the block size.
@@ -141,14 +126,9 @@ struct DsdTile {
 inline int64_t dsd_panel_rows(bool wide) {
   const int vectors = wide ? 3 : 1;
 #if defined(__x86_64__)
-  switch (active_isa()) {
-    case Isa::kAvx512:
-      return vectors * VecAvx512::kLanes;
-    case Isa::kAvx2:
-      return vectors * VecAvx2::kLanes;
-    default:
-      break;
-  }
+  const Isa isa = active_isa();  // the choice of FASTOPT_DISPATCH_BY_VECTOR_WIDTH
+  if (isa >= Isa::kAvx512) return vectors * VecAvx512::kLanes;
+  if (isa >= Isa::kAvx2) return vectors * VecAvx2::kLanes;
 #endif
   return vectors * VecScalar::kLanes;
 }

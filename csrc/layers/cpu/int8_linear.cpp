@@ -1,9 +1,20 @@
 // fastopt::int8_mm and fastopt::int8_linear on the CPU: activations staged once per call
 // (quantized per row, or widened to fp32), then panel-major tiles over the packed weight in
 // parallel, each finished by a fused epilogue (weight compensation, both scales, bias, cast).
+// No FMA contraction in this file: the epilogue rounds the scaled sum before adding the bias, as
+// torch eager's fake quantization does, so that every instruction set gives the same bits (GCC
+// otherwise fuses them wherever the target has FMA, and contracts across statements).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -24,41 +35,32 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// ---- Argument checks: the same rules and words as the fakes in fastopt/_library.py. ----
+// ---- Argument checks: what memory safety needs. The checks that name the argument and the fix
+// are fastopt/_library.py's, which every caller (fastopt.functional, the fake, the Triton
+// launcher) runs first; these catch a direct torch.ops call that skipped them.
+
+void require(bool ok, const char* op, const char* what) {
+  TORCH_CHECK(ok, op, ": ", what, " (fastopt.functional.", op + sizeof("fastopt.") - 1,
+              " explains its arguments)");
+}
+
+bool is_cpu_vector(const at::Tensor& t, c10::ScalarType dtype, int64_t length) {
+  return t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == length && t.device().is_cpu();
+}
 
 void check_packed_weight(const char* op, const at::Tensor& input, const at::Tensor& packed,
                          const at::Tensor& compensation, int64_t in_features) {
-  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == kBlockN &&
-                  packed.size(3) == kGroupK,
-              op,
-              ": packed_weight must be the int8 [N/16, K/4, 16, 4] tensor of "
-              "fastopt.int8.pack_int8_weight, got ",
-              packed.scalar_type(), " ", packed.sizes());
-  TORCH_CHECK(packed.is_contiguous(), op,
-              ": packed_weight must be contiguous (the kernels read its [N/16, K/4, 16, 4] "
-              "layout as plain bytes), got strides ",
-              packed.strides(), "; pass packed_weight.contiguous()");
-  const int64_t features = input.dim() == 0 ? 0 : input.size(-1);
-  TORCH_CHECK(input.dim() >= 1 && features == in_features, op, ": input has ", features,
-              " features (its last dimension) but the layer has in_features=", in_features,
-              "; pass an input of shape [..., ", in_features, "]");
-  TORCH_CHECK(ceil_div(in_features, kGroupK) == packed.size(1), op, ": packed_weight holds ",
-              packed.size(1),
-              " groups of 4 input features, which does not fit in_features=", in_features,
-              "; pack the weight with fastopt.int8.pack_int8_weight");
-  TORCH_CHECK(in_features <= kMaxInFeatures, op, ": in_features ", in_features, " is above ",
-              kMaxInFeatures, ", where int32 sums of int8 products could overflow");
-  TORCH_CHECK(compensation.scalar_type() == at::kInt && compensation.dim() == 1 &&
-                  ceil_div(compensation.size(0), kBlockN) == packed.size(0) &&
-                  compensation.is_contiguous(),
-              op,
-              ": weight_compensation must be the int32 [out_features] tensor of "
-              "fastopt.int8.pack_int8_weight for this packed_weight, got ",
-              compensation.scalar_type(), " ", compensation.sizes());
-  for (const at::Tensor* t : {&packed, &compensation}) {
-    TORCH_CHECK(t->device() == input.device(), op, ": the weight tensors are on ", t->device(),
-                " but input is on ", input.device(), "; move the layer to the input's device");
-  }
+  require(packed.scalar_type() == at::kChar && packed.dim() == 4 && packed.size(2) == kBlockN &&
+              packed.size(3) == kGroupK && packed.is_contiguous() && packed.device().is_cpu(),
+          op, "packed_weight must be a contiguous int8 [N/16, K/4, 16, 4] CPU tensor");
+  require(input.dim() >= 1 && input.size(-1) == in_features &&
+              ceil_div(in_features, kGroupK) == packed.size(1) && in_features <= kMaxInFeatures,
+          op, "input, in_features and packed_weight disagree on the input features");
+  require(compensation.scalar_type() == at::kInt && compensation.dim() == 1 &&
+              ceil_div(compensation.size(0), kBlockN) == packed.size(0) &&
+              compensation.is_contiguous() && compensation.device().is_cpu(),
+          op,
+          "weight_compensation must be a contiguous int32 [N] CPU tensor fitting packed_weight");
 }
 
 void check_linear_args(const at::Tensor& input, const at::Tensor& packed,
@@ -67,30 +69,17 @@ void check_linear_args(const at::Tensor& input, const at::Tensor& packed,
                        const std::optional<at::Tensor>& input_scale) {
   constexpr const char* op = "fastopt.int8_linear";
   const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": input must be float32, bfloat16 or float16, got ", dtype,
-              "; convert it with .float()");
+  require(
+      dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+      op, "input must be float32, bfloat16, float16 or float64");
   check_packed_weight(op, input, packed, compensation, in_features);
   const int64_t n = compensation.size(0);
-  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.dim() == 1 &&
-                  weight_scale.size(0) == n && weight_scale.device() == input.device(),
-              op, ": weight_scale must be a float32 [", n, "] tensor on the input's device, got ",
-              weight_scale.scalar_type(), " ", weight_scale.sizes(), " on ", weight_scale.device());
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == n &&
-                    bias->device() == input.device(),
-                op, ": bias must be a [", n, "] tensor of the input's dtype ", dtype,
-                " on its device, got ", bias->scalar_type(), " ", bias->sizes(), " on ",
-                bias->device());
-  }
-  if (input_scale.has_value()) {
-    const int64_t k = input.size(-1);
-    TORCH_CHECK(input_scale->scalar_type() == at::kFloat && input_scale->dim() == 1 &&
-                    input_scale->size(0) == k && input_scale->device() == input.device(),
-                op, ": input_scale must be a float32 [", k, "] tensor on the input's device, got ",
-                input_scale->scalar_type(), " ", input_scale->sizes(), " on ",
-                input_scale->device());
-  }
+  require(is_cpu_vector(weight_scale, at::kFloat, n), op,
+          "weight_scale must be a float32 [N] CPU tensor");
+  require(!bias.has_value() || is_cpu_vector(*bias, dtype, n), op,
+          "bias must be an [N] CPU tensor of the input's dtype");
+  require(!input_scale.has_value() || is_cpu_vector(*input_scale, at::kFloat, in_features), op,
+          "input_scale must be a float32 [K] CPU tensor");
 }
 
 // ---- Staging: the input rows, read once, into the layout the tiles read. ----
@@ -209,6 +198,35 @@ void stage_rows_in_parallel(const at::Tensor& x, const float* input_scale, int64
   });
 }
 
+// ---- float64 (gradcheck, fp64 models): the same math in fp64, composed of ATen ops. ----
+
+// y = fake_quantize(x * input_scale) @ (weight * weight_scale[:, None]).T + bias, in fp64: with
+// `quantize_input`, each row rounded to int8 with scale max|row| / 127 (the int32 sums of the
+// other dtypes are exact in fp64 too); without, x * input_scale itself.
+at::Tensor int8_linear_fp64(const at::Tensor& input, const at::Tensor& packed,
+                            const at::Tensor& compensation, int64_t in_features,
+                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& input_scale, bool quantize_input) {
+  const int64_t n = compensation.size(0);
+  const at::Tensor weight = packed.permute({0, 2, 1, 3})
+                                .reshape({packed.size(0) * kBlockN, packed.size(1) * kGroupK})
+                                .narrow(0, 0, n)
+                                .narrow(1, 0, in_features)
+                                .to(at::kDouble);
+  at::Tensor x = input_scale.has_value() ? input.mul(input_scale->to(at::kDouble)) : input;
+  at::Tensor row_scale;
+  if (quantize_input && in_features > 0) {
+    const at::Tensor amax = x.abs().amax({-1}, /*keepdim=*/true);
+    row_scale = at::where(amax.gt(0), amax.div(127), at::ones_like(amax));
+    x = x.div(row_scale).round().clamp(-127, 127);
+  }
+  at::Tensor out = at::matmul(x, weight.t());
+  if (row_scale.defined()) out = out.mul(row_scale);
+  out = out.mul(weight_scale.to(at::kDouble));
+  if (bias.has_value()) out = out.add(*bias);
+  return out;
+}
+
 // ---- Tiles: panel-major, so each thread reuses a panel of the weight for every row tile. ----
 
 // Calls tile(row0, rows, block0, blocks) over every tile of [rows_total, blocks_total] in parallel.
@@ -312,8 +330,8 @@ void run_gemm(const Int8Kernels& kernels, const at::Tensor& a, const at::Tensor&
 at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
                        const at::Tensor& weight_compensation, int64_t in_features) {
   constexpr const char* op = "fastopt.int8_mm";
-  TORCH_CHECK(input.scalar_type() == at::kChar && input.dim() == 2, op,
-              ": input must be a 2-d int8 tensor, got ", input.scalar_type(), " ", input.sizes());
+  require(input.scalar_type() == at::kChar && input.dim() == 2, op,
+          "input must be a 2-d int8 tensor");
   check_packed_weight(op, input, packed_weight, weight_compensation, in_features);
   const Int8Kernels& kernels = active_int8_kernels();
   const int64_t rows = input.size(0), k = input.size(1), n = weight_compensation.size(0);
@@ -349,6 +367,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
                            const std::optional<at::Tensor>& input_scale, bool quantize_input) {
   check_linear_args(input, packed_weight, weight_compensation, in_features, weight_scale, bias,
                     input_scale);
+  if (input.scalar_type() == at::kDouble) {
+    return int8_linear_fp64(input, packed_weight, weight_compensation, in_features, weight_scale,
+                            bias, input_scale, quantize_input);
+  }
   const int64_t k = input.size(-1), n = weight_compensation.size(0);
   // An explicit row count: reshape({-1, 0}) cannot infer it when K == 0.
   const int64_t rows = c10::multiply_integers(input.sizes().begin(), input.sizes().end() - 1);

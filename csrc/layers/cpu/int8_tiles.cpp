@@ -8,10 +8,7 @@
 #include "cpu/isa.h"
 
 #if defined(__x86_64__)
-#include <cpuid.h>
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 
 namespace fastopt::cpu::int8 {
@@ -48,7 +45,7 @@ void weight_only_portable(const WeightOnlyTile& t) {
   }
 }
 
-constexpr Int8Kernels kPortable{false, gemm_portable, weight_only_portable};
+constexpr Int8Kernels kPortable{"portable", false, gemm_portable, weight_only_portable};
 
 #if defined(__x86_64__)
 
@@ -59,9 +56,6 @@ int32_t load_group(const uint8_t* p) {  // the 4 activation bytes of one group, 
 }
 
 // ---- AVX-512 VNNI: vpdpbusd does 64 exact byte products per instruction. ----
-
-#define FASTOPT_TARGET_VNNI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 
 // One named accumulator per (row, block) rather than an array: GCC 12 keeps a 16-vector array
 // in memory (it exceeds its scalar-replacement limit) or copies it between registers.
@@ -80,7 +74,7 @@ int32_t load_group(const uint8_t* p) {  // the 4 activation bytes of one group, 
   }
 
 template <int R, int NB>
-FASTOPT_TARGET_VNNI void gemm_vnni_fixed(const GemmTile& t) {
+FASTOPT_TARGET_AVX512_VNNI void gemm_vnni_fixed(const GemmTile& t) {
   static_assert(R <= 8 && NB <= 2, "FASTOPT_VNNI_ROWS names 8 rows of 2 blocks");
   FASTOPT_VNNI_ROWS(FASTOPT_VNNI_ZERO)
   const int8_t* b0 = t.b;
@@ -99,7 +93,7 @@ FASTOPT_TARGET_VNNI void gemm_vnni_fixed(const GemmTile& t) {
 #undef FASTOPT_VNNI_STORE
 
 template <int NB>
-FASTOPT_TARGET_VNNI void gemm_vnni_blocks(const GemmTile& t) {
+FASTOPT_TARGET_AVX512_VNNI void gemm_vnni_blocks(const GemmTile& t) {
   switch (t.rows) {
     case 1:
       return gemm_vnni_fixed<1, NB>(t);
@@ -121,7 +115,7 @@ FASTOPT_TARGET_VNNI void gemm_vnni_blocks(const GemmTile& t) {
 }
 
 // Any number of rows, 8 at a time.
-FASTOPT_TARGET_VNNI void gemm_vnni(const GemmTile& t) {
+FASTOPT_TARGET_AVX512_VNNI void gemm_vnni(const GemmTile& t) {
   for (int r0 = 0; r0 < t.rows; r0 += 8) {
     GemmTile part = t;
     part.a = t.a + r0 * t.lda;
@@ -137,11 +131,6 @@ FASTOPT_TARGET_VNNI void gemm_vnni(const GemmTile& t) {
 // reads the same layout. Tiles: 0-3 accumulators (2 row tiles x 2 blocks), 4-5 activations,
 // 6-7 weights; all 16 rows x 64 bytes.
 
-#define FASTOPT_TARGET_AMX                                                           \
-  __attribute__((                                                                    \
-      target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2," \
-             "fma,f16c")))
-
 constexpr int kAmxRows = 16;
 constexpr int kAmxGroups = 16;  // K groups per tile step: 64 bytes
 
@@ -152,18 +141,6 @@ struct alignas(64) AmxConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-
-// Whether this CPU has AMX-INT8 and Linux lets this process use the tile registers (asked once).
-bool amx_usable() {
-  static const bool usable = [] {
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
-    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // from asm/prctl.h
-    return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-  }();
-  return usable;
-}
 
 template <int RT, int NB>
 FASTOPT_TARGET_AMX void gemm_amx_fixed(const GemmTile& t) {
@@ -242,13 +219,11 @@ FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
 
 // ---- AVX2: exact products of sign-extended int16 with vpmaddwd (no vpmaddubsw saturation). ----
 
-#define FASTOPT_TARGET_AVX2_ONLY __attribute__((target("avx2,fma,f16c")))
-
 // Rows r0..r0+R-1 of one block. The 64 bytes of a group are 4 quarters of 4 channels x 4 weights;
 // vpmaddwd sums products in pairs, so lane 2i of quarter q holds channel 4q+i's k0*a0 + k1*a1 and
 // lane 2i+1 its k2*a2 + k3*a3; the two are added once, after the K loop.
 template <int R>
-FASTOPT_TARGET_AVX2_ONLY void gemm_avx2_rows(const GemmTile& t, int r0, int block) {
+FASTOPT_TARGET_AVX2 void gemm_avx2_rows(const GemmTile& t, int r0, int block) {
   __m256i acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < 4; ++q) acc[r][q] = _mm256_setzero_si256();
@@ -277,7 +252,7 @@ FASTOPT_TARGET_AVX2_ONLY void gemm_avx2_rows(const GemmTile& t, int r0, int bloc
   }
 }
 
-FASTOPT_TARGET_AVX2_ONLY void gemm_avx2(const GemmTile& t) {
+FASTOPT_TARGET_AVX2 void gemm_avx2(const GemmTile& t) {
   for (int block = 0; block < t.blocks; ++block) {
     int r = 0;
     for (; r + 2 <= t.rows; r += 2) gemm_avx2_rows<2>(t, r, block);
@@ -293,7 +268,8 @@ FASTOPT_TARGET_AVX2_ONLY void gemm_avx2(const GemmTile& t) {
 constexpr __mmask16 kAll = 0xFFFF;
 
 template <int R>
-FASTOPT_TARGET_VNNI void weight_only_avx512_rows(const WeightOnlyTile& t, int r0, int block) {
+FASTOPT_TARGET_AVX512_VNNI void weight_only_avx512_rows(const WeightOnlyTile& t, int r0,
+                                                        int block) {
   __m512 acc[R][kGroupK];
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < kGroupK; ++k) acc[r][k] = _mm512_setzero_ps();
@@ -338,7 +314,8 @@ FASTOPT_TARGET_VNNI void weight_only_avx512_rows(const WeightOnlyTile& t, int r0
   }
 
 template <int R>
-FASTOPT_TARGET_VNNI void weight_only_avx512_wide_rows(const WeightOnlyTile& t, int r0, int block) {
+FASTOPT_TARGET_AVX512_VNNI void weight_only_avx512_wide_rows(const WeightOnlyTile& t, int r0,
+                                                             int block) {
   static_assert(R <= 8, "FASTOPT_WIDE_ROWS names 8 rows");
   FASTOPT_WIDE_ROWS(FASTOPT_WIDE_ZERO)
   const int8_t* b = t.b + block * t.groups * kGroupBytes;
@@ -361,7 +338,7 @@ FASTOPT_TARGET_VNNI void weight_only_avx512_wide_rows(const WeightOnlyTile& t, i
 #undef FASTOPT_WIDE_STORE
 
 template <int R>
-FASTOPT_TARGET_AVX2_ONLY void weight_only_avx2_rows(const WeightOnlyTile& t, int r0, int block) {
+FASTOPT_TARGET_AVX2 void weight_only_avx2_rows(const WeightOnlyTile& t, int r0, int block) {
   __m256 acc[R][2][2];  // [row][half of the block][even / odd k]
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < 2; ++h) acc[r][h][0] = acc[r][h][1] = _mm256_setzero_ps();
@@ -405,10 +382,10 @@ void weight_only_by_rows(const WeightOnlyTile& t) {
 constexpr auto weight_only_avx512 =
     weight_only_by_rows<8, weight_only_avx512_wide_rows<8>, weight_only_avx512_rows<4>,
                         weight_only_avx512_rows<2>, weight_only_avx512_rows<1>>;
-constexpr Int8Kernels kAmx{true, gemm_amx, weight_only_avx512};
-constexpr Int8Kernels kVnni{true, gemm_vnni, weight_only_avx512};
+constexpr Int8Kernels kAmx{"amx", true, gemm_amx, weight_only_avx512};
+constexpr Int8Kernels kVnni{"vnni", true, gemm_vnni, weight_only_avx512};
 constexpr Int8Kernels kAvx2{
-    false, gemm_avx2,
+    "avx2", false, gemm_avx2,
     weight_only_by_rows<4, weight_only_avx2_rows<4>, weight_only_avx2_rows<4>,
                         weight_only_avx2_rows<2>, weight_only_avx2_rows<1>>};
 
@@ -419,10 +396,11 @@ constexpr Int8Kernels kAvx2{
 const Int8Kernels& active_int8_kernels() {
 #if defined(__x86_64__)
   switch (active_isa()) {
-    case Isa::kAvx512:
-      // VNNI came after AVX-512 itself (Cascade Lake); earlier AVX-512 CPUs run the AVX2 kernels.
-      if (__builtin_cpu_supports("avx512vnni")) return amx_usable() ? kAmx : kVnni;
-      return kAvx2;
+    case Isa::kAmx:
+      return kAmx;
+    case Isa::kAvx512Vnni:
+      return kVnni;
+    case Isa::kAvx512:  // AVX-512 without VNNI (before Cascade Lake) has no faster int8 product
     case Isa::kAvx2:
       return kAvx2;
     case Isa::kBaseline:

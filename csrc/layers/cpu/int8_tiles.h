@@ -50,6 +50,7 @@ struct WeightOnlyTile {
 
 // The micro-kernels of one instruction set.
 struct Int8Kernels {
+  const char* name;  // "amx", "vnni", "avx2" or "portable": what `python -m fastopt info` reports
   // The GEMM reads activations as uint8 a + 128 (vpdpbusd multiplies unsigned by signed bytes);
   // the caller then subtracts 128 * sum_k w[n][k] (the weight compensation) from every sum.
   bool unsigned_activations;
@@ -57,9 +58,9 @@ struct Int8Kernels {
   void (*weight_only)(const WeightOnlyTile&);
 };
 
-// The micro-kernels of the active instruction set (cpu/isa.h): AVX-512 VNNI where the CPU has it
-// (with AMX for whole 16-row tiles where the CPU and the OS allow it), else AVX2 (exact int16
-// products with vpmaddwd), else portable C++.
+// The micro-kernels of the active instruction set level (cpu/isa.h): amx (AMX for whole 16-row
+// tiles, VNNI for the rest), avx512_vnni (VNNI), avx512 and avx2 (exact int16 products with
+// vpmaddwd), baseline (portable C++).
 const Int8Kernels& active_int8_kernels();
 
 }  // namespace fastopt::cpu::int8

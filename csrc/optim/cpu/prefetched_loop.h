@@ -2,9 +2,9 @@
 //
 // Elements go in blocks; before each block the loop asks for the cache lines kPrefetchAhead
 // elements further on, on every stream. The hardware prefetchers follow four or five streams
-// less well while the core is busy with sqrt and division; the explicit requests keep the
-// memory pipes of both cores of our CI machine full (measured: the traffic probe runs 3-10%
-// faster with them, the Adam step about 15%).
+// less well while the core is busy with sqrt and division, so the lines of a stream can arrive
+// late; the explicit requests are issued early enough to keep the memory pipes busy (the
+// optimizer benchmarks and the traffic probe show the difference).
 #pragma once
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-"""Block-sparse linear products: the layout's index tensors, the op's autograd, and the functional
+"""The block-sparse layer's functional API: the layout's index tensors, the op's autograd, and the
 entry point ``blocksparse_linear``.
 
 A weight W [out, in] with a block layout (a boolean mask [out / B, in / B]) is stored as its
@@ -11,7 +11,9 @@ nonzero blocks ``values`` [nnz, B, B], in row-major order of the mask, and a
 - ``grad_values = grad_Y^T X`` sampled at the stored blocks (``row_indices``, ``col_indices``).
 
 On CPU tensors the ops run fastopt's C++ kernels, on CUDA tensors its Triton kernels
-(``fastopt.triton.blocksparse``).
+(``fastopt.triton.blocksparse``, registered as `_layers` says). As the int8 layer: the kernels, the
+op with its autograd registered here, the Module ``fastopt.nn.BlockSparseLinear``, the
+model-wide helper ``fastopt.nn.sparsify_``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _extension
+from .. import _library
+from . import _layers
 
 __all__ = ["BlockSparseIndex", "blocksparse_linear", "index_from_mask"]
 
@@ -68,15 +71,27 @@ def blocksparse_linear(
 
     Returns [..., out_features]. Differentiable in ``input``, ``values`` and ``bias``: the
     gradient of ``values`` is that of the stored blocks only; twice differentiable
-    (``create_graph=True``). CPU: float32 and bfloat16 (fp32 accumulation), block sizes 16, 32,
-    64; CUDA (Triton): float16, bfloat16, float32 (TF32 when
-    ``torch.backends.cuda.matmul.allow_tf32``).
+    (``create_graph=True``). CPU: float32 and bfloat16 (fp32 accumulation) and float64, block
+    sizes 16, 32, 64; CUDA (Triton): float16, bfloat16, float32 (TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32``), block sizes 16 to 128.
     """
-    if input.device.type == "cpu":
-        _extension.require_kernels(input.device, "fastopt.blocksparse.blocksparse_linear")
+    _layers.require_kernels(input.device, "blocksparse_linear", "blocksparse")
     # The kernels read the index tensors as plain arrays: they must be contiguous.
     index = [t.contiguous() for t in index]
-    return torch.ops.fastopt.blocksparse_linear(input, values, bias, *index)
+    return _layers.call_checked(
+        torch.ops.fastopt.blocksparse_linear,
+        lambda: _check(input, values, bias, index),
+        input,
+        values,
+        bias,
+        *index,
+    )
+
+
+def _check(input: Tensor, values: Tensor, bias: Tensor | None, index: list[Tensor]) -> None:
+    """The checks of fastopt::blocksparse_linear's fake, for the CPU path."""
+    block, _ = _library.check_blocksparse_linear(input, values, bias, *index)
+    _library.check_blocksparse_kernels("fastopt.blocksparse_linear", "values", values, block)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -160,8 +175,7 @@ def _backward(ctx, grad_output):
     if ctx.needs_input_grad[1]:
         grad_values = _grad_values(grad_output, input, index, values.shape[1])
     if ctx.needs_input_grad[2]:
-        batch_dims = tuple(range(grad_output.dim() - 1))  # sum(()) would sum every dim
-        grad_bias = grad_output.sum(batch_dims) if batch_dims else grad_output
+        grad_bias = _layers.bias_grad(grad_output)
     return grad_input, grad_values, grad_bias, None, None, None, None, None, None
 
 
@@ -170,22 +184,4 @@ torch.library.register_autograd(
 )
 
 
-def _triton_kernel(name: str):
-    """The CUDA kernel of op `name`: its Triton launcher, imported on first use so that importing
-    fastopt does not import Triton."""
-
-    def kernel(*args):
-        try:
-            from .triton import blocksparse as launchers
-        except ImportError as error:
-            raise RuntimeError(
-                f"fastopt::{name} runs on CUDA tensors with Triton, which failed to import "
-                f"({error}); install triton"
-            ) from error
-        return getattr(launchers, name)(*args)
-
-    return kernel
-
-
-for _name in _OPS:
-    torch.library.register_kernel(f"fastopt::{_name}", "cuda", _triton_kernel(_name))
+_layers.register_triton_kernels("blocksparse", _OPS)

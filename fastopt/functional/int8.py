@@ -1,19 +1,22 @@
-"""fastopt's int8 functional API: weight quantization and packing (done once, at conversion
-time), and the fused ops ``torch.ops.fastopt.int8_mm`` / ``int8_linear`` with docstrings.
+"""The int8 layer's functional API: weight quantization and packing (done once, at conversion
+time), and the fused ops ``torch.ops.fastopt.int8_mm`` / ``int8_linear`` with their autograd.
 
 Quantization is symmetric: weights get one scale per output channel, activations one scale per
 row (token), computed inside ``int8_linear``; an optional per-input-channel ``input_scale``
 (SmoothQuant) multiplies the input before that. ``fastopt.nn.Int8Linear`` is the layer.
+
+As the block-sparse layer: the kernels (C++ for CPU tensors, Triton for CUDA ones, see
+`_layers`), the op with its autograd registered here, the Module in ``fastopt.nn``, the model-wide
+helper ``fastopt.nn.quantize_``.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from . import _extension
+from .. import _library
+from . import _layers
 
 __all__ = [
     "dequantize_weight",
@@ -26,13 +29,14 @@ __all__ = [
     "uses_weight_only_path",
 ]
 
-BLOCK_N, GROUP_K = 16, 4  # the packed layout, csrc/layers/cpu/int8_tiles.h
+BLOCK_N, GROUP_K = _library.INT8_BLOCK_N, _library.INT8_GROUP_K  # the packed layout
 # Up to this many rows, dynamic mode runs the weight-only kernel (weights widened in registers,
 # float math). On a GPU that regime is memory-bound, so int8 activations would buy nothing. On
-# the CPU the int8 GEMM (64 products per vpdpbusd) beats the widening + fp32 FMAs even at one row
-# (0.39 vs 0.70 ms for a 4096x4096 layer on our 2-core Xeon, benchmarks/results/cpu-int8-linear.md;
-# 0.49 vs 2.4 ms at 16 rows), so there dynamic mode never switches.
+# the CPU the int8 GEMM multiplies 64 byte pairs per instruction while the weight-only kernel
+# widens every weight and multiplies in fp32, so the int8 GEMM stays ahead even at one row (the
+# CPU rows of benchmarks/test_int8_linear.py measure it), and dynamic mode never switches.
 WEIGHT_ONLY_MAX_ROWS = {"cpu": 0, "cuda": 16}
+_OPS = ("int8_mm", "int8_linear")
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,12 +75,16 @@ def smoothing_scale(input_absmax: Tensor, weight: Tensor, alpha: float = 0.5) ->
 
 
 def dequantize_weight(
-    weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None = None
+    weight: Tensor,
+    weight_scale: Tensor,
+    input_scale: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The float32 [N, K] weight an int8 layer multiplies by: ``weight * weight_scale[:, None]``,
-    times ``input_scale`` per input channel when smoothing folded that into the input."""
-    dequantized = weight.float() * weight_scale[:, None]
-    return dequantized if input_scale is None else dequantized * input_scale
+    """The [N, K] weight an int8 layer multiplies by, in `dtype`:
+    ``weight * weight_scale[:, None]``, times ``input_scale`` per input channel when smoothing
+    folded that into the input."""
+    dequantized = weight.to(dtype) * weight_scale.to(dtype)[:, None]
+    return dequantized if input_scale is None else dequantized * input_scale.to(dtype)
 
 
 def pack_int8_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,37 +112,16 @@ def unpack_int8_weight(packed: Tensor, out_features: int, in_features: int) -> T
     return plain[:out_features, :in_features].contiguous()
 
 
-def _load_triton_kernels() -> str | None:
-    """Registers the Triton kernels for CUDA where a GPU is present; returns why not, if not."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available"
-    try:
-        from .triton import int8_linear  # noqa: F401  (registers the CUDA kernels on import)
-    except ImportError as error:
-        return f"the Triton kernels failed to import ({error}); install triton"
-    return None
-
-
-_TRITON_MISSING = _load_triton_kernels()
-
-
-def _require_kernels(device: torch.device, what: str) -> None:
-    if device.type == "cuda":
-        if _TRITON_MISSING is not None:
-            raise RuntimeError(
-                f"{what}: no fastopt int8 kernels for cuda tensors: {_TRITON_MISSING}"
-            )
-        return
-    _extension.require_kernels(device, what)
-
-
 def int8_mm(
     input: Tensor, packed_weight: Tensor, weight_compensation: Tensor, in_features: int
 ) -> Tensor:
     """The exact int32 product ``input @ weight.T`` of an int8 [M, K] input and the int8
     [N, in_features] weight packed by `pack_int8_weight`. Returns int32 [M, N]."""
-    _require_kernels(input.device, "fastopt.int8.int8_mm")
-    return torch.ops.fastopt.int8_mm(input, packed_weight, weight_compensation, in_features)
+    _layers.require_kernels(input.device, "int8_mm", "int8_linear")
+    args = (input, packed_weight, weight_compensation, in_features)
+    return _layers.call_checked(
+        torch.ops.fastopt.int8_mm, lambda: _library.check_int8_mm(*args), *args
+    )
 
 
 def uses_weight_only_path(rows: int, device: torch.device) -> bool:
@@ -168,17 +155,14 @@ def int8_linear(
     """
     if mode not in ("dynamic", "weight_only"):
         raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {mode!r}")
-    _require_kernels(input.device, "fastopt.int8.int8_linear")
+    _layers.require_kernels(input.device, "int8_linear", "int8_linear")
     rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 0
     quantize_input = mode == "dynamic" and not uses_weight_only_path(rows, input.device)
-    return torch.ops.fastopt.int8_linear(
-        input,
-        packed_weight,
-        weight_compensation,
-        in_features,
-        weight_scale,
-        bias,
-        input_scale,
+    args = (input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale)
+    return _layers.call_checked(
+        torch.ops.fastopt.int8_linear,
+        lambda: _library.check_int8_linear(*args),
+        *args,
         quantize_input,
     )
 
@@ -188,24 +172,23 @@ def _int8_linear_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(packed_weight, weight_scale, input_scale)
     ctx.in_features = in_features
     ctx.out_features = weight_compensation.shape[0]
-    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _int8_linear_backward(ctx, grad_output):
     packed_weight, weight_scale, input_scale = ctx.saved_tensors
     grad_input = grad_bias = None
     if ctx.needs_input_grad[0]:
+        # In float32, or float64 for float64 inputs (which gradcheck checks).
+        dtype = torch.promote_types(grad_output.dtype, torch.float32)
         weight = unpack_int8_weight(packed_weight, ctx.out_features, ctx.in_features)
-        dequantized = dequantize_weight(weight, weight_scale, input_scale)
-        grad_input = (grad_output.float() @ dequantized).to(grad_output.dtype)
+        dequantized = dequantize_weight(weight, weight_scale, input_scale, dtype)
+        grad_input = (grad_output.to(dtype) @ dequantized).to(grad_output.dtype)
     if ctx.needs_input_grad[5]:
-        # As F.linear's: grad_output summed over every dimension but the last.
-        rows = math.prod(grad_output.shape[:-1])
-        grad_bias = grad_output.reshape(rows, ctx.out_features).float().sum(0)
-        grad_bias = grad_bias.to(ctx.bias_dtype)
+        grad_bias = _layers.bias_grad(grad_output)
     return grad_input, None, None, None, None, grad_bias, None, None
 
 
 torch.library.register_autograd(
     "fastopt::int8_linear", _int8_linear_backward, setup_context=_int8_linear_setup_context
 )
+_layers.register_triton_kernels("int8_linear", _OPS)
