@@ -1,5 +1,6 @@
 """Triton kernels of the block-sparse linear products (the CUDA kernels of
-``torch.ops.fastopt.blocksparse_linear*``; see ``fastopt.blocksparse`` for the index tensors).
+``torch.ops.fastopt.blocksparse_linear*``; see ``fastopt.functional.blocksparse`` for the index
+tensors).
 
 - ``_dsd_kernel``: dense = dense x block-sparse. One program per (output block column, tile of
   rows) sums ``tl.dot(A[rows, block column], W block)`` over the entries of its index row. The
@@ -138,11 +139,11 @@ def _check(name: str, values_or_block: Tensor | int, *dense: tuple[str, Tensor])
     block = values_or_block if isinstance(values_or_block, int) else values_or_block.shape[-1]
     if block not in configs.BLOCKSPARSE_BLOCKS:
         raise ValueError(
-            f"fastopt::{name}: the Triton kernels take blocks of 16 to 128, got {block}"
+            f"fastopt.{name}: the Triton kernels take blocks of 16 to 128, got {block}"
         )
     for label, t in dense:
         if t.dtype not in configs.BLOCKSPARSE_DTYPES:
-            raise TypeError(f"fastopt::{name}: {label} must be float16, bfloat16 or float32")
+            raise TypeError(f"fastopt.{name}: {label} must be float16, bfloat16 or float32")
     return block
 
 

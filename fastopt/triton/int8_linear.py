@@ -2,10 +2,10 @@
 their launchers, plain functions of tensors that tests call on CPU tensors under
 ``TRITON_INTERPRET=1``.
 
-They read the packed weight of ``fastopt.int8.pack_int8_weight`` ([N/16, K/4, 16, 4] int8, see
-csrc/layers/cpu/int8_tiles.h), so one layer moves between devices unchanged. ``tl.dot`` multiplies
-int8 tiles exactly into int32 (IMMA on the GPU), signed, so the compensation that the CPU's VNNI
-kernel needs is only read for its shape here.
+They read the packed weight of ``fastopt.functional.int8.pack_int8_weight`` ([N/16, K/4, 16, 4]
+int8, see csrc/layers/cpu/int8_tiles.h), so one layer moves between devices unchanged.
+``tl.dot`` multiplies int8 tiles exactly into int32 (IMMA on the GPU), signed, so the
+compensation that the CPU's VNNI kernel needs is only read for its shape here.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from helpers.int8_reference import fake_quant_linear
 from helpers.rng import generator
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fastopt.blocksparse as bs
-from fastopt import int8
+import fastopt.functional.blocksparse as bs
+from fastopt.functional import int8
 from fastopt.triton import blocksparse as triton_blocksparse
 from fastopt.triton import configs
 from fastopt.triton import int8_linear as triton_int8

@@ -13,7 +13,6 @@ from helpers.blocksparse_reference import (
     make_case,
     make_mask,
 )
-from helpers.cuda import ON_CUDA, checked_cuda
 
 import fastopt.functional.blocksparse as bs
 
@@ -155,22 +154,3 @@ def test_op_rejects_a_non_contiguous_index(field):
             )
     for t, b in zip((case.x, case.values, case.bias, *index), before, strict=True):
         assert torch.equal(t, b)
-
-
-@ON_CUDA[0]
-@ON_CUDA[1]
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("block", [16, 64])
-@pytest.mark.parametrize("kind", ["random", "empty_rows"])
-@pytest.mark.parametrize("batch", [(5,), (3, 70)], ids=str)
-def test_cuda_matches_reference(dtype, block, kind, batch):
-    """On CUDA tensors the op runs the Triton kernels (fp32 without TF32 here, to be exact)."""
-    mask = make_mask(kind, 3, 4, torch.Generator().manual_seed(block))
-    case = make_case(mask, block, batch, dtype, seed=block)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with checked_cuda():
-            assert_close_to_reference(run(case, "cuda"), case)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
