@@ -298,9 +298,12 @@ def run(seed: int = 0) -> tuple[list[Result], list[str]]:
                 if not available:
                     absent.append(f"cpu ({level}): not supported by this CPU or build")
                     continue
+                # The int8 GEMM's variant (AMX tiles, VNNI, AVX2, portable) per level.
+                int8 = f"{level}, int8 {_extension.cpu_module().int8_kernels()}"
                 for check in _checks("cpu"):
                     result = check(torch.Generator().manual_seed(seed))
-                    result.device = f"cpu ({level})"
+                    is_int8 = result.kernel.startswith("int8")
+                    result.device = f"cpu ({int8 if is_int8 else level})"
                     results.append(result)
     else:
         absent.append(f"cpu: {_extension._load_errors.get('cpu')}")

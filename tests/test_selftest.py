@@ -25,6 +25,11 @@ def test_selftest_passes_on_this_machine_and_says_what_it_did_not_check():
         assert any(k.startswith(op) for k in kernels), op
     for kernel in ("sparse_adagrad_step_", "int8_linear (dynamic)", "blocksparse_linear"):
         assert any(k.startswith(kernel) for k in kernels), kernel
+    # The int8 rows name the GEMM variant each instruction set runs.
+    best = fastopt._extension.cpu_module().best_cpu_isa()
+    variant = {"amx": "amx", "avx512_vnni": "vnni", "avx512": "avx2", "avx2": "avx2"}
+    expected = f"cpu ({best}, int8 {variant.get(best, 'portable')})"
+    assert any(expected in line and "int8_linear" in line for line in done.stdout.splitlines())
 
 
 def _adam_with_lr_off_by(factor: float) -> type:
