@@ -11,6 +11,7 @@ A subclass names its per-param state tensors (and may say how to create them), a
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
@@ -78,8 +79,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     elif (
                         isinstance(value, Tensor)
                         and value.shape == p.shape
-                        and not _same_element_offsets(value, p)
+                        and value.stride() != p.stride()
                     ):
+                        # The kernels also take strides that differ in dimensions of size 1
+                        # (csrc/optim/optimizer_checks.h); the param's exact layout is simpler.
                         p_state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
     @torch.no_grad()
@@ -123,15 +126,33 @@ class FusedOptimizer(torch.optim.Optimizer):
                 device = params[0].device
                 found_inf = self._skip_flag(device) if check_only else amp.found_inf(device)
                 self._group_step(group, params, grads, states, amp.grad_scale(device), found_inf)
-        except Exception:
+        except Exception as error:
             for p in created:  # leave no trace of a failed step
                 del self.state[p]
-            if current is not None:
-                # Re-raise naming the param group, the param and the fix, where the check below
-                # finds the cause; otherwise the op's own message.
-                self._check_group(*current)
-            raise
+            if current is None:
+                raise
+            # Re-raise naming the param group, the param and the fix, where the check below
+            # finds the cause; otherwise the op's own message, with the param group it names.
+            self._check_group(*current)
+            in_context = self._in_group_context(error, *current)
+            if in_context is error:
+                raise
+            raise in_context from error
         return loss
+
+    def _where(self, index: int, group, p: Tensor) -> str:
+        """`p` as users know it: its place in `param_groups`, which also holds params without
+        a grad."""
+        i = next(j for j, q in enumerate(group["params"]) if q is p)
+        return f"{type(self).__name__}: param {i} of param_groups[{index}] (shape {tuple(p.shape)})"
+
+    def _in_group_context(self, error: Exception, index: int, group, params, grads) -> Exception:
+        """The op's error about its `name[i]` argument (`grads[2] has strides ...`) said of the
+        param it concerns; other errors as they are."""
+        found = re.search(r"\w\[(\d+)\]", str(error))
+        if not isinstance(error, RuntimeError) or found is None or int(found[1]) >= len(params):
+            return error
+        return RuntimeError(f"{self._where(index, group, params[int(found[1])])}: {error}")
 
     def _skip_flag(self, device: torch.device) -> Tensor:
         """A found_inf that is set, on `device`; kept, so that steps after the first (those a
@@ -157,9 +178,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         _extension.require_kernels(device, name)
 
         def where(p: Tensor) -> str:
-            # The index in the group's own list, which also holds params without a grad.
-            i = next(j for j, q in enumerate(group["params"]) if q is p)
-            return f"{name}: param {i} of param_groups[{index}] (shape {tuple(p.shape)})"
+            return self._where(index, group, p)
 
         for p, g in zip(params, grads, strict=True):
             sparse = g.is_sparse and self._supports_sparse_grads
@@ -199,11 +218,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"{where(p)} is not stored densely (a strided view of a larger tensor?); "
                     "fastopt's kernels need dense params: use `p.data = p.data.contiguous()`"
-                )
-            if not sparse and not _same_element_offsets(g, p):
-                raise RuntimeError(
-                    f"{where(p)} has a grad with strides {g.stride()} but the param has "
-                    f"{p.stride()}; give the grad the param's memory layout"
                 )
         lr = group["lr"]
         if isinstance(lr, Tensor) and not (lr.device.type == "cpu" or lr.device == device):
@@ -269,14 +283,6 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
-
-
-def _same_element_offsets(t: Tensor, p: Tensor) -> bool:
-    """Whether `t`'s elements sit at the same offsets as `p`'s (same shape): strides must agree
-    except in dimensions of size 1, where they never matter."""
-    return all(
-        size == 1 or a == b for size, a, b in zip(p.shape, t.stride(), p.stride(), strict=True)
-    )
 
 
 def _step_tensor(step, device: torch.device) -> Tensor:
