@@ -29,7 +29,8 @@ SHARED_MEMORY = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # per block, the CUD
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    tests = os.path.join(ROOT, "tests")  # for helpers/, as pytest's pythonpath gives the tests
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, tests, env.get("PYTHONPATH", "")])
     command = [sys.executable, "triton_compile.py", "--jobs", "2"]
     done = subprocess.run(
         command + (["--all"] if COMPILE_ALL else []),

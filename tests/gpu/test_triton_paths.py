@@ -7,7 +7,6 @@ for CUDA. A kernel that loses its row-tile or its K-loop offset fails here."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -19,6 +18,8 @@ from helpers.blocksparse_reference import (
     make_mask,
     reference,
 )
+from helpers.blocksparse_run import run_with_autograd
+from helpers.cuda import allow_tf32
 from helpers.int8_reference import fake_quant_linear
 from helpers.rng import generator
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,16 +37,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@contextlib.contextmanager
-def allow_tf32(enabled: bool):
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-
-
 class RegisteredCudaKernels(TorchDispatchMode):
     """Runs each fastopt op on the kernel registered for its CUDA dispatch key, whatever the
     tensors' device: on CPU tensors, the registration's own code and the Triton launchers run in
@@ -61,19 +52,6 @@ class RegisteredCudaKernels(TorchDispatchMode):
             return func(*args, **kwargs)
         self.ops.append(func.__name__)
         return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args, **kwargs)
-
-
-def run_with_autograd(case, device):
-    """Forward and backward through fastopt.blocksparse.blocksparse_linear; results on the CPU."""
-    leaves = {"input": case.x, "values": case.values}
-    if case.bias is not None:
-        leaves["bias"] = case.bias
-    leaves = {k: v.to(device).requires_grad_() for k, v in leaves.items()}
-    index = bs.index_from_mask(case.mask.to(device))
-    out = bs.blocksparse_linear(leaves["input"], leaves["values"], index, leaves.get("bias"))
-    out.backward(case.grad_out.to(device))
-    results = {"out": out.detach()} | {k: v.grad for k, v in leaves.items()}
-    return {k: v.cpu() for k, v in results.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

@@ -32,6 +32,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from helpers import cuda as cuda_helpers  # noqa: E402
 from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
@@ -60,16 +61,6 @@ class Launch(NamedTuple):
     config: configs.Config
     args: tuple
     kwargs: dict
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def record(module, call: Callable[[], object]) -> list[tuple]:
@@ -136,7 +127,7 @@ def _blocksparse_launches() -> Iterator[Launch]:
                 largest = max(chosen.values())
                 for config, rows in chosen.items():
                     x = torch.randn(rows, block).to(dtype)
-                    with tf32(allow_tf32):
+                    with cuda_helpers.allow_tf32(allow_tf32):
                         launches = record(blocksparse, lambda c=call, x=x: c(x))
                     label = f"{op} {str(dtype)[6:]} {kind} B={block} rows={rows}"
                     for kernel, args, kwargs in launches:

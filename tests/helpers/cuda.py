@@ -53,3 +53,15 @@ def cuda_kernels() -> Iterator[str]:
     else:
         with cuda_emulation.emulated_cuda_kernels():
             yield "cpu"
+
+
+@contextlib.contextmanager
+def allow_tf32(enabled: bool) -> Iterator[None]:
+    """Runs the block with TF32 matmuls (``torch.backends.cuda.matmul.allow_tf32``, which the
+    Triton launchers read) on or off, restoring the setting after."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

@@ -8,26 +8,13 @@ import pytest
 import torch
 from helpers.blocksparse_reference import (
     LAYOUT_KINDS,
-    Case,
     assert_close_to_reference,
     make_case,
     make_mask,
 )
+from helpers.blocksparse_run import run_with_autograd
 
 import fastopt.functional.blocksparse as bs
-
-
-def run(case: Case, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Forward and backward through fastopt.functional.blocksparse_linear; results on the CPU."""
-    leaves = {"input": case.x, "values": case.values}
-    if case.bias is not None:
-        leaves["bias"] = case.bias
-    leaves = {k: v.to(device).requires_grad_() for k, v in leaves.items()}
-    index = bs.index_from_mask(case.mask.to(device))
-    out = bs.blocksparse_linear(leaves["input"], leaves["values"], index, leaves.get("bias"))
-    out.backward(case.grad_out.to(device))
-    results = {"out": out.detach()} | {k: v.grad for k, v in leaves.items()}
-    return {k: v.cpu() for k, v in results.items()}
 
 
 @pytest.mark.parametrize("kind", LAYOUT_KINDS)
@@ -37,7 +24,7 @@ def test_layouts_and_block_sizes(cpu_isa, kind, block, dtype):
     gen = torch.Generator().manual_seed(block)
     mask = make_mask(kind, 3, 4, gen) if kind != "single" else make_mask(kind, 1, 1, gen)
     case = make_case(mask, block, (2, 29), dtype, seed=block + len(kind))
-    assert_close_to_reference(run(case), case)
+    assert_close_to_reference(run_with_autograd(case), case)
 
 
 # (): one sample without a batch dim; 0: an empty batch; 25 and 50: more than one panel of 24
@@ -46,13 +33,13 @@ def test_layouts_and_block_sizes(cpu_isa, kind, block, dtype):
 def test_batch_shapes(cpu_isa, batch):
     mask = make_mask("random", 2, 3, torch.Generator().manual_seed(1))
     case = make_case(mask, 16, batch, torch.float32, seed=len(batch))
-    assert_close_to_reference(run(case), case)
+    assert_close_to_reference(run_with_autograd(case), case)
 
 
 def test_without_bias():
     mask = make_mask("random", 2, 5, torch.Generator().manual_seed(2))
     case = make_case(mask, 32, (9,), torch.float32, seed=3, bias=False)
-    assert_close_to_reference(run(case), case)
+    assert_close_to_reference(run_with_autograd(case), case)
 
 
 def test_non_contiguous_input_and_grad():
@@ -63,7 +50,7 @@ def test_non_contiguous_input_and_grad():
     grad_out = torch.stack([case.grad_out, case.grad_out], -1)[..., 0]
     assert not x.is_contiguous() and not grad_out.is_contiguous()
     strided = case._replace(x=x, grad_out=grad_out)
-    assert_close_to_reference(run(strided), case)
+    assert_close_to_reference(run_with_autograd(strided), case)
 
 
 def test_grad_input_and_values_ops_alone():
@@ -77,7 +64,7 @@ def test_grad_input_and_values_ops_alone():
     grad_values = torch.ops.fastopt.blocksparse_linear_grad_values(
         case.grad_out, case.x, index.row_indices, index.col_indices, 16
     )
-    forward = run(case)
+    forward = run_with_autograd(case)
     assert_close_to_reference(
         {"out": forward["out"], "input": grad_input, "values": grad_values}, case
     )
