@@ -45,7 +45,10 @@ def _step_function(op: StepOp) -> Callable[..., None]:
     def step(*lists, lr, grad_scale=None, found_inf=None, **given) -> None:
         # Plain argument handling rather than signature.bind, so torch.compile traces it.
         if len(lists) != len(op.list_names) or set(given) - own_names:
-            signature.bind(*lists, lr=lr, **given)  # raises the usual TypeError
+            # Lists passed by keyword, or a wrong call (bind raises the usual TypeError).
+            bound = signature.bind(*lists, lr=lr, **given).arguments
+            lists = tuple(bound[name] for name in op.list_names)
+            given = {a.name: bound[a.name] for a in op.own if a.name in bound}
         own_values = []
         for a in op.own:
             if a.name not in given and a.default is None:

@@ -65,3 +65,19 @@ def test_error_messages_name_the_op_as_users_call_it():
     with pytest.raises(RuntimeError, match=r"fastopt\.adagrad_step_: grads has 0 tensors"):
         torch.ops.fastopt.adagrad_step_([p], [], [torch.zeros(3)], [torch.zeros(())], 0.1, None,
                                         0.0, 0.0, 1e-10, False, None, None)  # fmt: skip
+
+
+def test_functional_wrapper_takes_its_lists_by_keyword_too():
+    gen = torch.Generator().manual_seed(0)
+    start, grad = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    results = []
+    for by_keyword in (False, True):
+        lists = {"params": [start.clone()], "grads": [grad.clone()], "state_sums": [torch.zeros(5)]}
+        lists["steps"] = [torch.zeros(())]
+        if by_keyword:
+            fastopt.functional.adagrad_step_(**lists, lr=0.1)
+        else:
+            fastopt.functional.adagrad_step_(*lists.values(), lr=0.1)
+        results.append(lists["params"][0])
+    assert not torch.equal(results[0], start)
+    assert torch.equal(results[0], results[1])
