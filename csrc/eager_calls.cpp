@@ -94,6 +94,46 @@ struct PyArgument<std::optional<at::Tensor>> {
 };
 
 template <>
+struct PyArgument<OptionalTensorList> {  // a list of tensors and Nones
+  OptionalTensorList tensors;
+  bool parse(PyObject* object) {
+    if (!PyList_Check(object) && !PyTuple_Check(object)) return false;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(object);
+    PyObject** items = PySequence_Fast_ITEMS(object);
+    tensors.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (items[i] == Py_None) {
+        tensors.push_back(std::nullopt);
+      } else if (THPVariable_CheckExact(items[i])) {
+        tensors.push_back(THPVariable_Unpack(items[i]));
+      } else {
+        return false;
+      }
+    }
+    return true;
+  }
+  const OptionalTensorList& get() const { return tensors; }
+};
+
+template <>
+struct PyArgument<at::IntArrayRef> {  // a list of Python ints
+  std::vector<int64_t> values;
+  bool parse(PyObject* object) {
+    if (!PyList_Check(object) && !PyTuple_Check(object)) return false;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(object);
+    PyObject** items = PySequence_Fast_ITEMS(object);
+    values.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!PyLong_Check(items[i])) return false;
+      values.push_back(PyLong_AsLongLong(items[i]));
+      if (PyErr_Occurred()) return false;
+    }
+    return true;
+  }
+  at::IntArrayRef get() const { return values; }
+};
+
+template <>
 struct PyArgument<double> {
   double value = 0;
   bool parse(PyObject* object) {

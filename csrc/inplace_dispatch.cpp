@@ -5,7 +5,8 @@
 // do what those fallbacks do, unboxed: refuse to run in grad mode when a tensor the op updates
 // requires grad, and bump the version counter of every updated tensor so that autograd notices
 // the change. Every Tensor and Tensor[] argument of these ops is updated in place (see their
-// schemas); optional tensors (lr_tensor, grad_scale, found_inf) are only read.
+// schemas), as is every tensor of a Tensor?[] (masters); optional tensors (lr_tensor,
+// grad_scale, found_inf, grad_norm) are only read.
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/DispatchKeySet.h>
@@ -25,6 +26,10 @@ template <typename F, typename First, typename... Rest>
 void for_each_tensor_in_lists(const F& f, const First& first, const Rest&... rest) {
   if constexpr (std::is_same_v<std::decay_t<First>, at::TensorList>) {
     for (const at::Tensor& t : first) f(t);
+  } else if constexpr (std::is_same_v<std::decay_t<First>, OptionalTensorList>) {
+    for (const std::optional<at::Tensor> t : first) {
+      if (t.has_value()) f(*t);
+    }
   } else if constexpr (std::is_same_v<std::decay_t<First>, at::Tensor>) {
     f(first);
   }

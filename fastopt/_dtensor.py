@@ -38,7 +38,9 @@ _DTENSOR_MODULE = "torch.distributed.tensor"
 
 # The one-element arguments of the optimizer ops, by schema name. Every other tensor argument
 # after the params (grads, states) is one tensor per param, laid out as its param.
-_ONE_ELEMENT_ARGUMENTS = frozenset({"steps", "step", "lr_tensor", "grad_scale", "found_inf"})
+_ONE_ELEMENT_ARGUMENTS = frozenset(
+    {"steps", "step", "lr_tensor", "grad_scale", "found_inf", "grad_norm"}
+)
 
 _enabled = False
 _DTensor: type = type(None)  # torch.distributed.tensor.DTensor once enable() has run
@@ -99,7 +101,7 @@ def _local_step_rule(op: torch._ops.OpOverload) -> Callable[..., Any]:
         for name in follow_params:
             # A list of another length (an option's empty list) is for the op's own checks.
             for i, (p, t) in enumerate(zip(params, _as_list(values[name]), strict=False)):
-                if not _laid_out_alike(t, p):
+                if t is not None and not _laid_out_alike(t, p):  # None: a param with no master
                     raise _layout_error(op_name, where(name, i), t, where(params_name, i), p)
         for name in one_element:
             for i, t in enumerate(_as_list(values[name])):
@@ -121,7 +123,7 @@ def _laid_out_alike(t, p) -> bool:
 
 
 def _is_tensor_argument(schema_type) -> bool:
-    if isinstance(schema_type, torch.OptionalType | torch.ListType):
+    while isinstance(schema_type, torch.OptionalType | torch.ListType):  # Tensor?[] too
         schema_type = schema_type.getElementType()
     return isinstance(schema_type, torch.TensorType)
 

@@ -8,7 +8,8 @@ follow from the matching update rule in the C++ op table (csrc/optim/step_ops.h)
 kernels fit the schema.
 
 Every op's arguments are a shared head and tail around its own (`schema` below):
-``params, grads, <state lists>, steps, lr, lr_tensor, <own arguments>, grad_scale, found_inf``.
+``params, grads, <state lists>, steps, lr, lr_tensor, <own arguments>, grad_scale, found_inf,
+masters, grad_norm, max_grad_norm, rounding_seeds``.
 An argument every optimizer takes is added there, once, and to csrc/optim/step_op.h.
 """
 
@@ -19,8 +20,11 @@ from dataclasses import dataclass
 # What the shared arguments mean, for every op's docstring.
 SHARED_ARGUMENTS_DOC = """\
     params, grads, <state lists>: one entry per param; each grad and state tensor has its
-        param's shape, dtype, device and memory layout. All params are on one device; their
-        dtypes (float32, float64, float16, bfloat16) may differ.
+        param's shape, device and memory layout, and each grad its dtype. All params are on one
+        device; their dtypes (float32, float64, float16, bfloat16) may differ. A param's state
+        is kept in its dtype, in float32 (for a float16 or bfloat16 param), or in bfloat16 (for a
+        float32 or bfloat16 param, or a float16 one with a master copy); the math is float32
+        (float64 for float64 params) whatever the storage.
     steps: one float32 one-element tensor per param on the params' device, the number of steps
         taken so far; each is incremented.
     lr: the learning rate, a float or a one-element tensor. A CUDA tensor is read from device
@@ -28,7 +32,19 @@ SHARED_ARGUMENTS_DOC = """\
         read when the step is launched (or captured).
     grad_scale: a loss scale to divide the grads by (``torch.amp.GradScaler``); the grads are
         stored back unscaled, as torch's fused optimizers do.
-    found_inf: nonzero means an inf/NaN gradient was found: nothing at all is changed."""
+    found_inf: nonzero means an inf/NaN gradient was found: nothing at all is changed.
+    masters: empty, or one entry per param: None, or the param's master copy (float16 and
+        bfloat16 params): a float32 tensor, or for a bfloat16 param an int16 remainder (the
+        param and the remainder together hold a float32 master exactly). The step updates the
+        master and stores it, rounded to nearest, into the param.
+    grad_norm, max_grad_norm: with a grad norm (a one-element float32/float64 tensor on the
+        params' device, e.g. from :func:`fastopt.functional.grad_norm`), the grads are clipped
+        as ``torch.nn.utils.clip_grad_norm_`` clips them, by ``min(max_grad_norm / (grad_norm
+        + 1e-6), 1)``, inside the step; the grads themselves are left as they are (unscaled
+        with ``grad_scale``). Read from device memory on CUDA: no host synchronization.
+    rounding_seeds: empty, or one int per param: bfloat16 state is then rounded stochastically
+        on store, with random bits that follow from the seed, the step count and the element's
+        place (the same on every device, and after resuming a checkpoint); else to nearest."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +74,7 @@ class StepOp:
     def schema(self) -> str:
         # Each mutated list gets its own alias set: a, b for params and grads, then one a state.
         letters = iter("abcdefghijklmnopqrstuvwxyz")
-        lists = ["params", "grads", *self.states, "steps"]
-        mutated = [f"Tensor({next(letters)}!)[] {name}" for name in lists]
+        mutated = [f"Tensor({next(letters)}!)[] {name}" for name in self.list_names]
         arguments = [
             *mutated,
             "float lr",
@@ -67,6 +82,10 @@ class StepOp:
             *(a.schema for a in self.own),
             "Tensor? grad_scale",
             "Tensor? found_inf",
+            f"Tensor({next(letters)}!)?[] masters",
+            "Tensor? grad_norm",
+            "float max_grad_norm",
+            "int[] rounding_seeds",
         ]
         return f"{self.name}({', '.join(arguments)}) -> ()"
 

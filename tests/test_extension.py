@@ -80,12 +80,27 @@ def test_both_routes_into_the_op_agree(route):
     kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
     expected = _adam_inputs(0)
     torch.ops.fastopt.adam_step_(
-        *expected, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+        *expected,
+        1e-2,
+        None,
+        0.9,
+        0.99,
+        1e-8,
+        0.1,
+        False,
+        False,
+        False,
+        None,
+        None,
+        [],
+        None,
+        0.0,
+        [],
     )
     if route == "eager entry":
         inputs = _adam_inputs(0)
         assert _extension.cpu_module().adam_step_(
-            *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+            *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None, [], None, 0.0, []
         ) is None  # fmt: skip
     elif route == "torch.ops":
         inputs = _adam_inputs(0)
@@ -94,7 +109,22 @@ def test_both_routes_into_the_op_agree(route):
         inputs = _adam_inputs(0, wrap=lambda t: t.as_subclass(_Subclass))
         assert (
             _extension.cpu_module().adam_step_(
-                *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+                *inputs,
+                1e-2,
+                None,
+                0.9,
+                0.99,
+                1e-8,
+                0.1,
+                False,
+                False,
+                False,
+                None,
+                None,
+                [],
+                None,
+                0.0,
+                [],
             )
             is NotImplemented
         )
@@ -109,7 +139,22 @@ def test_both_routes_into_the_op_agree(route):
         with Mode():
             assert (
                 _extension.cpu_module().adam_step_(
-                    *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None
+                    *inputs,
+                    1e-2,
+                    None,
+                    0.9,
+                    0.99,
+                    1e-8,
+                    0.1,
+                    False,
+                    False,
+                    False,
+                    None,
+                    None,
+                    [],
+                    None,
+                    0.0,
+                    [],
                 )
                 is NotImplemented
             )

@@ -7,13 +7,18 @@
 #include <c10/util/flat_hash_map.h>
 
 #include <optional>
-#include <utility>
 
 #include "optim/metadata_prefetch.h"
 
 namespace fastopt {
 
-using NamedTensorList = std::pair<const char*, at::TensorList>;
+// A list checked against the params element by element: grads have their param's dtype; state
+// may also be kept in another dtype (is_supported_state_dtype).
+struct CompanionList {
+  const char* name;
+  at::TensorList list;
+  bool is_state;
+};
 
 // Whether t's elements sit at the same memory offsets as p's, both of one shape: strides must
 // agree except in dimensions of size 1, where they never matter (autograd may set them apart).
@@ -59,13 +64,14 @@ class RepeatedTensorCheck {
 };
 
 // `params` and each list in `companions` (grads and per-element state) are checked element by
-// element: same device, dtype, shape and memory layout as the param, dense storage, supported
-// dtype. `steps` holds one float32 step counter per param on the params' device. No param and no
+// element: same device, shape and memory layout as the param, dense storage, supported dtype
+// (grads: the param's own; state: one dtype for all of a param's state lists, which the caller
+// checks against the param's). `steps` holds one float32 step counter per param on the params' device. No param and no
 // step counter may appear twice.
 inline void check_optimizer_tensors(const char* op, at::TensorList params,
-                                    c10::ArrayRef<NamedTensorList> companions, at::TensorList steps,
+                                    c10::ArrayRef<CompanionList> companions, at::TensorList steps,
                                     c10::DeviceType device_type) {
-  for (const auto& [name, list] : companions) {
+  for (const auto& [name, list, is_state] : companions) {
     TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(),
                 " tensors but params has ", params.size());
   }
@@ -81,7 +87,7 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
     const size_t ahead = i + kMetadataPrefetchDistance;
     prefetch_tensor_metadata(params, ahead);
     prefetch_tensor_metadata(steps, ahead);
-    for (const auto& [name, list] : companions) prefetch_tensor_metadata(list, ahead);
+    for (const auto& companion : companions) prefetch_tensor_metadata(companion.list, ahead);
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.device() == device, op, ": params[", i, "] is on ", p.device(),
                 " but params[0] is on ", device, "; one call takes tensors of one device");
@@ -89,15 +95,24 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
                 p.scalar_type(), "; supported are float32, float64, float16 and bfloat16");
     TORCH_CHECK(p.layout() == at::kStrided && p.is_non_overlapping_and_dense(), op, ": params[", i,
                 "] is not stored densely (a strided view?); make it contiguous first");
-    for (const auto& [name, list] : companions) {
+    const at::Tensor* first_state = nullptr;
+    for (const auto& [name, list, is_state] : companions) {
       const at::Tensor& t = list[i];
       TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, "[", i, "] has layout ", t.layout(),
                   "; only dense (strided) tensors are supported (for a sparse gradient use "
                   "torch.optim.SparseAdam, or make the gradient dense)");
       TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(),
                   " but params are on ", device);
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ",
-                  t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+      if (!is_state) {
+        TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", name, "[", i, "] has dtype ",
+                    t.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+      } else if (first_state == nullptr) {
+        first_state = &t;  // which dtypes go with the param's is the storage layout's question
+      } else {
+        TORCH_CHECK(t.scalar_type() == first_state->scalar_type(), op, ": ", name, "[", i,
+                    "] has dtype ", t.scalar_type(), " but the other state of params[", i,
+                    "] has ", first_state->scalar_type(), "; keep a param's state in one dtype");
+      }
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has ", p.sizes());
       TORCH_CHECK(same_element_offsets(t, p), op, ": ", name, "[", i, "] has strides ", t.strides(),

@@ -37,12 +37,28 @@ def _step_function(op: StepOp) -> Callable[..., None]:
         + [
             inspect.Parameter(n, keyword, annotation="Tensor | None", default=None)
             for n in ("grad_scale", "found_inf")
+        ]
+        + [
+            inspect.Parameter("masters", keyword, annotation="Sequence[Tensor | None]", default=()),
+            inspect.Parameter("grad_norm", keyword, annotation="Tensor | None", default=None),
+            inspect.Parameter("max_grad_norm", keyword, annotation="float | None", default=None),
+            inspect.Parameter("rounding_seeds", keyword, annotation="Sequence[int]", default=()),
         ],
         return_annotation="None",
     )
     own_names = {a.name for a in op.own}
 
-    def step(*lists, lr, grad_scale=None, found_inf=None, **given) -> None:
+    def step(
+        *lists,
+        lr,
+        grad_scale=None,
+        found_inf=None,
+        masters=(),
+        grad_norm=None,
+        max_grad_norm=None,
+        rounding_seeds=(),
+        **given,
+    ) -> None:
         # Plain argument handling rather than signature.bind, so torch.compile traces it.
         if len(lists) != len(op.list_names) or set(given) - own_names:
             # Lists passed by keyword, or a wrong call (bind raises the usual TypeError).
@@ -55,7 +71,22 @@ def _step_function(op: StepOp) -> Callable[..., None]:
                 raise TypeError(f"{op.name}() missing keyword argument: '{a.name}'")
             # Tensor hyperparameters (betas) are read on the host, as torch.optim reads them.
             own_values.append(a.type(given.get(a.name, a.default)))
-        _call(op.name, (*lists, *_lr_arguments(lr), *own_values, grad_scale, found_inf))
+        if grad_norm is not None and max_grad_norm is None:
+            raise TypeError(f"{op.name}(): grad_norm is given without max_grad_norm")
+        _call(
+            op.name,
+            (
+                *lists,
+                *_lr_arguments(lr),
+                *own_values,
+                grad_scale,
+                found_inf,
+                list(masters),
+                grad_norm,
+                0.0 if max_grad_norm is None else float(max_grad_norm),
+                list(rounding_seeds),
+            ),
+        )
 
     step.__name__ = step.__qualname__ = op.name
     step.__module__ = __name__

@@ -3,6 +3,14 @@
 from .adadelta import FusedAdadelta
 from .adagrad import FusedAdagrad
 from .adam import FusedAdam, FusedAdamW
+from ._precision import to_torch_state_dict
 from .rmsprop import FusedRMSprop
 
-__all__ = ["FusedAdadelta", "FusedAdagrad", "FusedAdam", "FusedAdamW", "FusedRMSprop"]
+__all__ = [
+    "FusedAdadelta",
+    "FusedAdagrad",
+    "FusedAdam",
+    "FusedAdamW",
+    "FusedRMSprop",
+    "to_torch_state_dict",
+]

@@ -5,7 +5,9 @@ A subclass names its per-param state tensors (and may say how to create them), a
 - the state_dict has torch's format, so checkpoints move to and from torch.optim both ways;
 - `torch.amp.GradScaler` hands over `grad_scale` / `found_inf` (the contract torch's fused
   optimizers use) and unscaling happens inside the kernel;
-- every param of every group is checked before anything (params, state, step counts) changes.
+- every param of every group is checked before anything (params, state, step counts) changes;
+- the precision options every optimizer takes (`fastopt.optim._precision`): master copies of
+  16-bit params, the dtype of the state, and clipping by the global grad norm inside the step.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from . import _precision
+from ._precision import PrecisionOptions
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -33,14 +38,38 @@ class FusedOptimizer(torch.optim.Optimizer):
     # own __setstate__ gives them.
     _keys_added_later: dict[str, Any] = {}
 
-    def __init__(self, params, defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params, defaults: dict[str, Any], precision: PrecisionOptions | None = None
+    ) -> None:
         if defaults.get("differentiable"):
             raise ValueError(
                 f"{type(self).__name__} does not support differentiable=True (its kernels do not "
                 "record autograd history); use the torch.optim optimizer for that"
             )
         _check_lr(defaults["lr"])
-        super().__init__(params, defaults)
+        precision = precision or PrecisionOptions()
+        precision.check(type(self).__name__)
+        # Kept in every param group where not at their defaults (so a group may differ, and a
+        # state_dict records them).
+        super().__init__(params, defaults | precision.group_entries())
+        # The pre-clip total grad norm of the last step with clipping, a 0-dim tensor.
+        self.grad_norm: Tensor | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group, as torch.optim does; refuses ``master_weights`` for a group with
+        no float16/bfloat16 param, which has nothing to keep a master copy of."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        master_weights = _precision.option(group, "master_weights")
+        if master_weights and not any(p.dtype in _HALF for p in group["params"]):
+            self.param_groups.pop()
+            dtypes = sorted({str(p.dtype) for p in group["params"]})
+            raise ValueError(
+                f"{type(self).__name__}: master_weights={master_weights!r} but "
+                f"param_groups[{len(self.param_groups)}] has no float16 or bfloat16 param (its "
+                f"dtypes: {', '.join(dtypes)}); master copies are for 16-bit params: convert "
+                "the model first (model.bfloat16()), or drop master_weights"
+            )
 
     # -- what a subclass provides -------------------------------------------------------------
 
@@ -49,12 +78,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _new_state(self, p: Tensor, group: dict[str, Any], key: str) -> Tensor:
-        """The state tensor `key` of `p` when it is created: zeros, as torch.optim creates most."""
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+        """The state tensor `key` of `p` when it is created: zeros, as torch.optim creates most,
+        in the dtype the group's precision options give it."""
+        return torch.zeros_like(
+            p, dtype=_precision.state_dtype(p, group), memory_format=torch.preserve_format
+        )
 
-    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+    def _group_step(self, group, params, grads, states, shared: dict[str, Any]) -> None:
         """Updates `params` (all with a grad, all on one device) and their state in place;
-        `states[key]` holds the params' state tensors of that key, in the params' order."""
+        `states[key]` holds the params' state tensors of that key, in the params' order, and
+        `shared` the keyword arguments every functional step takes (grad_scale, found_inf,
+        masters, grad_norm, max_grad_norm, rounding_seeds)."""
         raise NotImplementedError
 
     # -- the shared machinery ------------------------------------------------------------------
@@ -64,6 +98,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self._keys_added_later.items():
                 group.setdefault(key, value)
+            # A checkpoint of torch.optim (or of an older fastopt) has no precision options:
+            # the group takes this optimizer's own.
+            for key in _precision.GROUP_DEFAULTS:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         # A checkpoint may come from torch.optim with its step counts on the CPU (or, from old
         # torch versions, as Python numbers), and from a model whose params had another memory
         # layout (contiguous, then channels_last); the kernels read the counts on the param's
@@ -91,6 +130,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, as torch.optim returns it; without a closure, when the grads
+            are clipped (``max_grad_norm``), their total norm before clipping (a 0-dim tensor on
+            the params' device, also kept as ``self.grad_norm``), else None.
         """
         loss = None
         if closure is not None:
@@ -109,6 +153,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         created: list[Tensor] = []
         current = None
         try:
+            clipping = _precision.clipping(self.param_groups, type(self).__name__)
+            grad_norm = None
+            if clipping is not None and work:
+                grads = [g for _, _, _, group_grads in work for g in group_grads]
+                grad_norm = _precision.total_norm(grads, clipping, amp.grad_scale(grads[0].device))
             prepared = []
             for current in work:
                 _, group, params, _ = current
@@ -125,7 +174,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 index, group, params, grads = current
                 device = params[0].device
                 found_inf = self._skip_flag(device) if check_only else amp.found_inf(device)
-                self._group_step(group, params, grads, states, amp.grad_scale(device), found_inf)
+                shared = {"grad_scale": amp.grad_scale(device), "found_inf": found_inf}
+                shared |= _precision.step_arguments(group, states, grad_norm, device)
+                self._group_step(group, params, grads, states, shared)
         except Exception as error:
             for p in created:  # leave no trace of a failed step
                 del self.state[p]
@@ -138,7 +189,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if in_context is error:
                 raise
             raise in_context from error
-        return loss
+        if grad_norm is not None:
+            self.grad_norm = grad_norm
+        return loss if closure is not None else grad_norm
 
     def _where(self, index: int, group, p: Tensor) -> str:
         """`p` as users know it: its place in `param_groups`, which also holds params without
@@ -227,23 +280,52 @@ class FusedOptimizer(torch.optim.Optimizer):
             )
 
     def _states_of(self, params: list[Tensor], group: dict[str, Any]):
-        """The state of the params as one tuple of tensors per key ("step" and the keys of
-        `_state_keys`), created as torch.optim creates it on first use; and the params whose
-        state was created now."""
+        """The state of the params as one tuple per key ("step", the keys of `_state_keys`, and
+        the precision keys: "master" (a tensor or None) and "rounding_seed" (an int or None)),
+        created as torch.optim creates it on first use; and the params whose state was created
+        now."""
         keys = self._state_keys(group)
         columns = operator.itemgetter("step", *keys)
-        rows, created = [], []
+        plain = _precision.is_plain(group)
+        rows, masters, seeds, created = [], [], [], []
         for p in params:
             state = self.state[p]
-            if len(state) != len(keys) + 1:  # new, or amsgrad switched on since
+            # A plain group's complete state has exactly these keys: the check is one len().
+            if not plain or len(state) != len(keys) + 1:
                 if not state:
                     created.append(p)
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                for key in keys:
+                for key in keys:  # all of them when new; some when amsgrad was switched on since
                     if key not in state:
                         state[key] = self._new_state(p, group, key)
+            if plain:
+                masters.append(None)
+                seeds.append(None)
+            else:
+                master, seed = _precision.complete_state(p, group, state)
+                masters.append(master)
+                seeds.append(seed)
             rows.append(columns(state))
-        return dict(zip(("step", *keys), zip(*rows, strict=True), strict=True)), created
+        states = dict(zip(("step", *keys), zip(*rows, strict=True), strict=True))
+        return states | {"master": tuple(masters), _precision.SEED_KEY: tuple(seeds)}, created
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state_dict of this optimizer or of its torch.optim counterpart.
+
+        torch.optim casts every floating-point state tensor to its param's dtype; the state a
+        fastopt optimizer keeps in another dtype (master copies, float32 or bfloat16 state) is
+        loaded as it was saved instead, and converted to the dtype the param group's options
+        give it. Master copies missing from the state_dict (one saved by torch.optim) are made
+        from the params at the next step.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        params = (p for g in self.param_groups for p in g["params"])
+        groups = (g for g in self.param_groups for _ in g["params"])
+        for saved_id, p, group in zip(saved_ids, params, groups, strict=True):
+            if saved_id in saved and p in self.state:
+                _precision.restore_state_dtypes(self.state[p], saved[saved_id], p, group)
 
 
 class _AmpTensors:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import functional
 from ._base import FusedOptimizer
+from ._precision import PrecisionOptions, documented
 
 __all__ = ["FusedAdadelta"]
 
 
+@documented
 class FusedAdadelta(FusedOptimizer):
     """``torch.optim.Adadelta`` computed by fused multi-tensor kernels, one pass over memory a
     step.
@@ -56,6 +59,10 @@ class FusedAdadelta(FusedOptimizer):
         capturable: bool = False,
         maximize: bool = False,
         differentiable: bool = False,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
     ) -> None:
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
@@ -74,12 +81,16 @@ class FusedAdadelta(FusedOptimizer):
             "foreach": None,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            PrecisionOptions(master_weights, state_dtype, max_grad_norm, norm_type),
+        )
 
     def _state_keys(self, group) -> tuple[str, ...]:
         return ("square_avg", "acc_delta")
 
-    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+    def _group_step(self, group, params, grads, states, shared) -> None:
         functional.adadelta_step_(
             params,
             grads,
@@ -91,6 +102,5 @@ class FusedAdadelta(FusedOptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
+            **shared,
         )

@@ -9,10 +9,13 @@ from torch import Tensor
 
 from .. import functional
 from ._base import FusedOptimizer
+from . import _precision
+from ._precision import PrecisionOptions, documented
 
 __all__ = ["FusedAdagrad"]
 
 
+@documented
 class FusedAdagrad(FusedOptimizer):
     """``torch.optim.Adagrad`` computed by fused kernels, one pass over memory a step.
 
@@ -64,6 +67,10 @@ class FusedAdagrad(FusedOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
     ) -> None:
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
@@ -87,7 +94,11 @@ class FusedAdagrad(FusedOptimizer):
             "differentiable": differentiable,
             "fused": None,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            PrecisionOptions(master_weights, state_dtype, max_grad_norm, norm_type),
+        )
         # torch.optim.Adagrad creates its state here rather than at the first step (so that
         # share_memory() can share it before training starts).
         for group in self.param_groups:
@@ -106,32 +117,57 @@ class FusedAdagrad(FusedOptimizer):
         # The constructor's value, whatever a param group says: torch.optim.Adagrad reads it
         # from self.defaults, and a drop-in must start from the same sums.
         value = self.defaults["initial_accumulator_value"]
-        return torch.full_like(p, value, memory_format=torch.preserve_format)
+        dtype = _precision.state_dtype(p, group)
+        return torch.full_like(p, value, dtype=dtype, memory_format=torch.preserve_format)
 
-    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+    def _group_step(self, group, params, grads, states, shared) -> None:
         sparse = [i for i, g in enumerate(grads) if g.is_sparse]
         if sparse and group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         options = dict(lr=group["lr"], eps=group["eps"], maximize=group["maximize"])
-        options |= dict(lr_decay=group["lr_decay"], grad_scale=grad_scale)
+        options |= dict(lr_decay=group["lr_decay"])
         columns = (params, grads, states["sum"], states["step"])
         if sparse:  # the dense ones go through the multi-tensor op, the others one by one
+            if shared["masters"] or shared["rounding_seeds"]:
+                raise RuntimeError(
+                    f"{type(self).__name__}: sparse grads are updated in the params' own dtype: "
+                    "master_weights and state_dtype are for dense grads; put the params with "
+                    "sparse grads (nn.Embedding(sparse=True)) in a param group without them"
+                )
             dense = [i for i, g in enumerate(grads) if not g.is_sparse]
             dense_columns = tuple([column[i] for i in dense] for column in columns)
+            sparse_scale = _sparse_grad_scale(shared)
         else:
             dense_columns = columns
 
         def run_all(found_inf: Tensor | None) -> None:
             for i in sparse:
                 functional.sparse_adagrad_step_(
-                    *(column[i] for column in columns), found_inf=found_inf, **options
+                    *(column[i] for column in columns),
+                    grad_scale=sparse_scale,
+                    found_inf=found_inf,
+                    **options,
                 )
             functional.adagrad_step_(
-                *dense_columns, weight_decay=group["weight_decay"], found_inf=found_inf, **options
+                *dense_columns,
+                weight_decay=group["weight_decay"],
+                **(shared | {"found_inf": found_inf}),
+                **options,
             )
 
         if sparse and not torch.compiler.is_compiling():
             # Several ops run for this group: all of them first check their inputs as a skipped
             # step (found_inf set), so that a bad input in one leaves the others unchanged too.
             run_all(self._skip_flag(params[0].device))
-        run_all(found_inf)
+        run_all(shared["found_inf"])
+
+
+def _sparse_grad_scale(shared) -> Tensor | None:
+    """What the sparse step divides the grads by: the loss scale and, with clipping, the clip
+    coefficient folded in (the sparse grads are then stored back clipped, as
+    ``clip_grad_norm_`` leaves them), computed on the device without a host synchronization."""
+    grad_scale, grad_norm = shared["grad_scale"], shared.get("grad_norm")
+    if grad_norm is None:
+        return grad_scale
+    coefficient = (shared["max_grad_norm"] / (grad_norm + 1e-6)).clamp(max=1.0).float()
+    return coefficient.reciprocal() if grad_scale is None else grad_scale / coefficient

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import functional
 from ._base import FusedOptimizer
+from ._precision import PrecisionOptions, documented
 
 __all__ = ["FusedAdam", "FusedAdamW"]
 
 
+@documented
 class FusedAdam(FusedOptimizer):
     """``torch.optim.Adam`` computed by fused multi-tensor kernels, one pass over memory a step.
 
@@ -66,6 +69,10 @@ class FusedAdam(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
     ) -> None:
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -95,14 +102,18 @@ class FusedAdam(FusedOptimizer):
             "fused": None,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            PrecisionOptions(master_weights, state_dtype, max_grad_norm, norm_type),
+        )
 
     def _state_keys(self, group) -> tuple[str, ...]:
         if group["amsgrad"]:
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return ("exp_avg", "exp_avg_sq")
 
-    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+    def _group_step(self, group, params, grads, states, shared) -> None:
         amsgrad = group["amsgrad"]
         beta1, beta2 = group["betas"]
         functional.adam_step_(
@@ -120,11 +131,11 @@ class FusedAdam(FusedOptimizer):
             decoupled_weight_decay=group["decoupled_weight_decay"],
             amsgrad=amsgrad,
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
+            **shared,
         )
 
 
+@documented
 class FusedAdamW(FusedAdam):
     """``torch.optim.AdamW`` computed by fused multi-tensor kernels, one pass over memory a step.
 
@@ -146,6 +157,10 @@ class FusedAdamW(FusedAdam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
     ) -> None:
         super().__init__(
             params,
@@ -160,4 +175,8 @@ class FusedAdamW(FusedAdam):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            max_grad_norm=max_grad_norm,
+            norm_type=norm_type,
         )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import functional
 from ._base import FusedOptimizer
+from ._precision import PrecisionOptions, documented
 
 __all__ = ["FusedRMSprop"]
 
 
+@documented
 class FusedRMSprop(FusedOptimizer):
     """``torch.optim.RMSprop`` computed by fused multi-tensor kernels, one pass over memory a step.
 
@@ -59,6 +62,11 @@ class FusedRMSprop(FusedOptimizer):
         foreach: bool | None = None,
         maximize: bool = False,
         differentiable: bool = False,
+        *,
+        master_weights: bool | str = False,
+        state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float = 2.0,
     ) -> None:
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -81,7 +89,11 @@ class FusedRMSprop(FusedOptimizer):
             "maximize": maximize,
             "differentiable": differentiable,
         }
-        super().__init__(params, defaults)
+        super().__init__(
+            params,
+            defaults,
+            PrecisionOptions(master_weights, state_dtype, max_grad_norm, norm_type),
+        )
 
     def _state_keys(self, group) -> tuple[str, ...]:
         keys = ("square_avg",)
@@ -91,7 +103,7 @@ class FusedRMSprop(FusedOptimizer):
             keys += ("grad_avg",)
         return keys
 
-    def _group_step(self, group, params, grads, states, grad_scale, found_inf) -> None:
+    def _group_step(self, group, params, grads, states, shared) -> None:
         momentum, centered = group["momentum"], group["centered"]
         functional.rmsprop_step_(
             params,
@@ -107,6 +119,5 @@ class FusedRMSprop(FusedOptimizer):
             momentum=momentum,
             centered=centered,
             maximize=group["maximize"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
+            **shared,
         )

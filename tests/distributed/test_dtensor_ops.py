@@ -202,11 +202,11 @@ def ops_take_dtensors_directly() -> None:
     steps, local_steps = [torch.zeros(())], [torch.zeros(())]
     torch.ops.fastopt.adagrad_step_(
         tensors[:1], tensors[1:2], tensors[2:], steps, 0.1, None, 0.0, 0.0, 1e-10, False,
-        None, None,
+        None, None, [], None, 0.0, [],
     )  # fmt: skip
     torch.ops.fastopt.adagrad_step_(
         local[:1], local[1:2], local[2:], local_steps, 0.1, None, 0.0, 0.0, 1e-10, False,
-        None, None,
+        None, None, [], None, 0.0, [],
     )  # fmt: skip
     for t, expected in zip(tensors, local, strict=True):
         assert torch.equal(t.to_local(), expected)

@@ -54,8 +54,11 @@ def available() -> bool:
 def _load() -> torch.library.Library:
     """Defines the emulation namespace's ops with fastopt's schemas and loads the kernels."""
     library = torch.library.Library(NAMESPACE, "DEF")
+    # The op table's own schema strings: torch prints `Tensor(a!)?[]` as `Tensor?(a!)[]`,
+    # which its parser refuses.
+    table = {op.name: op.schema for op in STEP_OPS}
     for name in OPS:
-        schema = str(getattr(torch.ops.fastopt, name).default._schema)
+        schema = table.get(name) or str(getattr(torch.ops.fastopt, name).default._schema)
         library.define(schema.removeprefix("fastopt::"))
     path = library_path()
     if path is None:

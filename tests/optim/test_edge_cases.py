@@ -114,13 +114,25 @@ def test_closure_is_called_and_its_loss_returned(name):
     assert_matches_reference(ref, fast, ref_params, fast_params, **FP32)
 
 
+# fastopt's own keyword arguments, after all of torch's (fastopt.optim._precision).
+PRECISION_ARGUMENTS = [
+    ("master_weights", inspect.Parameter.KEYWORD_ONLY, False),
+    ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None),
+    ("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, None),
+    ("norm_type", inspect.Parameter.KEYWORD_ONLY, 2.0),
+]
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_constructor_signature_is_torchs(name):
+    """torch's arguments, in torch's order and kinds, with torch's defaults; then fastopt's."""
+
     def shape(cls):
         params = inspect.signature(cls).parameters.values()
         return [(p.name, p.kind, p.default) for p in params]
 
-    assert shape(getattr(fastopt, f"Fused{name}")) == shape(getattr(torch.optim, name))
+    expected = shape(getattr(torch.optim, name)) + PRECISION_ARGUMENTS
+    assert shape(getattr(fastopt, f"Fused{name}")) == expected
 
 
 def _accepted(name: str) -> list[dict]:

@@ -39,7 +39,8 @@ def test_every_entry_is_wired_on_every_built_device(op):
 def test_functional_wrapper_takes_the_entrys_arguments(op):
     function = getattr(fastopt.functional, op.name)
     parameters = inspect.signature(function).parameters
-    expected = [*op.list_names, "lr", *(a.name for a in op.own), "grad_scale", "found_inf"]
+    shared = ["grad_scale", "found_inf", "masters", "grad_norm", "max_grad_norm", "rounding_seeds"]
+    expected = [*op.list_names, "lr", *(a.name for a in op.own), *shared]
     assert sorted(parameters) == sorted(expected)
     for a in op.own:
         default = parameters[a.name].default
@@ -64,7 +65,8 @@ def test_error_messages_name_the_op_as_users_call_it():
     p = torch.randn(3)
     with pytest.raises(RuntimeError, match=r"fastopt\.adagrad_step_: grads has 0 tensors"):
         torch.ops.fastopt.adagrad_step_([p], [], [torch.zeros(3)], [torch.zeros(())], 0.1, None,
-                                        0.0, 0.0, 1e-10, False, None, None)  # fmt: skip
+                                        0.0, 0.0, 1e-10, False, None, None, [], None, 0.0,
+                                        [])  # fmt: skip
 
 
 def test_functional_wrapper_takes_its_lists_by_keyword_too():

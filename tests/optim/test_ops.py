@@ -60,13 +60,15 @@ def _op_args(
         if scaled
         else (None, None)
     )
+    # masters, grad_norm, max_grad_norm, rounding_seeds: none of the precision options.
+    plain_precision = ([], None, 0.0, [])
     if name in ("Adam", "AdamW"):
         exp_avgs = [randn(s) for s in shapes]
         exp_avg_sqs = [randn(s).abs() for s in shapes]
         max_sqs = [v + randn(v.shape).abs() for v in exp_avg_sqs] if amsgrad else []
         return (
             params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, *lr,
-            0.9, 0.999, 1e-8, 0.1, name == "AdamW", amsgrad, False, *amp,
+            0.9, 0.999, 1e-8, 0.1, name == "AdamW", amsgrad, False, *amp, *plain_precision,
         )  # fmt: skip
     if name == "RMSprop":
         grad_avgs = [] if plain else [0.1 * randn(s) for s in shapes]
@@ -77,14 +79,19 @@ def _op_args(
         momentum, centered = (0.0, False) if plain else (0.5, True)
         return (
             params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *lr,
-            0.99, 1e-8, 0.1, momentum, centered, False, *amp,
+            0.99, 1e-8, 0.1, momentum, centered, False, *amp, *plain_precision,
         )  # fmt: skip
     if name == "Adagrad":
         state_sums = [positive(s) for s in shapes]
-        return (params, grads, state_sums, steps, *lr, 0.1, 0.1, 1e-10, True, *amp)
+        return (
+            params, grads, state_sums, steps, *lr, 0.1, 0.1, 1e-10, True, *amp, *plain_precision,
+        )  # fmt: skip
     square_avgs = [positive(s) for s in shapes]
     acc_deltas = [positive(s) for s in shapes]
-    return (params, grads, square_avgs, acc_deltas, steps, *lr, 0.9, 1e-6, 0.1, False, *amp)
+    return (
+        params, grads, square_avgs, acc_deltas, steps, *lr, 0.9, 1e-6, 0.1, False, *amp,
+        *plain_precision,
+    )  # fmt: skip
 
 
 def _op(name):
@@ -434,7 +441,7 @@ def test_step_bumps_version_counters_like_torch(name):
 def test_op_refuses_grad_mode_on_tensors_that_require_grad(name):
     args = list(_op_args(name, False, False, shapes=[(7,), (3, 5)]))
     args[0] = [p.requires_grad_() for p in args[0]]
-    lists = [a for a in args if isinstance(a, list)]
+    lists = [a for a in args if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)]
     before = [[t.detach().clone() for t in ts] for ts in lists]
     with pytest.raises(RuntimeError, match="requires grad"):
         _op(name)(*args)
@@ -472,16 +479,18 @@ def test_adam_step_refuses_grad_mode_on_tensors_that_require_grad(entry):
 
 # The documented signatures: positional tensor lists, then keyword-only hyperparameters.
 REQUIRED = inspect.Parameter.empty
+# The precision arguments every multi-tensor step takes.
+PRECISION = dict(masters=(), grad_norm=None, max_grad_norm=None, rounding_seeds=())
 FUNCTIONAL_SIGNATURES = {
     "rmsprop_step_": (
         ["params", "grads", "square_avgs", "momentum_buffers", "grad_avgs", "steps"],
         dict(lr=REQUIRED, alpha=REQUIRED, eps=REQUIRED, weight_decay=0.0, momentum=0.0,
-             centered=False, maximize=False, grad_scale=None, found_inf=None),
+             centered=False, maximize=False, grad_scale=None, found_inf=None, **PRECISION),
     ),
     "adagrad_step_": (
         ["params", "grads", "state_sums", "steps"],
         dict(lr=REQUIRED, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False,
-             grad_scale=None, found_inf=None),
+             grad_scale=None, found_inf=None, **PRECISION),
     ),
     "sparse_adagrad_step_": (
         ["param", "grad", "state_sum", "step"],
@@ -491,7 +500,7 @@ FUNCTIONAL_SIGNATURES = {
     "adadelta_step_": (
         ["params", "grads", "square_avgs", "acc_deltas", "steps"],
         dict(lr=REQUIRED, rho=REQUIRED, eps=REQUIRED, weight_decay=0.0, maximize=False,
-             grad_scale=None, found_inf=None),
+             grad_scale=None, found_inf=None, **PRECISION),
     ),
 }  # fmt: skip
 

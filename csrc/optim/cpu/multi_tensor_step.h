@@ -1,6 +1,7 @@
 // The CPU driver of every multi-tensor optimizer op: all tensors of a call in one parallel
-// region, one pass over memory, the element loop compiled per instruction set. Every rule of the
-// op table is registered with it in optim/cpu/step_ops.cpp.
+// region, one pass over memory, the element loop compiled per instruction set and per storage
+// layout (optim/step_storage.h: master copies, state dtypes). Every rule of the op table is
+// registered with it in optim/cpu/step_ops.cpp.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -11,7 +12,6 @@
 #include <vector>
 
 #include "common/macros.h"
-#include "cpu/dtype_switch.h"
 #include "optim/cpu/multi_tensor.h"
 #include "optim/cpu/prefetched_loop.h"
 #include "optim/step_call.h"
@@ -22,10 +22,12 @@ namespace fastopt::cpu {
 // read one compact array instead of each tensor's metadata, which is cold after backward().
 template <typename Rule>
 struct StepTensor {
-  c10::ScalarType dtype;
+  StorageLayout layout;
   void* param;
   void* grad;
+  void* master;  // null without a master copy
   std::array<void*, Rule::kStateSlots> state;
+  std::array<uint32_t, Rule::kStateSlots> rounding_keys;  // with stochastic rounding
   typename Rule::template Coefficients<float> coefficients_float;
   typename Rule::template Coefficients<double> coefficients_double;
 
@@ -46,6 +48,7 @@ struct StepPiece {
   int variant;
   bool unscale;  // divide grads by grad_scale and store them back unscaled, as torch's fused does
   double grad_scale;
+  double clip_coefficient;  // what the (unscaled) grads are multiplied by: 1 without clipping
   int64_t begin;
   int64_t end;
 };
@@ -54,18 +57,26 @@ template <typename Rule, int VARIANT, bool UNSCALE>
 struct StepLoop {
   static constexpr int kSlots = Rule::kStateSlots;
 
-  template <typename S>
+  template <typename St>
   FASTOPT_INLINE static void run(const StepPiece<Rule>& a) {
-    using C = at::opmath_type<S>;
+    using S = typename St::Param;
+    using T = typename St::State;
+    using C = typename St::Compute;
+    using Master = MasterElement<St>;
     const StepTensor<Rule>& t = *a.tensor;
     const auto k = t.template coefficients<C>();
     const C grad_scale = C(a.grad_scale);
+    const C clip_coefficient = C(a.clip_coefficient);
     S* __restrict__ param = static_cast<S*>(t.param);
     S* __restrict__ grad = static_cast<S*>(t.grad);
-    std::array<S*, kSlots> state;
-    for (int s = 0; s < kSlots; ++s) state[s] = static_cast<S*>(t.state[s]);
+    Master* __restrict__ master = static_cast<Master*>(t.master);
+    std::array<T*, kSlots> state;
+    for (int s = 0; s < kSlots; ++s) state[s] = static_cast<T*>(t.state[s]);
     const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
-      C p = C(param[i]);
+      constexpr bool kHasMaster = St::kMaster != MasterKind::kNone;
+      Master master_value{};
+      if constexpr (kHasMaster) master_value = master[i];
+      C p = load_param<St>(param[i], master_value);
       C g = C(grad[i]);
       C st[kSlots] = {};
       for (int s = 0; s < kSlots; ++s) {
@@ -75,33 +86,50 @@ struct StepLoop {
         g = g / grad_scale;
         grad[i] = S(g);
       }
+      g = g * clip_coefficient;
       Rule::template update<VARIANT>(p, g, st, k);
-      param[i] = S(p);
+      store_param<St>(p, param[i], master_value);
+      if constexpr (kHasMaster) master[i] = master_value;
       for (int s = 0; s < kSlots; ++s) {
-        if (Rule::uses_state(VARIANT, s)) state[s][i] = S(st[s]);
+        if (Rule::uses_state(VARIANT, s)) {
+          const uint32_t random = St::kStochastic ? rounding_bits(t.rounding_keys[s], i) : 0;
+          state[s][i] = store_state<St>(st[s], random);
+        }
       }
     };
-    prefetched_loop_over_slots(a.begin, a.end, element, param, grad, state,
+    prefetched_loop_over_slots(a.begin, a.end, element, param, grad, master, state,
                                std::make_index_sequence<kSlots>());
   }
 
-  // Unused state slots are null, and prefetched_loop skips null streams.
-  template <typename S, typename Element, size_t... SLOT>
+  // Unused state slots are null (as is a master that is not there), and prefetched_loop skips
+  // null streams.
+  template <typename S, typename Master, typename T, typename Element, size_t... SLOT>
   FASTOPT_INLINE static void prefetched_loop_over_slots(int64_t begin, int64_t end,
                                                         const Element& element, S* param, S* grad,
-                                                        const std::array<S*, kSlots>& state,
+                                                        Master* master,
+                                                        const std::array<T*, kSlots>& state,
                                                         std::index_sequence<SLOT...>) {
-    prefetched_loop(begin, end, element, param, grad, state[SLOT]...);
+    prefetched_loop(begin, end, element, param, grad, master, state[SLOT]...);
   }
 };
+
+// The clip coefficient for a grad norm on the CPU, computed in the norm's dtype; 1 without one.
+inline double clip_coefficient_on_cpu(const std::optional<at::Tensor>& grad_norm,
+                                      double max_grad_norm) {
+  if (!grad_norm.has_value()) return 1.0;
+  if (grad_norm->scalar_type() == at::kDouble) {
+    return clip_coefficient(grad_norm->item<double>(), max_grad_norm);
+  }
+  return clip_coefficient(grad_norm->item<float>(), max_grad_norm);
+}
 
 // Turns the run-time variant and unscale flag into template arguments, then the dtype.
 template <typename Rule, int VARIANT = 0>
 FASTOPT_INLINE void step_piece_body(const StepPiece<Rule>& a) {
   if constexpr (VARIANT < Rule::kVariants) {
     if (a.variant != VARIANT) return step_piece_body<Rule, VARIANT + 1>(a);
-    a.unscale ? switch_param_dtype<StepLoop<Rule, VARIANT, true>>(a.tensor->dtype, a)
-              : switch_param_dtype<StepLoop<Rule, VARIANT, false>>(a.tensor->dtype, a);
+    a.unscale ? switch_storage<StepLoop<Rule, VARIANT, true>>(a.tensor->layout, a)
+              : switch_storage<StepLoop<Rule, VARIANT, false>>(a.tensor->layout, a);
   }
 }
 
@@ -121,11 +149,17 @@ void run_step_on_cpu(const StepCall<Rule>& call) {
     StepTensor<Rule>& t = tensors[i];
     numels[i] = call.params[i].numel();
     new_steps[i] = *call.steps[i].template const_data_ptr<float>() + 1.0f;
-    t.dtype = call.params[i].scalar_type();
+    t.layout = storage_layout_of(call, i);
     t.param = call.params[i].data_ptr();
     t.grad = call.grads[i].data_ptr();
+    const bool has_master = !call.masters.empty() && call.masters[i].has_value();
+    t.master = has_master ? call.masters[i]->data_ptr() : nullptr;
     for (int s = 0; s < Rule::kStateSlots; ++s) {
       t.state[s] = Rule::uses_state(call.variant, s) ? call.states[s][i].data_ptr() : nullptr;
+      t.rounding_keys[s] =
+          call.rounding_seeds.empty()
+              ? 0
+              : rounding_key(rounding_seed32(call.rounding_seeds[i]), uint32_t(new_steps[i]), s);
     }
     if (i > 0 && new_steps[i] == new_steps[i - 1]) {  // the usual case: one count for all
       t.coefficients_float = tensors[i - 1].coefficients_float;
@@ -138,8 +172,9 @@ void run_step_on_cpu(const StepCall<Rule>& call) {
 
   const bool unscale = call.grad_scale.has_value();
   const double scale = unscale ? call.grad_scale->template item<double>() : 1.0;
+  const double clip = clip_coefficient_on_cpu(call.grad_norm, call.max_grad_norm);
   for_each_piece_in_parallel(numels, [&](size_t t, int64_t begin, int64_t end) {
-    piece(StepPiece<Rule>{&tensors[t], call.variant, unscale, scale, begin, end});
+    piece(StepPiece<Rule>{&tensors[t], call.variant, unscale, scale, clip, begin, end});
   });
   for (size_t i = 0; i < n; ++i) *call.steps[i].template mutable_data_ptr<float>() = new_steps[i];
 }

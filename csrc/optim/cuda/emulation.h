@@ -6,7 +6,7 @@
 // barriers, no warp shuffles, no atomics (the optimizer kernels use none; a kernel that did would
 // not compile here, those names being undefined). Each thread then runs to completion
 // independently, so running every thread of every block in turn gives the results of any GPU
-// schedule. What a GPU would fault on is checked instead: a misaligned 16-byte access.
+// schedule. What a GPU would fault on is checked instead: a misaligned vector access.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,11 +38,11 @@ struct DeviceGuard {
   explicit DeviceGuard(at::Device) {}
 };
 
-// The GPU faults on a 16-byte load or store at an address that is not a multiple of 16.
-inline void check_vector_access(const void* address) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(address) % 16 == 0,
-              "fastopt CUDA emulation: misaligned 16-byte access at ", address,
-              " (a GPU faults with 'misaligned address')");
+// The GPU faults on a vector load or store of `bytes` bytes at an address that is not a
+// multiple of `bytes`.
+inline void check_vector_access(const void* address, int bytes) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(address) % bytes == 0, "fastopt CUDA emulation: misaligned ",
+              bytes, "-byte access at ", address, " (a GPU faults with 'misaligned address')");
 }
 
 template <typename... Params, typename... Args>

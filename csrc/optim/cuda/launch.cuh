@@ -40,8 +40,8 @@ using DeviceGuard = c10::cuda::CUDAGuard;
 #define FASTOPT_CUDA_KERNELS_IMPL(m) TORCH_LIBRARY_IMPL(fastopt, CUDA, m)
 #define FASTOPT_SPARSE_CUDA_KERNELS_IMPL(m) TORCH_LIBRARY_IMPL(fastopt, SparseCUDA, m)
 #define FASTOPT_KERNEL_PARAM(T) const __grid_constant__ T
-// The GPU itself faults on a misaligned 16-byte access.
-__device__ __forceinline__ void check_vector_access(const void*) {}
+// The GPU itself faults on a misaligned vector access.
+__device__ __forceinline__ void check_vector_access(const void*, int) {}
 #endif
 
 // An op's name within its namespace ("adam_step_" of "fastopt::adam_step_"): the registrations

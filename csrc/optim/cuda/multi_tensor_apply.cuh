@@ -28,19 +28,22 @@ constexpr size_t kKernelParameterBytes = 32764;
 // byte) take one launch instead of eight. 320 chunks are 21M elements, whose memory traffic
 // dwarfs a launch: more blocks per launch would buy nothing.
 constexpr int kMaxTensorsPerLaunch = 255;
+constexpr int kMaxBlocksPerLaunch = 320;
 #else
 constexpr size_t kKernelParameterBytes = 4096;
-constexpr int kMaxTensorsPerLaunch = 36;
+constexpr int kMaxTensorsPerLaunch = 28;
+constexpr int kMaxBlocksPerLaunch = 160;
 #endif
-constexpr int kMaxBlocksPerLaunch = 320;
 
 // Kernel parameters of one launch: DEPTH parallel lists (param, grad, state...) of up to
-// kMaxTensorsPerLaunch tensors, each tensor's step counter, and which chunk each block takes.
+// kMaxTensorsPerLaunch tensors, each tensor's step counter and tag (what the functor needs to
+// know of it beyond its memory), and which chunk each block takes.
 template <int DEPTH>
 struct TensorListMetadata {
   void* addresses[DEPTH][kMaxTensorsPerLaunch];
   int64_t numels[kMaxTensorsPerLaunch];
   float* steps[kMaxTensorsPerLaunch];
+  uint64_t tags[kMaxTensorsPerLaunch];
   unsigned char block_to_tensor[kMaxBlocksPerLaunch];
   int block_to_chunk[kMaxBlocksPerLaunch];
 };
@@ -53,10 +56,12 @@ __global__ void __launch_bounds__(kBlockSize)
 }
 
 // Runs Functor over every chunk of every tensor. lists[d][t] is list d's tensor t; all lists have
-// the same length and matching sizes. steps[t] is tensor t's float32 step counter.
+// the same length and matching sizes (an undefined tensor stands for one the functor never
+// reads). steps[t] is tensor t's float32 step counter; tags[t] its tag, if any are given.
 template <int DEPTH, typename Functor, typename Args>
 void multi_tensor_apply(const std::array<std::vector<at::Tensor>, DEPTH>& lists,
-                        const std::vector<at::Tensor>& steps, Functor functor, const Args& args) {
+                        const std::vector<at::Tensor>& steps, Functor functor, const Args& args,
+                        const std::vector<uint64_t>& tags = {}) {
   static_assert(
       sizeof(TensorListMetadata<DEPTH>) + sizeof(Functor) + sizeof(Args) <= kKernelParameterBytes,
       "the kernel's parameters exceed the parameter space");
@@ -71,9 +76,12 @@ void multi_tensor_apply(const std::array<std::vector<at::Tensor>, DEPTH>& lists,
   for (size_t t = 0; t < lists[0].size(); ++t) {
     const int64_t numel = lists[0][t].numel();
     if (numel == 0) continue;
-    for (int d = 0; d < DEPTH; ++d) meta.addresses[d][n_tensors] = lists[d][t].data_ptr();
+    for (int d = 0; d < DEPTH; ++d) {
+      meta.addresses[d][n_tensors] = lists[d][t].defined() ? lists[d][t].data_ptr() : nullptr;
+    }
     meta.numels[n_tensors] = numel;
     meta.steps[n_tensors] = steps[t].data_ptr<float>();
+    meta.tags[n_tensors] = tags.empty() ? 0 : tags[t];
     ++n_tensors;
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -89,6 +97,7 @@ void multi_tensor_apply(const std::array<std::vector<at::Tensor>, DEPTH>& lists,
           for (int d = 0; d < DEPTH; ++d) meta.addresses[d][0] = meta.addresses[d][n_tensors - 1];
           meta.numels[0] = meta.numels[n_tensors - 1];
           meta.steps[0] = meta.steps[n_tensors - 1];
+          meta.tags[0] = meta.tags[n_tensors - 1];
           n_tensors = 1;
         }
       }

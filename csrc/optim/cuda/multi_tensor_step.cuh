@@ -1,15 +1,13 @@
 // The CUDA driver of every multi-tensor optimizer op: multi-tensor apply over (param, grad,
-// state...) with 16-byte vector accesses. Step counts, a tensor lr, grad_scale and found_inf are
-// read from device memory, so the whole step can be captured in a CUDA graph. Every rule of the
+// master, state...) with 16-byte vector accesses, one launch for params of every dtype, master
+// copy and state dtype (optim/step_storage.h). Step counts, a tensor lr, grad_scale, found_inf and
+// the grad norm are read from device memory, so the whole step can be captured in a CUDA graph. Every rule of the
 // op table is registered with it in optim/cuda/step_ops.cu.
 #pragma once
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
 #include <array>
-#include <map>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -32,106 +30,196 @@ struct LearningRate {
   __device__ double read() const { return f32 ? double(*f32) : (f64 ? *f64 : value); }
 };
 
+// A float32 or float64 one-element tensor in device memory, or none.
+struct DeviceScalar {
+  const float* f32 = nullptr;
+  const double* f64 = nullptr;
+};
+
 template <typename Rule>
 struct DeviceStepArgs {
   typename Rule::Options options;
   LearningRate lr;
   const float* grad_scale;  // nullptr: grads are not scaled
   const float* found_inf;   // nullptr: no inf check
+  DeviceScalar grad_norm;   // none: no clipping
+  double max_grad_norm;
 };
 
-template <typename Rule, int VARIANT, bool UNSCALE, typename S>
+// What a tensor's tag (TensorListMetadata::tags) holds: its storage layout and rounding seed.
+__host__ __device__ inline uint64_t step_tag(StorageLayout layout, uint32_t seed) {
+  return uint64_t(seed) << 32 | uint64_t(layout);
+}
+
+template <typename Rule, int VARIANT, bool UNSCALE>
 struct StepFunctor {
   static constexpr int kSlots = Rule::kStateSlots;
-  static constexpr int kDepth = 2 + kSlots;  // param, grad, state...
+  static constexpr int kDepth = 3 + kSlots;  // param, grad, master, state...
+
+  struct Chunk {
+    const TensorListMetadata<kDepth>& meta;
+    const DeviceStepArgs<Rule>& args;
+    int tensor;
+    int64_t start;  // the chunk's first element in its tensor
+    int64_t n;      // its elements
+  };
 
   __device__ __forceinline__ void operator()(const TensorListMetadata<kDepth>& meta,
                                              const DeviceStepArgs<Rule>& a) const {
-    using C = at::opmath_type<S>;
     if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;
     const int tensor = meta.block_to_tensor[blockIdx.x];
     const int64_t start = int64_t(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-    const int64_t n = min(kChunkSize, meta.numels[tensor] - start);
+    const Chunk chunk{meta, a, tensor, start, min(kChunkSize, meta.numels[tensor] - start)};
+    // One launch takes params of every storage layout; a block's chunk has one.
+    switch_storage<StepFunctor>(StorageLayout(meta.tags[tensor] & 0xff), chunk);
+  }
+
+  template <typename St>
+  __device__ __forceinline__ static void run(const Chunk& c) {
+    using S = typename St::Param;
+    using T = typename St::State;
+    using C = typename St::Compute;
+    using M = MasterElement<St>;
+    constexpr bool kMaster = St::kMaster != MasterKind::kNone;
+    const DeviceStepArgs<Rule>& a = c.args;
     // The counters are advanced after this kernel: this step's count is the stored one plus 1,
     // added in float32 as torch (and the CPU kernel) add it.
-    const double step = double(*meta.steps[tensor] + 1.0f);
-    const auto k = Rule::template coefficients<C>(a.options, a.lr.read(), step);
+    const float step = *c.meta.steps[c.tensor] + 1.0f;
+    const auto k = Rule::template coefficients<C>(a.options, a.lr.read(), double(step));
     const C grad_scale = UNSCALE ? C(*a.grad_scale) : C(1);
+    const C clip = C(clip_coefficient_on_device(a.grad_norm, a.max_grad_norm));
+    const uint32_t seed = uint32_t(c.meta.tags[c.tensor] >> 32);
+    uint32_t keys[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) keys[s] = rounding_key(seed, uint32_t(step), s);
 
-    S* param = static_cast<S*>(meta.addresses[0][tensor]) + start;
-    S* grad = static_cast<S*>(meta.addresses[1][tensor]) + start;
-    S* state[kSlots];
-    bool aligned = is_vector_aligned(param) && is_vector_aligned(grad);
+    S* param = static_cast<S*>(c.meta.addresses[0][c.tensor]) + c.start;
+    S* grad = static_cast<S*>(c.meta.addresses[1][c.tensor]) + c.start;
+    M* master = kMaster ? static_cast<M*>(c.meta.addresses[2][c.tensor]) + c.start : nullptr;
+    T* state[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) state[s] = static_cast<T*>(c.meta.addresses[3 + s][c.tensor]);
+
+    // Elements per iteration: 16 bytes of the narrowest stream; wider streams take several
+    // accesses.
+    constexpr int kNarrowest = sizeof(S) < sizeof(T) ? sizeof(S) : sizeof(T);
+    constexpr int kVec =
+        kVectorBytes / (kMaster && sizeof(M) < size_t(kNarrowest) ? int(sizeof(M)) : kNarrowest);
+    bool aligned = is_vector_aligned<kVec>(param) && is_vector_aligned<kVec>(grad);
+    if (kMaster) aligned = aligned && is_vector_aligned<kVec>(master);
 #pragma unroll
     for (int s = 0; s < kSlots; ++s) {
-      state[s] = static_cast<S*>(meta.addresses[2 + s][tensor]) + start;
-      if (Rule::uses_state(VARIANT, s)) aligned = aligned && is_vector_aligned(state[s]);
+      if (Rule::uses_state(VARIANT, s)) {
+        state[s] += c.start;
+        aligned = aligned && is_vector_aligned<kVec>(state[s]);
+      }
     }
 
-    constexpr int kVec = kVectorBytes / sizeof(S);
-    const int64_t vector_end = aligned ? n - n % kVec : 0;
-    for (int64_t i = int64_t(threadIdx.x) * kVec; i < vector_end; i += int64_t(blockDim.x) * kVec) {
-      C p[kVec], g[kVec], st[kSlots][kVec] = {};  // unused slots stay 0, never read uninitialized
-      load_vector(param + i, p);
-      load_vector(grad + i, g);
+    const auto update = [&](S& p_stored, S& g_stored, M& m_stored, T (&st_stored)[kSlots],
+                            int64_t index) {
+      C p = load_param<St>(p_stored, m_stored);
+      C g = C(g_stored);
+      C st[kSlots] = {};  // unused slots stay 0, never read uninitialized
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
-        if (Rule::uses_state(VARIANT, s)) load_vector(state[s] + i, st[s]);
+        if (Rule::uses_state(VARIANT, s)) st[s] = C(st_stored[s]);
+      }
+      if (UNSCALE) {
+        g = g / grad_scale;
+        g_stored = S(g);
+      }
+      g = g * clip;
+      Rule::template update<VARIANT>(p, g, st, k);
+      store_param<St>(p, p_stored, m_stored);
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        if (Rule::uses_state(VARIANT, s)) {
+          const uint32_t random = St::kStochastic ? rounding_bits(keys[s], c.start + index) : 0;
+          st_stored[s] = store_state<St>(st[s], random);
+        }
+      }
+    };
+
+    const int64_t vector_end = aligned ? c.n - c.n % kVec : 0;
+    for (int64_t i = int64_t(threadIdx.x) * kVec; i < vector_end;
+         i += int64_t(blockDim.x) * kVec) {
+      S p[kVec], g[kVec];
+      M m[kVec] = {};
+      T st[kSlots][kVec] = {};
+      load_vector<kVec>(param + i, p);
+      load_vector<kVec>(grad + i, g);
+      if (kMaster) load_vector<kVec>(master + i, m);
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        if (Rule::uses_state(VARIANT, s)) load_vector<kVec>(state[s] + i, st[s]);
       }
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        C element_state[kSlots];
+        T element_state[kSlots];
 #pragma unroll
         for (int s = 0; s < kSlots; ++s) element_state[s] = st[s][j];
-        update(p[j], g[j], element_state, k, grad_scale);
+        update(p[j], g[j], m[j], element_state, i + j);
 #pragma unroll
         for (int s = 0; s < kSlots; ++s) st[s][j] = element_state[s];
       }
-      store_vector(param + i, p);
-      if (UNSCALE) store_vector(grad + i, g);
+      store_vector<kVec>(param + i, p);
+      if (UNSCALE) store_vector<kVec>(grad + i, g);
+      if (kMaster) store_vector<kVec>(master + i, m);
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
-        if (Rule::uses_state(VARIANT, s)) store_vector(state[s] + i, st[s]);
+        if (Rule::uses_state(VARIANT, s)) store_vector<kVec>(state[s] + i, st[s]);
       }
     }
-    for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
-      C p = C(param[i]), g = C(grad[i]), st[kSlots] = {};
+    for (int64_t i = vector_end + threadIdx.x; i < c.n; i += blockDim.x) {
+      M m{};
+      if (kMaster) m = master[i];
+      T st[kSlots] = {};
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
-        if (Rule::uses_state(VARIANT, s)) st[s] = C(state[s][i]);
+        if (Rule::uses_state(VARIANT, s)) st[s] = state[s][i];
       }
-      update(p, g, st, k, grad_scale);
-      param[i] = S(p);
-      if (UNSCALE) grad[i] = S(g);
+      update(param[i], grad[i], m, st, i);
+      if (kMaster) master[i] = m;
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
-        if (Rule::uses_state(VARIANT, s)) state[s][i] = S(st[s]);
+        if (Rule::uses_state(VARIANT, s)) state[s][i] = st[s];
       }
     }
-  }
-
-  template <typename C, typename K>
-  __device__ __forceinline__ static void update(C& p, C& g, C (&st)[kSlots], const K& k,
-                                                C grad_scale) {
-    if (UNSCALE) g = g / grad_scale;
-    Rule::template update<VARIANT>(p, g, st, k);
   }
 };
 
-// One multi-tensor pass over tensors of one dtype S, with the call's variant and scaling.
-template <typename Rule, typename S, int VARIANT = 0>
-void launch_step(const std::array<std::vector<at::Tensor>, 2 + Rule::kStateSlots>& lists,
-                 const std::vector<at::Tensor>& steps, const DeviceStepArgs<Rule>& args,
-                 int variant) {
-  constexpr int kDepth = 2 + Rule::kStateSlots;
+// One multi-tensor pass over every param, with the call's variant and scaling.
+template <typename Rule, int VARIANT = 0>
+void launch_step(const std::array<std::vector<at::Tensor>, 3 + Rule::kStateSlots>& lists,
+                 const std::vector<at::Tensor>& steps, const std::vector<uint64_t>& tags,
+                 const DeviceStepArgs<Rule>& args, int variant) {
+  constexpr int kDepth = 3 + Rule::kStateSlots;
   if constexpr (VARIANT < Rule::kVariants) {
-    if (variant != VARIANT) return launch_step<Rule, S, VARIANT + 1>(lists, steps, args, variant);
+    if (variant != VARIANT) return launch_step<Rule, VARIANT + 1>(lists, steps, tags, args, variant);
     if (args.grad_scale != nullptr) {
-      multi_tensor_apply<kDepth>(lists, steps, StepFunctor<Rule, VARIANT, true, S>(), args);
+      multi_tensor_apply<kDepth>(lists, steps, StepFunctor<Rule, VARIANT, true>(), args, tags);
     } else {
-      multi_tensor_apply<kDepth>(lists, steps, StepFunctor<Rule, VARIANT, false, S>(), args);
+      multi_tensor_apply<kDepth>(lists, steps, StepFunctor<Rule, VARIANT, false>(), args, tags);
     }
   }
+}
+
+// The clip coefficient for the norm in device memory, computed in the norm's dtype; 1 without.
+__device__ __forceinline__ double clip_coefficient_on_device(const DeviceScalar& norm,
+                                                             double max_grad_norm) {
+  if (norm.f64 != nullptr) return clip_coefficient(*norm.f64, max_grad_norm);
+  if (norm.f32 != nullptr) return clip_coefficient(*norm.f32, max_grad_norm);
+  return 1.0;
+}
+
+inline DeviceScalar device_scalar(const std::optional<at::Tensor>& t) {
+  DeviceScalar result;
+  if (t.has_value() && t->scalar_type() == at::kDouble) {
+    result.f64 = t->const_data_ptr<double>();
+  } else if (t.has_value()) {
+    result.f32 = t->const_data_ptr<float>();
+  }
+  return result;
 }
 
 // The device address of a checked float32 scalar tensor, or nullptr.
@@ -156,37 +244,38 @@ inline LearningRate learning_rate(double lr, const std::optional<at::Tensor>& lr
 
 template <typename Rule>
 void run_step_on_cuda(const StepCall<Rule>& call) {
-  constexpr int kDepth = 2 + Rule::kStateSlots;
+  constexpr int kDepth = 3 + Rule::kStateSlots;
   check_step_call(call, kKernelDevice);
   if (call.params.empty()) return;
   const at::Device device = call.params[0].device();
   const DeviceGuard guard(device);
-  const DeviceStepArgs<Rule> args{call.options, learning_rate(call.lr, call.lr_tensor, device),
-                                  float_pointer(call.grad_scale), float_pointer(call.found_inf)};
+  const DeviceStepArgs<Rule> args{call.options,
+                                  learning_rate(call.lr, call.lr_tensor, device),
+                                  float_pointer(call.grad_scale),
+                                  float_pointer(call.found_inf),
+                                  device_scalar(call.grad_norm),
+                                  call.max_grad_norm};
 
-  // One multi-tensor pass per dtype present (a group may mix, e.g., fp32 and bf16 params).
-  std::map<at::ScalarType,
-           std::pair<std::array<std::vector<at::Tensor>, kDepth>, std::vector<at::Tensor>>>
-      by_dtype;
-  for (size_t i = 0; i < call.params.size(); ++i) {
-    auto& [lists, dtype_steps] = by_dtype[call.params[i].scalar_type()];
+  // One pass for every param, whatever its dtype, master copy and state dtype (its tag says).
+  const size_t n = call.params.size();
+  std::array<std::vector<at::Tensor>, kDepth> lists;
+  for (auto& list : lists) list.reserve(n);
+  std::vector<uint64_t> tags(n);
+  for (size_t i = 0; i < n; ++i) {
     lists[0].push_back(call.params[i]);
     lists[1].push_back(call.grads[i]);
+    const bool has_master = !call.masters.empty() && call.masters[i].has_value();
+    lists[2].push_back(has_master ? *call.masters[i] : at::Tensor());
     for (int s = 0; s < Rule::kStateSlots; ++s) {
-      // An unused slot is never dereferenced; the param keeps the lists the same length.
-      lists[2 + s].push_back(Rule::uses_state(call.variant, s) ? call.states[s][i]
-                                                               : call.params[i]);
+      lists[3 + s].push_back(Rule::uses_state(call.variant, s) ? call.states[s][i] : at::Tensor());
     }
-    dtype_steps.push_back(call.steps[i]);
+    const uint32_t seed =
+        call.rounding_seeds.empty() ? 0 : rounding_seed32(call.rounding_seeds[i]);
+    tags[i] = step_tag(storage_layout_of(call, i), seed);
   }
-  for (const auto& entry : by_dtype) {
-    const auto& lists = entry.second.first;         // not structured bindings: C++17 lambdas
-    const auto& dtype_steps = entry.second.second;  // cannot capture those
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, entry.first, "fastopt_step_cuda",
-        [&] { launch_step<Rule, scalar_t>(lists, dtype_steps, args, call.variant); });
-  }
-  increment_steps(std::vector<at::Tensor>(call.steps.begin(), call.steps.end()), args.found_inf);
+  const std::vector<at::Tensor> steps(call.steps.begin(), call.steps.end());
+  launch_step<Rule>(lists, steps, tags, args, call.variant);
+  increment_steps(steps, args.found_inf);
 }
 
 }  // namespace fastopt::cuda

@@ -1,5 +1,6 @@
-// 16-byte vector loads and stores between memory of storage type S and registers of compute
-// type C: one instruction moves 4 floats, 8 bf16/fp16 values or 2 doubles.
+// Vector loads and stores of N consecutive elements, in accesses of up to 16 bytes (one
+// instruction moves 4 floats, 8 bf16/fp16 values or 2 doubles); N elements of a wider type take
+// several accesses, of a narrower type one smaller access.
 #pragma once
 
 #include <cstdint>
@@ -10,31 +11,47 @@ namespace fastopt::cuda {
 
 constexpr int kVectorBytes = 16;
 
-template <typename S>
-struct alignas(kVectorBytes) VectorOf {
-  S values[kVectorBytes / sizeof(S)];
+// The bytes of one access when moving N elements of type T.
+template <int N, typename T>
+constexpr int access_bytes() {
+  return N * int(sizeof(T)) < kVectorBytes ? N * int(sizeof(T)) : kVectorBytes;
+}
+
+template <typename T, int BYTES>
+struct alignas(BYTES) Access {
+  T values[BYTES / sizeof(T)];
 };
 
-template <typename T>
+template <int N, typename T>
 __device__ __forceinline__ bool is_vector_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % kVectorBytes == 0;
+  return reinterpret_cast<uintptr_t>(p) % access_bytes<N, T>() == 0;
 }
 
-template <typename S, typename C>
-__device__ __forceinline__ void load_vector(const S* src, C* dst) {
-  check_vector_access(src);
-  const VectorOf<S> v = *reinterpret_cast<const VectorOf<S>*>(src);
+template <int N, typename T>
+__device__ __forceinline__ void load_vector(const T* src, T (&dst)[N]) {
+  constexpr int kBytes = access_bytes<N, T>();
+  constexpr int kPerAccess = kBytes / int(sizeof(T));
 #pragma unroll
-  for (int j = 0; j < kVectorBytes / int(sizeof(S)); ++j) dst[j] = C(v.values[j]);
+  for (int a = 0; a < N / kPerAccess; ++a) {
+    check_vector_access(src + a * kPerAccess, kBytes);
+    const Access<T, kBytes> v = *reinterpret_cast<const Access<T, kBytes>*>(src + a * kPerAccess);
+#pragma unroll
+    for (int j = 0; j < kPerAccess; ++j) dst[a * kPerAccess + j] = v.values[j];
+  }
 }
 
-template <typename S, typename C>
-__device__ __forceinline__ void store_vector(S* dst, const C* src) {
-  check_vector_access(dst);
-  VectorOf<S> v;
+template <int N, typename T>
+__device__ __forceinline__ void store_vector(T* dst, const T (&src)[N]) {
+  constexpr int kBytes = access_bytes<N, T>();
+  constexpr int kPerAccess = kBytes / int(sizeof(T));
 #pragma unroll
-  for (int j = 0; j < kVectorBytes / int(sizeof(S)); ++j) v.values[j] = S(src[j]);
-  *reinterpret_cast<VectorOf<S>*>(dst) = v;
+  for (int a = 0; a < N / kPerAccess; ++a) {
+    check_vector_access(dst + a * kPerAccess, kBytes);
+    Access<T, kBytes> v;
+#pragma unroll
+    for (int j = 0; j < kPerAccess; ++j) v.values[j] = src[a * kPerAccess + j];
+    *reinterpret_cast<Access<T, kBytes>*>(dst + a * kPerAccess) = v;
+  }
 }
 
 }  // namespace fastopt::cuda
