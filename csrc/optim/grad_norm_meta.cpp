@@ -18,11 +18,16 @@ at::Tensor grad_norm_meta(at::TensorList tensors, double norm_type,
 }
 
 // The dispatcher calls this where no kernel of a device key applies: an empty list (no tensor
-// to choose a device by), or tensors of a device fastopt has no kernels for.
+// to choose a device by), sparse tensors, or tensors of a device fastopt has no kernels for.
 at::Tensor grad_norm_without_device_kernel(at::TensorList tensors, double norm_type,
                                            const std::optional<at::Tensor>& grad_scale) {
-  TORCH_CHECK(tensors.empty(), kGradNormOp, ": no kernel for tensors on ", tensors[0].device(),
-              "; fastopt's kernels run on the CPU and, where its CUDA extension is built, on CUDA");
+  if (!tensors.empty()) {
+    // The arguments' own faults first (a sparse tensor lands here: no sparse kernel).
+    check_grad_norm(tensors, norm_type, grad_scale, tensors[0].device().type());
+    TORCH_CHECK(false, kGradNormOp, ": no kernel for tensors on ", tensors[0].device(),
+                "; fastopt's kernels run on the CPU and, where its CUDA extension is built, on "
+                "CUDA");
+  }
   check_grad_norm(tensors, norm_type, grad_scale, c10::DeviceType::CPU);
   const at::Device device = grad_scale.has_value() ? grad_scale->device() : at::Device(at::kCPU);
   return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -35,6 +40,15 @@ TORCH_LIBRARY_IMPL(fastopt, Meta, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastopt, CompositeExplicitAutograd, m) {
+  m.impl("grad_norm", &grad_norm_without_device_kernel);
+}
+
+// Sparse tensors dispatch to their own keys, which the composite kernel does not cover.
+TORCH_LIBRARY_IMPL(fastopt, SparseCPU, m) {
+  m.impl("grad_norm", &grad_norm_without_device_kernel);
+}
+
+TORCH_LIBRARY_IMPL(fastopt, SparseCUDA, m) {
   m.impl("grad_norm", &grad_norm_without_device_kernel);
 }
 
