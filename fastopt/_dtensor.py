@@ -187,6 +187,11 @@ def _one_element_error(op: str, where: str, t) -> RuntimeError:
     )
 
 
+def local_tensors(tensors: list) -> list:
+    """`tensors` with each DTensor replaced by its local tensor (this rank's shard)."""
+    return _local(tensors)
+
+
 def _local(value):
     """`value` with each DTensor replaced by its local tensor (the rank's shard)."""
     if isinstance(value, list | tuple):

@@ -78,7 +78,10 @@ def clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     norm_type = float(norm_type)
-    grouped = _group_tensors_by_device_and_dtype([grads])
+    _dtensor.enable()  # DTensor grads (FSDP2): the norm covers every rank's shards
+    # Each rank scales its own shards of DTensor grads: no communication, and grads of several
+    # meshes (FSDP2 beside tensor parallel), which DTensor's foreach ops cannot take together.
+    grouped = _group_tensors_by_device_and_dtype([_dtensor.local_tensors(grads)])
     if foreach:
         for device, _ in grouped:
             if not _device_has_foreach_support(device):
@@ -94,8 +97,9 @@ def clip_grad_norm_(
             "so it cannot be clipped. To disable this error and scale the gradients by the "
             "non-finite norm anyway, set `error_if_nonfinite=False`"
         )
+    norm = _dtensor.local_tensors([total_norm])[0]  # the same on every rank
     # Multiplied even by 1: testing the coefficient first would wait for the device.
-    coefficient = torch.clamp(float(max_norm) / (total_norm + 1e-6), max=1.0)
+    coefficient = torch.clamp(float(max_norm) / (norm + 1e-6), max=1.0)
     for (device, _), ([device_grads], _) in grouped.items():
         device_coefficient = coefficient.to(device)
         if (foreach is None and _has_foreach_support(device_grads, device)) or foreach:
@@ -118,7 +122,6 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     norms = []
     for device, tensors in by_device.items():
         _extension.require_kernels(device, "fastopt.clip_grad_norm_")
-        _dtensor.enable()  # DTensor gradients (FSDP2): the norm covers every rank's shards
         norms.append(torch.ops.fastopt.grad_norm(tensors, norm_type, None))
     if len(norms) == 1:
         return norms[0]
