@@ -13,6 +13,7 @@ _extension.load()
 
 # functional registers the layers' autograd and CUDA (Triton) kernels when imported.
 from . import functional, nn  # noqa: E402, F401
+from .clip import clip_grad_norm_  # noqa: E402
 from .optim import (  # noqa: E402
     FusedAdadelta,
     FusedAdagrad,
@@ -28,6 +29,7 @@ __all__ = [
     "FusedAdam",
     "FusedAdamW",
     "FusedRMSprop",
+    "clip_grad_norm_",
     "functional",
     "nn",
 ]

@@ -12,6 +12,10 @@ tensors or replicated DTensors. Params are checked one by one, so one call may h
 (FSDP2's ignored params) and DTensors of different meshes (FSDP on a 1-d mesh beside FSDP + TP on
 a 2-d one); a param with a Partial placement is refused, since a partial sum cannot be stepped.
 
+The exception is the total norm (fastopt::grad_norm, for clipping), which must cover every rank's
+shards: each rank takes the norm of its local shards, and the ranks combine theirs (see
+`_grad_norm_rule`).
+
 How: a `torch.library.register_torch_dispatch` rule for DTensor on each op, which checks and then
 calls the op on the local tensors; `torch.compile` traces through it, as through DTensor's own
 dispatch. A DTensor sharding strategy (`torch.distributed.tensor.experimental.register_sharding`)
@@ -65,6 +69,9 @@ def enable() -> bool:
         for name in optim.__all__:
             op = getattr(torch.ops.fastopt, name).default
             torch.library.register_torch_dispatch(op, DTensor, _local_step_rule(op))
+        torch.library.register_torch_dispatch(
+            torch.ops.fastopt.grad_norm.default, DTensor, _grad_norm_rule
+        )
         _enabled = True
     return _enabled
 
@@ -182,8 +189,74 @@ def _one_element_error(op: str, where: str, t) -> RuntimeError:
     )
 
 
+def local_tensors(tensors: list) -> list:
+    """`tensors` with each DTensor replaced by its local tensor (this rank's shard)."""
+    return _local(tensors)
+
+
 def _local(value):
     """`value` with each DTensor replaced by its local tensor (the rank's shard)."""
     if isinstance(value, list | tuple):
         return [v._local_tensor if isinstance(v, _DTensor) else v for v in value]
     return value._local_tensor if isinstance(value, _DTensor) else value
+
+
+def _grad_norm_rule(cls, func, types, args, kwargs):
+    """fastopt::grad_norm on DTensors: the norm of the full tensors, on every rank.
+
+    The tensors go in groups of one mesh and one set of sharded mesh dimensions (plain tensors
+    form a group of their own, held alike by every rank). Each group's local shards take one
+    fused reduction; a sharded group's value (the sum of p-th powers, or the max for the
+    inf-norm) is then combined across its sharded mesh dimensions by one collective: a DTensor
+    Partial on those dimensions made Replicate. As torch's clip_grad_norm_ on DTensors, the result
+    is a DTensor holding the norm on the tensors' mesh (Replicate), or a plain tensor where they
+    span several meshes."""
+    given = dict(zip(("tensors", "norm_type", "grad_scale"), args, strict=False)) | kwargs
+    tensors, norm_type, grad_scale = given["tensors"], given["norm_type"], given["grad_scale"]
+    op = "fastopt.grad_norm"
+    if isinstance(grad_scale, _DTensor):
+        if not all(x.is_replicate() for x in grad_scale.placements):
+            raise _one_element_error(op, "grad_scale", grad_scale)
+        grad_scale = grad_scale._local_tensor
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, _DTensor):
+            groups.setdefault(None, []).append(t)
+            continue
+        placements = t._spec.placements
+        if any(x.is_partial() for x in placements):
+            raise RuntimeError(
+                f"{op}: tensors[{i}] is a DTensor with {_layout(t)}: a pending (Partial) sum has "
+                "no norm of its own; redistribute it to Shard or Replicate placements first "
+                "(tensor.redistribute(tensor.device_mesh, placements))"
+            )
+        sharded_dims = tuple(d for d, x in enumerate(placements) if x.is_shard())
+        groups.setdefault((t._spec.mesh, sharded_dims), []).append(t._local_tensor)
+
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    keys = list(groups)
+    if len(keys) <= 1 and (not keys or keys[0] is None or not keys[0][1]):
+        # Held alike by every rank (plain or replicated tensors): nothing to combine.
+        total = func(groups.get(keys[0], []) if keys else [], norm_type, grad_scale)
+    else:
+        inf = norm_type == float("inf")
+        values = []  # each group's sum of p-th powers (or max), in float64
+        for key, local_tensors in groups.items():
+            norm = func(local_tensors, norm_type, grad_scale).double()
+            value = norm if inf else norm.pow(norm_type)
+            if key is not None and key[1]:
+                mesh, sharded = key
+                partial = Partial("max" if inf else "sum")
+                placements = [partial if d in sharded else Replicate() for d in range(mesh.ndim)]
+                value = DTensor.from_local(value, mesh, placements, run_check=False).full_tensor()
+            values.append(value)
+        stacked = torch.stack(values)
+        total = stacked.amax() if inf else stacked.sum().pow(1.0 / norm_type)
+        if not any(t.dtype == torch.float64 for t in tensors):
+            total = total.float()  # the op's result dtype
+    meshes = {key[0] for key in groups if key is not None}
+    if len(meshes) != 1:
+        return total
+    mesh = meshes.pop()
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)

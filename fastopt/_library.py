@@ -61,6 +61,13 @@ def _traffic_probe_fake(updated, read) -> None:
     return None
 
 
+# ---- the total norm of many tensors: fastopt.clip_grad_norm_ and the optimizers' clipping. -----
+# Each tensor divided by grad_scale first (GradScaler's scale, read on the device); a 0-dim
+# float32 result (float64 if any tensor is float64) on the tensors' device. Its fake is a C++
+# Meta kernel (csrc/optim/grad_norm_meta.cpp) that runs the very checks of the CPU and CUDA ones.
+_lib.define("grad_norm(Tensor[] tensors, float norm_type, Tensor? grad_scale) -> Tensor")
+
+
 # ---- int8 linear layers: fastopt.functional.int8 wraps these. The packed weight layout
 # ([N/16, K/4, 16, 4] int8) is shared by every device; csrc/layers/cpu/int8_tiles.h defines it,
 # and a test checks these constants against the built module's (fastopt._C.INT8_*).

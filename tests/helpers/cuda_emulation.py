@@ -24,11 +24,12 @@ from fastopt import _extension
 from fastopt._step_ops import STEP_OPS
 
 NAMESPACE = "fastopt_cuda_emulation"
-# Every op with a CUDA kernel in csrc/optim/cuda (the op table's, and sparse Adagrad), with the
-# dispatch keys of its CPU kernels.
+# Every op with a CUDA kernel in csrc/optim/cuda (the op table's, sparse Adagrad and the gradient
+# norm), with the dispatch keys of its CPU kernels.
 OPS = {
     **{op.name: ("CPU",) for op in STEP_OPS},
     "sparse_adagrad_step_": ("CPU", "SparseCPU"),
+    "grad_norm": ("CPU",),
 }
 
 
