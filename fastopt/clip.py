@@ -90,7 +90,7 @@ def clip_grad_norm_(
                     "tensors"
                 )
 
-    total_norm = _total_norm(grads, norm_type)
+    total_norm = grad_total_norm(grads, norm_type)
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
             f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
@@ -112,9 +112,12 @@ def clip_grad_norm_(
     return total_norm.to(functools.reduce(torch.promote_types, (g.dtype for g in grads)))
 
 
-def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
-    """The norm of all `grads` together, float32 or float64, on the first one's device: one
-    fused reduction per device, combined as torch combines the norms of its groups."""
+def grad_total_norm(
+    grads: list[Tensor], norm_type: float, grad_scale: Tensor | None = None
+) -> Tensor:
+    """The norm of all `grads` together (each divided by `grad_scale` first, if given), float32
+    or float64, on the first one's device: one fused reduction per device, combined as torch
+    combines the norms of its groups."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         # A sparse COO gradient holds duplicate indices until coalesced; torch's norm sums them.
@@ -122,7 +125,8 @@ def _total_norm(grads: list[Tensor], norm_type: float) -> Tensor:
     norms = []
     for device, tensors in by_device.items():
         _extension.require_kernels(device, "fastopt.clip_grad_norm_")
-        norms.append(torch.ops.fastopt.grad_norm(tensors, norm_type, None))
+        scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+        norms.append(torch.ops.fastopt.grad_norm(tensors, norm_type, scale))
     if len(norms) == 1:
         return norms[0]
     first = grads[0].device

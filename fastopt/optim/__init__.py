@@ -1,9 +1,9 @@
 """torch.optim-compatible optimizers whose step is one fused kernel."""
 
+from ._precision import to_torch_state_dict
 from .adadelta import FusedAdadelta
 from .adagrad import FusedAdagrad
 from .adam import FusedAdam, FusedAdamW
-from ._precision import to_torch_state_dict
 from .rmsprop import FusedRMSprop
 
 __all__ = [

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from ..clip import grad_total_norm
 from . import _precision
 from ._precision import PrecisionOptions
 
@@ -157,7 +158,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_norm = None
             if clipping is not None and work:
                 grads = [g for _, _, _, group_grads in work for g in group_grads]
-                grad_norm = _precision.total_norm(grads, clipping, amp.grad_scale(grads[0].device))
+                grad_norm = grad_total_norm(grads, clipping, amp.grad_scale(grads[0].device))
             prepared = []
             for current in work:
                 _, group, params, _ = current

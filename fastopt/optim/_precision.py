@@ -185,13 +185,6 @@ def clipping(param_groups, name: str) -> float | None:
     return norm_types.pop() if norm_types else None
 
 
-def total_norm(grads: list[Tensor], norm_type: float, grad_scale: Tensor | None) -> Tensor:
-    """The total norm of all `grads` (unscaled by `grad_scale`), on the first grad's device."""
-    from ..clip import total_grad_norm
-
-    return total_grad_norm(grads, norm_type, grad_scale)
-
-
 def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor, group) -> None:
     """After torch.optim's load_state_dict cast every float state tensor to `p`'s dtype: `p`'s
     state as saved, converted to the dtypes the group's options give it, laid out as `p`. A

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from .. import functional
-from ._base import FusedOptimizer
 from . import _precision
+from ._base import FusedOptimizer
 from ._precision import PrecisionOptions, documented
 
 __all__ = ["FusedAdagrad"]
