@@ -64,6 +64,12 @@ class _Subclass(torch.Tensor):
     """A tensor subclass: the eager entry declines it and torch.ops takes over."""
 
 
+# torch.ops.fastopt.adam_step_'s arguments after its lists: lr 1e-2, betas (0.9, 0.99), eps,
+# weight decay 0.1, and none of the optional inputs.
+_ADAM_ARGUMENTS = (1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None, [], None,
+                   0.0, [])  # fmt: skip
+
+
 def _adam_inputs(seed: int, wrap=lambda t: t):
     gen = generator(seed)
     shapes = [(5,), (3, 4), (4097,)]
@@ -81,26 +87,12 @@ def test_both_routes_into_the_op_agree(route):
     expected = _adam_inputs(0)
     torch.ops.fastopt.adam_step_(
         *expected,
-        1e-2,
-        None,
-        0.9,
-        0.99,
-        1e-8,
-        0.1,
-        False,
-        False,
-        False,
-        None,
-        None,
-        [],
-        None,
-        0.0,
-        [],
+        *_ADAM_ARGUMENTS,
     )
     if route == "eager entry":
         inputs = _adam_inputs(0)
         assert _extension.cpu_module().adam_step_(
-            *inputs, 1e-2, None, 0.9, 0.99, 1e-8, 0.1, False, False, False, None, None, [], None, 0.0, []
+            *inputs, *_ADAM_ARGUMENTS,
         ) is None  # fmt: skip
     elif route == "torch.ops":
         inputs = _adam_inputs(0)
@@ -110,21 +102,7 @@ def test_both_routes_into_the_op_agree(route):
         assert (
             _extension.cpu_module().adam_step_(
                 *inputs,
-                1e-2,
-                None,
-                0.9,
-                0.99,
-                1e-8,
-                0.1,
-                False,
-                False,
-                False,
-                None,
-                None,
-                [],
-                None,
-                0.0,
-                [],
+                *_ADAM_ARGUMENTS,
             )
             is NotImplemented
         )
@@ -140,21 +118,7 @@ def test_both_routes_into_the_op_agree(route):
             assert (
                 _extension.cpu_module().adam_step_(
                     *inputs,
-                    1e-2,
-                    None,
-                    0.9,
-                    0.99,
-                    1e-8,
-                    0.1,
-                    False,
-                    False,
-                    False,
-                    None,
-                    None,
-                    [],
-                    None,
-                    0.0,
-                    [],
+                    *_ADAM_ARGUMENTS,
                 )
                 is NotImplemented
             )

@@ -226,7 +226,7 @@ def test_mixed_dtypes_in_one_group():
         opt.step()
     for p, t in zip(params, twins, strict=True):
         state = opt.state[p]
-        value = state["master_param"] if "master_param" in state else p
+        value = state.get("master_param", p)
         tolerance = 1e-12 if p.dtype == torch.float64 else 1e-5
         torch.testing.assert_close(value.double(), t.detach(), rtol=0, atol=tolerance)
         if "master_param" in state:
