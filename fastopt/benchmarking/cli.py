@@ -1,0 +1,128 @@
+"""`python -m fastopt bench` and `python -m fastopt plot`: every feature's benchmark table in
+one run, with the machine's name, and the figure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from . import blocksparse_linear, figure, int8_linear, optimizers, pytest_json
+from .machine import machine_description
+from .measurement import Measurement
+
+FEATURES = ("optimizers", "int8", "blocksparse")
+QUICK_OPTIMIZER_CASES = "c"
+QUICK_REPEATS = 3
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument(
+        "--features",
+        default=",".join(FEATURES),
+        help=f"comma-separated, from: {', '.join(FEATURES)} (default: all)",
+    )
+    parser.add_argument("--device", default=default_device, choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(optimizers.FAMILIES),
+        help=f"comma-separated, from: {', '.join(optimizers.FAMILIES)}",
+    )
+    parser.add_argument(
+        "--cases",
+        default="".join(optimizers.CASES),
+        help="optimizer cases, e.g. 'ab': "
+        + "; ".join(f"{c.name}: {c.description}" for c in optimizers.CASES.values()),
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run: optimizer case {QUICK_OPTIMIZER_CASES} without sparse Adagrad, "
+        f"int8 at batch {' and '.join(map(str, int8_linear.QUICK_BATCHES))}, "
+        f"{len(blocksparse_linear.QUICK_CASES)} block-sparse cases, {QUICK_REPEATS} repeats",
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per contender")
+    parser.add_argument("--plot", metavar="FILE", help="also write the figure (PNG) to FILE")
+
+
+def bench(args: argparse.Namespace) -> int:
+    features = args.features.split(",")
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise SystemExit(f"unknown --features {unknown}: choose from {', '.join(FEATURES)}")
+    repeats = QUICK_REPEATS if args.quick else args.repeats
+    measured: list[Measurement] = []
+    if "optimizers" in features:
+        cases = QUICK_OPTIMIZER_CASES if args.quick else args.cases
+        measured += _optimizers(args.device, args.optimizers.split(","), cases, repeats, args.quick)
+    if "int8" in features:
+        batches = int8_linear.QUICK_BATCHES if args.quick else int8_linear.BATCHES
+        results, bandwidth = int8_linear.run(args.device, batches, repeats)
+        print(
+            f"\nInt8Linear {int8_linear.FEATURES}x{int8_linear.FEATURES} on "
+            f"{machine_description(args.device)}; copy bandwidth {bandwidth:.1f} GB/s"
+        )
+        print(int8_linear.format_table(results, args.device))
+        measured += int8_linear.measurements(results)
+    if "blocksparse" in features:
+        # The block-sparse anchors (torch BSR, with its CPU-only gaps) are the CPU's.
+        cases = blocksparse_linear.QUICK_CASES if args.quick else blocksparse_linear.CASES
+        results = blocksparse_linear.run(cases, repeats)
+        print(
+            f"\nBlockSparseLinear {blocksparse_linear.FEATURES}x{blocksparse_linear.FEATURES}, "
+            f"fp32, on {machine_description('cpu')}"
+        )
+        print(blocksparse_linear.format_table(results))
+        measured += blocksparse_linear.measurements(results)
+    if args.plot:
+        path = figure.plot(measured, args.plot, machine_description(args.device))
+        print(f"\nfigure: {path}")
+    return 0
+
+
+def _optimizers(
+    device: str, names: list[str], cases: str, repeats: int, quick: bool
+) -> list[Measurement]:
+    rows = []
+    for name in names:
+        family = optimizers.FAMILIES[name]
+        for case in cases:
+            rows += optimizers.run_case(family, optimizers.CASES[case], device, repeats)
+    print(f"Optimizer steps, fp32, on {machine_description(device)}")
+    print(optimizers.format_table(rows))
+    sparse = []
+    if "adagrad" in names and not quick:
+        num_embeddings, dim = 1_000_000, 128
+        sparse = optimizers.run_sparse_adagrad(
+            num_embeddings, dim, [1024, 4096, 16384], device, repeats
+        )
+        print("\nAdagrad with a sparse gradient (nn.Embedding(sparse=True)), fp32")
+        print(optimizers.format_sparse_table(sparse, num_embeddings))
+    return optimizers.measurements(rows, sparse)
+
+
+def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("json", help="the file of pytest --benchmark-json=FILE, run on benchmarks/")
+    parser.add_argument("-o", "--output", default="benchmarks.png", help="the PNG to write")
+    parser.add_argument(
+        "--title", default=None, help="the figure's title (default: the JSON's machine)"
+    )
+
+
+def plot(args: argparse.Namespace) -> int:
+    measured, unknown = pytest_json.read(args.json)
+    if unknown:
+        print(f"left out {len(unknown)} entries of benchmarks the figure does not know: {unknown}")
+    title = args.title or _json_machine(args.json)
+    print(f"figure: {figure.plot(measured, args.output, title)}")
+    return 0
+
+
+def _json_machine(path: str) -> str:
+    """The CPU pytest-benchmark recorded in the JSON (its machine_info)."""
+    with open(path) as file:
+        info = json.load(file).get("machine_info", {})
+    cpu = info.get("cpu", {}).get("brand_raw") or info.get("processor") or "unknown CPU"
+    return f"{cpu}, pytest-benchmark"
