@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,42 @@ from .measurement import Measurement
 FEATURES = ("optimizers", "int8", "blocksparse")
 QUICK_OPTIMIZER_CASES = "c"
 QUICK_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one run measures: the optimizer cases, the layers' width, batches and cases."""
+
+    optimizer_cases: list[optimizers.Case]
+    sparse_adagrad: bool
+    layer_features: int
+    int8_batches: list[int]
+    blocksparse_cases: list[blocksparse_linear.Case]
+    repeats: int
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    if args.tiny:  # for the tests only (hidden from --help): seconds, meaningless numbers
+        tiny = optimizers.Case("tiny", "3 small tensors", (100, 7, 4097))
+        return Sizes([tiny], False, 64, [1, 3], [(4, 0.25, 16)], 1)
+    if args.quick:
+        cases = [optimizers.CASES[c] for c in QUICK_OPTIMIZER_CASES]
+        return Sizes(
+            cases,
+            False,
+            int8_linear.FEATURES,
+            int8_linear.QUICK_BATCHES,
+            blocksparse_linear.QUICK_CASES,
+            QUICK_REPEATS,
+        )
+    return Sizes(
+        [optimizers.CASES[c] for c in args.cases],
+        True,
+        int8_linear.FEATURES,
+        int8_linear.BATCHES,
+        blocksparse_linear.CASES,
+        args.repeats,
+    )
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +80,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         f"int8 at batch {' and '.join(map(str, int8_linear.QUICK_BATCHES))}, "
         f"{len(blocksparse_linear.QUICK_CASES)} block-sparse cases, {QUICK_REPEATS} repeats",
     )
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=10, help="timed rounds per contender")
     parser.add_argument("--plot", metavar="FILE", help="also write the figure (PNG) to FILE")
 
@@ -52,29 +90,24 @@ def bench(args: argparse.Namespace) -> int:
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         raise SystemExit(f"unknown --features {unknown}: choose from {', '.join(FEATURES)}")
-    repeats = QUICK_REPEATS if args.quick else args.repeats
+    sizes = _sizes(args)
+    width = sizes.layer_features
     measured: list[Measurement] = []
     if "optimizers" in features:
-        cases = QUICK_OPTIMIZER_CASES if args.quick else args.cases
-        measured += _optimizers(args.device, args.optimizers.split(","), cases, repeats, args.quick)
+        measured += _optimizers(args.device, args.optimizers.split(","), sizes)
     if "int8" in features:
-        batches = int8_linear.QUICK_BATCHES if args.quick else int8_linear.BATCHES
-        results, bandwidth = int8_linear.run(args.device, batches, repeats)
+        results, bandwidth = int8_linear.run(args.device, sizes.int8_batches, sizes.repeats, width)
         print(
-            f"\nInt8Linear {int8_linear.FEATURES}x{int8_linear.FEATURES} on "
-            f"{machine_description(args.device)}; copy bandwidth {bandwidth:.1f} GB/s"
+            f"\nInt8Linear {width}x{width} on {machine_description(args.device)}; "
+            f"copy bandwidth {bandwidth:.1f} GB/s"
         )
-        print(int8_linear.format_table(results, args.device))
+        print(int8_linear.format_table(results, args.device, width))
         measured += int8_linear.measurements(results)
     if "blocksparse" in features:
         # The block-sparse anchors (torch BSR, with its CPU-only gaps) are the CPU's.
-        cases = blocksparse_linear.QUICK_CASES if args.quick else blocksparse_linear.CASES
-        results = blocksparse_linear.run(cases, repeats)
-        print(
-            f"\nBlockSparseLinear {blocksparse_linear.FEATURES}x{blocksparse_linear.FEATURES}, "
-            f"fp32, on {machine_description('cpu')}"
-        )
-        print(blocksparse_linear.format_table(results))
+        results = blocksparse_linear.run(sizes.blocksparse_cases, sizes.repeats, width)
+        print(f"\nBlockSparseLinear {width}x{width}, fp32, on {machine_description('cpu')}")
+        print(blocksparse_linear.format_table(results, width))
         measured += blocksparse_linear.measurements(results)
     if args.plot:
         path = figure.plot(measured, args.plot, machine_description(args.device))
@@ -82,21 +115,19 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optimizers(
-    device: str, names: list[str], cases: str, repeats: int, quick: bool
-) -> list[Measurement]:
+def _optimizers(device: str, names: list[str], sizes: Sizes) -> list[Measurement]:
     rows = []
     for name in names:
         family = optimizers.FAMILIES[name]
-        for case in cases:
-            rows += optimizers.run_case(family, optimizers.CASES[case], device, repeats)
+        for case in sizes.optimizer_cases:
+            rows += optimizers.run_case(family, case, device, sizes.repeats)
     print(f"Optimizer steps, fp32, on {machine_description(device)}")
     print(optimizers.format_table(rows))
     sparse = []
-    if "adagrad" in names and not quick:
+    if "adagrad" in names and sizes.sparse_adagrad:
         num_embeddings, dim = 1_000_000, 128
         sparse = optimizers.run_sparse_adagrad(
-            num_embeddings, dim, [1024, 4096, 16384], device, repeats
+            num_embeddings, dim, [1024, 4096, 16384], device, sizes.repeats
         )
         print("\nAdagrad with a sparse gradient (nn.Embedding(sparse=True)), fp32")
         print(optimizers.format_sparse_table(sparse, num_embeddings))

@@ -26,6 +26,7 @@ def plot(measurements: list[Measurement], path: str | Path, title: str) -> Path:
     """
     _extras.require({"matplotlib": "matplotlib"}, "a benchmark figure")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ratios = speedups(measurements)
     panels: dict[str, list[tuple[str, float]]] = {}
@@ -46,6 +47,9 @@ def plot(measurements: list[Measurement], path: str | Path, title: str) -> Path:
         ax.barh(labels, values, color=["tab:blue" if v >= 1 else "tab:red" for v in values])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(min(0.5, min(values) / 1.3), max(2.0, max(values) * 1.4))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{feature}: speedup over the fastest anchor (torch) on the same inputs")
         ax.tick_params(axis="y", labelsize=7)
         for y, value in enumerate(values):
