@@ -10,6 +10,7 @@ from .. import _extras
 from .measurement import Measurement, speedups
 
 _BAR_INCHES = 0.28
+_TICKS = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]
 
 
 def plot(measurements: list[Measurement], path: str | Path, title: str) -> Path:
@@ -26,7 +27,7 @@ def plot(measurements: list[Measurement], path: str | Path, title: str) -> Path:
     """
     _extras.require({"matplotlib": "matplotlib"}, "a benchmark figure")
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     ratios = speedups(measurements)
     panels: dict[str, list[tuple[str, float]]] = {}
@@ -44,10 +45,12 @@ def plot(measurements: list[Measurement], path: str | Path, title: str) -> Path:
     for ax, (feature, bars) in zip(axes, panels.items(), strict=True):
         labels = [label for label, _ in reversed(bars)]
         values = [value for _, value in reversed(bars)]
-        ax.barh(labels, values, color=["tab:blue" if v >= 1 else "tab:red" for v in values])
+        colors = ["tab:blue" if v >= 1 else "tab:red" for v in values]
+        ax.barh(labels, [v - 1.0 for v in values], left=1.0, color=colors)  # bars start at 1x
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlim(min(0.5, min(values) / 1.3), max(2.0, max(values) * 1.4))
+        ax.xaxis.set_major_locator(FixedLocator(_TICKS))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{feature}: speedup over the fastest anchor (torch) on the same inputs")
