@@ -84,6 +84,7 @@ def figure(result: DemoResult, path: Path) -> Path:
             va="center",
             fontsize=7,
         )
+    latency.set_xlim(right=max(row.latency_ms for row in result.rows) * 1.15)  # room for labels
     latency.set_title(f"latency, ms per batch of {result.settings.latency_batch}", fontsize=10)
     for ax in (accuracy, latency):
         ax.invert_yaxis()
