@@ -112,7 +112,7 @@ def test_pytest_benchmark_json_becomes_the_same_figure(tmp_path, capsys):
         }
     }
     expected = (
-        optimizers.measurements(rows)
+        optimizers.measurements("cpu", rows)
         + int8_linear.measurements(int8)
         + blocksparse_linear.measurements(bs)
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 import fastopt.demo
 from fastopt.__main__ import main
@@ -23,11 +24,14 @@ def test_the_optimizers_train_the_same_network_to_the_same_losses(tiny):
     result, _ = tiny
     reference = result.runs[variants.REFERENCE].losses
     assert len(reference) > 1 and reference[-1] < reference[0]  # it learned
-    for name, run in result.runs.items():
-        assert len(run.losses) == len(reference), name
-        # fp32 twins of one update rule: rounding differences only, far below a wrong update
-        # (a wrong beta or weight decay moves the loss by 1e-3 or more within a few steps).
-        assert result.max_loss_difference(name) <= 1e-5 * max(reference), name
+    fp32 = [o.name for o in variants.OPTIMIZERS if o.param_dtype == torch.float32]
+    assert variants.SOURCE in fp32
+    for name in fp32:
+        assert len(result.runs[name].losses) == len(reference), name
+        # fp32 twins of one update rule differ by rounding only. The bound is tight enough to
+        # fail a changed beta2 (0.999 -> 0.99) or a doubled weight decay in these few steps:
+        # those move the loss by 5 and 1.6 times the bound.
+        assert result.max_loss_difference(name) <= 1e-6 * max(reference), name
 
 
 def test_every_variant_has_a_row_with_its_accuracy_and_latency(tiny):

@@ -131,7 +131,7 @@ def _optimizers(device: str, names: list[str], sizes: Sizes) -> list[Measurement
         )
         print("\nAdagrad with a sparse gradient (nn.Embedding(sparse=True)), fp32")
         print(optimizers.format_sparse_table(sparse, num_embeddings))
-    return optimizers.measurements(rows, sparse)
+    return optimizers.measurements(device, rows, sparse)
 
 
 def add_plot_arguments(parser: argparse.ArgumentParser) -> None:

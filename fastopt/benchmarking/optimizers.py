@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -256,21 +256,27 @@ FEATURE = "optimizer step"
 SPARSE_FEATURE = "Adagrad, sparse gradient"
 
 
-def _group(family_name: str, case: Case) -> str:
-    return f"{family_name}, {case.name}: {case.description}"
+def _group(device: str, family_name: str, case: Case) -> str:
+    return f"{device}, {family_name}, {case.name}: {case.description}"
 
 
-def measurements(rows: list[Row], sparse_rows: list[SparseRow] = ()) -> list[Measurement]:
-    """The figure's view of the tables: one group per optimizer and case (torch's paths are the
-    anchors), and one per sparse-gradient size."""
+def measurements(
+    device: str, rows: Sequence[Row], sparse_rows: Sequence[SparseRow] = ()
+) -> list[Measurement]:
+    """The figure's view of the tables measured on `device`: one group per optimizer and case
+    (torch's paths are the anchors), and one per sparse-gradient size."""
     dense = [
         Measurement(
-            FEATURE, _group(r.family.name, r.case), r.optimizer, r.ms, _is_torch(r.optimizer)
+            FEATURE,
+            _group(device, r.family.name, r.case),
+            r.optimizer,
+            r.ms,
+            _is_torch(r.optimizer),
         )
         for r in rows
     ]
     sparse = [
-        Measurement(SPARSE_FEATURE, f"{r.lookups} rows", name, ms, name == SPARSE_TORCH)
+        Measurement(SPARSE_FEATURE, f"{device}, {r.lookups} rows", name, ms, name == SPARSE_TORCH)
         for r in sparse_rows
         for name, ms in ((SPARSE_FASTOPT, r.fastopt_ms), (SPARSE_TORCH, r.torch_ms))
     ]
@@ -286,9 +292,9 @@ def measurement_from_pytest(test: str, params: dict, ms: float) -> Measurement:
     file (`test` is the test function's name)."""
     if test == "test_sparse_adagrad_step":
         name = params["optimizer"]
-        group = f"{params['lookups']} rows"
+        group = f"{params['device']}, {params['lookups']} rows"
         return Measurement(SPARSE_FEATURE, group, name, ms, name == SPARSE_TORCH)
     family = FAMILIES[params["family"]]
-    group = _group(family.name, CASES[params["case"]])
+    group = _group(params["device"], family.name, CASES[params["case"]])
     name = params["contender"]
     return Measurement(FEATURE, group, name, ms, _is_torch(name))

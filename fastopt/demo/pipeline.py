@@ -31,6 +31,9 @@ class ModelRow:
 
 @dataclass
 class DemoResult:
+    """What the demo measured: a row per model, the optimizers' training runs, the table and the
+    figure's path."""
+
     settings: Settings
     device: str
     rows: list[ModelRow] = field(default_factory=list)
