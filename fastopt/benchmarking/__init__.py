@@ -4,7 +4,7 @@ paths) in one process on the same inputs, beside a roofline or peak measured on 
 - `optimizers`: the optimizer steps against torch.optim's fused / foreach / single-tensor paths,
   with a traffic probe of each optimizer's exact memory traffic (and sparse Adagrad);
 - `int8_linear`: Int8Linear against fp32 nn.Linear and torch.ao's dynamic int8, with the
-  machine's copy bandwidth;
+  machine's memory read bandwidth;
 - `blocksparse_linear`: BlockSparseLinear against dense F.linear and torch BSR, with the dense
   GEMM's GFLOP/s.
 

@@ -99,7 +99,7 @@ def bench(args: argparse.Namespace) -> int:
         results, bandwidth = int8_linear.run(args.device, sizes.int8_batches, sizes.repeats, width)
         print(
             f"\nInt8Linear {width}x{width} on {machine_description(args.device)}; "
-            f"copy bandwidth {bandwidth:.1f} GB/s"
+            f"memory read bandwidth {bandwidth:.1f} GB/s"
         )
         print(int8_linear.format_table(results, args.device, width))
         measured += int8_linear.measurements(results)

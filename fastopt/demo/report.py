@@ -49,7 +49,7 @@ def table(result: DemoResult) -> str:
     lines.append(f"Largest loss difference from {variants.REFERENCE} over its {steps} steps:")
     for name in result.runs:
         if name != variants.REFERENCE:
-            lines.append(f"  {name}: {result.max_loss_difference(name):.2e}")
+            lines.append(f"- {name}: {result.max_loss_difference(name):.2e}")
     return "\n".join(lines)
 
 
