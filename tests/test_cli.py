@@ -125,3 +125,12 @@ def test_pytest_benchmark_json_becomes_the_same_figure(tmp_path, capsys):
     assert main(["plot", str(path), "-o", str(figure)]) == 0
     assert "left out 1 entries" in capsys.readouterr().out
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib_says_what_to_install_before_measuring(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    assert main(["bench", "--tiny", "--plot", "never.png"]) == 1
+    captured = capsys.readouterr()
+    assert "python -m fastopt bench --plot needs matplotlib" in captured.err
+    assert "pip install matplotlib" in captured.err
+    assert captured.out == ""  # nothing was measured

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _extras
 from . import blocksparse_linear, figure, int8_linear, optimizers, pytest_json
 from .machine import machine_description
 from .measurement import Measurement
@@ -90,6 +91,8 @@ def bench(args: argparse.Namespace) -> int:
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
         raise SystemExit(f"unknown --features {unknown}: choose from {', '.join(FEATURES)}")
+    if args.plot:  # before the measurements, not after them
+        _extras.require({"matplotlib": "matplotlib"}, "python -m fastopt bench --plot")
     sizes = _sizes(args)
     width = sizes.layer_features
     measured: list[Measurement] = []
