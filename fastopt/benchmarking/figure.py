@@ -58,7 +58,7 @@ def plot(measurements: list[Measurement], path: str | Path, title: str) -> Path:
         for y, value in enumerate(values):
             ax.annotate(
                 f"{value:.2f}x",
-                (value, y),
+                (max(value, 1.0), y),  # right of the bar, or of the 1x line
                 xytext=(3, 0),
                 textcoords="offset points",
                 va="center",
