@@ -1,4 +1,5 @@
-"""Collects the medians of a benchmark run and prints fastopt's ratios to its anchors."""
+"""Collects the medians of a benchmark run and prints fastopt's ratios to its anchors, and the
+command that draws the run's figure when it was saved with --benchmark-json."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ def measured():
     return _RESULTS
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
+    saved = getattr(config.option, "benchmark_json", None)
+    if saved is not None:
+        terminalreporter.write_line(
+            f"\nfigure of this run: python -m fastopt plot {saved.name} -o {saved.name}.png"
+        )
     for (device, family, case), times in sorted(_RESULTS.items()):
         spec = benchmarking.FAMILIES[family]
         roof = times.get("roofline_ms")

@@ -4,7 +4,8 @@ anchors on the same inputs in one process: dense ``F.linear`` and torch's BSR ma
 (``weight.to_sparse_bsr`` times the input, forward only: torch has no CPU gradient of the input
 through a BSR matmul).
 
-Run (not part of the default test run):
+The cases, contenders and table are shared with `python -m fastopt bench`
+(fastopt/benchmarking/blocksparse_linear.py). Run (not part of the default test run):
     python -m pytest benchmarks/test_blocksparse_linear.py --benchmark-group-by=param:case
 At the end it prints one table: medians in ms, fastopt's speedup over dense and over torch BSR,
 the backward / forward time ratio, and fastopt's GFLOP/s (useful flops: 2 * batch * nnz * B^2 per
@@ -17,28 +18,22 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastopt import benchmarking
-from fastopt.nn import BlockSparseLinear
-
-FEATURES = 4096
-CASES = [
-    (batch, density, block)
-    for batch in (512, 16)
-    for block in (32, 64)
-    for density in (0.1, 0.25, 0.5)
-]
-IMPLS = ["fastopt", "dense F.linear", "torch BSR"]
-PASSES = ["forward", "forward+backward"]
+from fastopt.benchmarking.blocksparse_linear import (
+    CASES,
+    FEATURES,
+    IMPLS,
+    PASSES,
+    build_layer,
+    case_id,
+    format_table,
+    runner,
+    supports,
+)
 
 # (batch, density, block) -> {(impl, pass): median ms}
 _RESULTS: dict[tuple[int, float, int], dict[tuple[str, str], float]] = {}
-
-
-def _case_id(case) -> str:
-    batch, density, block = case
-    return f"batch{batch}-d{density}-B{block}"
 
 
 @pytest.fixture(scope="module")
@@ -48,59 +43,22 @@ def layers():
 
     def get(density: float, block: int):
         if (density, block) not in built:
-            layer = BlockSparseLinear(FEATURES, FEATURES, block_size=block, density=density)
-            dense = layer.dense_weight().detach()
-            with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
-                warnings.simplefilter("ignore")
-                bsr = dense.to_sparse_bsr((block, block))
-            built[(density, block)] = (layer, dense, bsr)
+            built[(density, block)] = build_layer(density, block)
         return built[(density, block)]
 
     return get
 
 
-def _runner(impl: str, pass_: str, layer, dense, bsr, x):
-    bias = layer.bias.detach()
-    if impl == "fastopt":
-
-        def forward(inp):
-            return layer(inp)
-    elif impl == "dense F.linear":
-        weight = dense.clone().requires_grad_()
-        bias = bias.clone().requires_grad_()
-
-        def forward(inp):
-            return F.linear(inp, weight, bias)
-    else:
-
-        def forward(inp):
-            return (bsr @ inp.T).T + bias
-
-    if pass_ == "forward":
-
-        def run():
-            with torch.no_grad():
-                forward(x)
-    else:
-        xg = x.clone().requires_grad_()
-
-        def run():
-            out = forward(xg)
-            out.backward(torch.ones_like(out))
-
-    return run
-
-
 @pytest.mark.parametrize("pass_", PASSES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_blocksparse_linear(benchmark, layers, case, impl, pass_):
     batch, density, block = case
-    if impl == "torch BSR" and pass_ != "forward":
+    if not supports(impl, pass_):
         pytest.skip("torch has no CPU gradient of the input through a BSR matmul")
     layer, dense, bsr = layers(density, block)
     x = torch.randn(batch, FEATURES)
-    run = _runner(impl, pass_, layer, dense, bsr, x)
+    run = runner(impl, pass_, layer, dense, bsr, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         benchmark.pedantic(run, rounds=11, warmup_rounds=2)
@@ -111,38 +69,6 @@ def test_blocksparse_linear(benchmark, layers, case, impl, pass_):
     benchmark.extra_info["GFLOP/s"] = round(flops / ms / 1e6, 1)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
-
-
-def table() -> str:
-    """The markdown table of everything measured in this process."""
-    lines = [
-        "| batch | density | block | pass | fastopt ms | dense ms | torch BSR ms "
-        "| vs dense | vs BSR | bwd/fwd | fastopt GFLOP/s |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for (batch, density, block), times in _RESULTS.items():
-        for pass_ in PASSES:
-            fast = times.get(("fastopt", pass_))
-            if fast is None:
-                continue
-            dense = times.get(("dense F.linear", pass_))
-            bsr = times.get(("torch BSR", pass_))
-            fwd = times.get(("fastopt", "forward"))
-            bwd_ratio = "" if pass_ == "forward" else f"{(fast - fwd) / fwd:.2f}" if fwd else ""
-            products = 1 if pass_ == "forward" else 3
-            gflops = 2 * batch * FEATURES * FEATURES * density * products / fast / 1e6
-            lines.append(
-                f"| {batch} | {density:.0%} | {block} | {pass_} | {fast:.2f} | "
-                f"{dense:.2f} | {f'{bsr:.2f}' if bsr else 'n/a'} | {_ratio(dense, fast)} | "
-                f"{_ratio(bsr, fast)} | {bwd_ratio} | {gflops:.0f} |"
-                if dense
-                else ""
-            )
-    return "\n".join(line for line in lines if line)
-
-
 class _Summary:
     """Prints the table at the end of the run (a plugin, so that this file needs no conftest)."""
 
@@ -150,7 +76,7 @@ class _Summary:
         if _RESULTS:
             machine = benchmarking.machine_description("cpu")
             terminalreporter.write_line(f"\nBlockSparseLinear 4096x4096 on {machine}")
-            terminalreporter.write_line(table())
+            terminalreporter.write_line(format_table(_RESULTS))
 
 
 @pytest.fixture(scope="module", autouse=True)

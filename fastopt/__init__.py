@@ -1,9 +1,17 @@
 """fastopt: fused kernels for PyTorch's optimizer step and linear layers, on CPU and CUDA.
 
-    opt = fastopt.FusedAdam(model.parameters(), lr=1e-3)   # was torch.optim.Adam
-    layer = fastopt.nn.Int8Linear.from_float(linear)        # was nn.Linear
+Drop-in optimizers (`FusedAdam`, `FusedAdamW`, `FusedRMSprop`, `FusedAdagrad`,
+`FusedAdadelta`), drop-in layers (`fastopt.nn.Int8Linear`, `fastopt.nn.BlockSparseLinear`, and
+`quantize_` / `sparsify_` to convert a whole model). Ops live under ``torch.ops.fastopt``;
+``fastopt.functional`` wraps them with docstrings. ``python -m fastopt --help`` lists the
+commands (info, selftest, bench, plot, demo).
 
-Ops live under ``torch.ops.fastopt``; ``fastopt.functional`` wraps them with docstrings.
+>>> import torch, fastopt
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+>>> opt = fastopt.FusedAdamW(model.parameters(), lr=1e-3)  # was torch.optim.AdamW
+>>> model(torch.randn(8, 64)).square().mean().backward()
+>>> _ = opt.step()
+>>> served = fastopt.nn.quantize_(model, mode="dynamic")  # every nn.Linear -> Int8Linear
 """
 
 # The ops must be defined before the kernels register for them.

@@ -1,4 +1,4 @@
-"""`python -m fastopt info | selftest | bench | demo`."""
+"""`python -m fastopt info | selftest | bench | plot | demo` (`--help` says what each does)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import sys
 import torch
 
 import fastopt
-from fastopt import _extension
+from fastopt import _extension, _extras, demo
+from fastopt.benchmarking import cli as benchmarking_cli
 
 
 def info() -> None:
@@ -45,86 +46,45 @@ def info() -> None:
         print("Triton: not installed")
 
 
-def bench(device: str, optimizers: list[str], cases: list[str], repeats: int) -> None:
-    """Prints the optimizer benchmark tables (see fastopt.benchmarking)."""
-    from fastopt import benchmarking
-
-    rows = []
-    for optimizer in optimizers:
-        family = benchmarking.FAMILIES[optimizer]
-        for name in cases:
-            rows += benchmarking.run_case(family, benchmarking.CASES[name], device, repeats)
-    print(f"Optimizer steps, fp32, on {benchmarking.machine_description(device)}")
-    print(benchmarking.format_table(rows))
-    if "adagrad" in optimizers:
-        num_embeddings, dim = 1_000_000, 128
-        sparse = benchmarking.run_sparse_adagrad(
-            num_embeddings, dim, [1024, 4096, 16384], device, repeats
-        )
-        print("\nAdagrad with a sparse gradient (nn.Embedding(sparse=True)), fp32")
-        print(benchmarking.format_sparse_table(sparse, num_embeddings))
-
-
-def demo(device: str) -> None:
-    """Trains a small MLP with torch.optim.AdamW and fastopt.FusedAdamW from the same start."""
-    torch.manual_seed(0)
-    x = torch.randn(2048, 64, device=device)
-    y = torch.sin(x.sum(dim=1, keepdim=True))
-
-    def train(make_opt):
-        torch.manual_seed(1)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1)
-        ).to(device)
-        opt = make_opt(model.parameters())
-        losses = []
-        for _ in range(200):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
-
-    ref = train(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False))
-    fused = train(lambda ps: fastopt.FusedAdamW(ps, lr=1e-3))
-    print("step | torch.optim.AdamW loss | fastopt.FusedAdamW loss")
-    for step in (0, 50, 100, 150, 199):
-        print(f"{step:4d} | {ref[step]:.6f} | {fused[step]:.6f}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastopt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastopt",
+        description="fastopt: fused optimizer steps and int8 / block-sparse linear layers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("info", help="what was built and what this machine runs")
     sub.add_parser(
         "selftest", help="check every kernel of every device present against torch eager"
     )
-    bench_parser = sub.add_parser("bench", help="the optimizer benchmark table")
-    bench_parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    bench_parser.add_argument(
-        "--optimizers",
-        default="adam,rmsprop,adagrad,adadelta",
-        help="comma-separated, from: adam, rmsprop, adagrad, adadelta",
+    bench_parser = sub.add_parser(
+        "bench", help="benchmark tables of every feature against torch, with this machine's name"
     )
-    bench_parser.add_argument("--cases", default="abc", help="which cases, e.g. 'ab'")
-    bench_parser.add_argument("--repeats", type=int, default=10)
+    benchmarking_cli.add_bench_arguments(bench_parser)
+    plot_parser = sub.add_parser(
+        "plot", help="the benchmark figure from `pytest benchmarks --benchmark-json=FILE`"
+    )
+    benchmarking_cli.add_plot_arguments(plot_parser)
     demo_parser = sub.add_parser(
-        "demo", help="train a small model with torch's and fastopt's AdamW"
+        "demo", help="train, prune and quantize a network on real data: accuracy, speed, figure"
     )
-    demo_parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    demo.add_arguments(demo_parser)
     args = parser.parse_args(argv)
-    if args.command == "info":
-        info()
-    elif args.command == "selftest":
-        from fastopt import selftest
+    try:
+        if args.command == "info":
+            info()
+            return 0
+        if args.command == "selftest":
+            from fastopt import selftest
 
-        return selftest.main()
-    elif args.command == "bench":
-        bench(args.device, args.optimizers.split(","), list(args.cases), args.repeats)
-    else:
-        demo(args.device)
-    return 0
+            return selftest.main()
+        if args.command == "bench":
+            return benchmarking_cli.bench(args)
+        if args.command == "plot":
+            return benchmarking_cli.plot(args)
+        return demo.main(args)
+    except _extras.MissingExtra as error:
+        print(f"fastopt: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

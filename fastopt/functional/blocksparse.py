@@ -32,7 +32,14 @@ _OPS = ("blocksparse_linear", "blocksparse_linear_grad_input", "blocksparse_line
 
 
 class BlockSparseIndex(NamedTuple):
-    """The index tensors (int64, on the weight's device) of one block layout."""
+    """The index tensors (int64, on the weight's device) of one block layout, made by
+    `index_from_mask`.
+
+    >>> import torch, fastopt
+    >>> index = fastopt.functional.index_from_mask(torch.tensor([[True, False], [True, True]]))
+    >>> index.crow_indices, index.col_indices
+    (tensor([0, 1, 3]), tensor([0, 0, 1]))
+    """
 
     crow_indices: Tensor  # [out/B + 1]: block row r holds entries crow[r]..crow[r+1]
     col_indices: Tensor  # [nnz]: block column of each stored block
@@ -43,7 +50,13 @@ class BlockSparseIndex(NamedTuple):
 
 
 def index_from_mask(mask: Tensor) -> BlockSparseIndex:
-    """The index of a block layout given as a boolean mask [out / B, in / B], on its device."""
+    """The index of a block layout given as a boolean mask [out / B, in / B], on its device.
+
+    >>> import torch, fastopt
+    >>> index = fastopt.functional.index_from_mask(torch.tensor([[True, False], [True, True]]))
+    >>> index.ccol_indices, index.t_row_indices, index.t_block_indices  # by block column
+    (tensor([0, 2, 3]), tensor([0, 1, 1]), tensor([0, 1, 2]))
+    """
     if mask.dim() != 2:
         raise ValueError(
             f"a block layout is a 2-D mask [out/B, in/B], got shape {tuple(mask.shape)}"
@@ -74,6 +87,22 @@ def blocksparse_linear(
     (``create_graph=True``). CPU: float32 and bfloat16 (fp32 accumulation) and float64, block
     sizes 16, 32, 64; CUDA (Triton): float16, bfloat16, float32 (TF32 when
     ``torch.backends.cuda.matmul.allow_tf32``), block sizes 16 to 128.
+
+    ``fastopt.nn.BlockSparseLinear`` holds these arguments; called directly:
+
+    >>> import torch, fastopt
+    >>> mask = torch.tensor([[True, False], [True, True]])  # 2 x 2 blocks of 16: W is 32 x 32
+    >>> values = torch.randn(3, 16, 16, requires_grad=True)
+    >>> index = fastopt.functional.index_from_mask(mask)
+    >>> x = torch.randn(5, 32)
+    >>> y = fastopt.functional.blocksparse_linear(x, values, index)
+    >>> dense = torch.zeros(32, 32)
+    >>> dense[:16, :16], dense[16:, :16], dense[16:, 16:] = values.detach()
+    >>> torch.allclose(y, x @ dense.T, atol=1e-5)
+    True
+    >>> y.sum().backward()  # gradients of the stored blocks only
+    >>> values.grad.shape
+    torch.Size([3, 16, 16])
     """
     _layers.require_kernels(input.device, "blocksparse_linear", "blocksparse")
     # The kernels read the index tensors as plain arrays: they must be contiguous.

@@ -44,6 +44,14 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     ``scale = max|w[n]| / 127`` (1 for an all-zero row) and ``q = round(w / scale)``.
 
     Returns ``(q, scale)``: int8 [N, K] and float32 [N].
+
+    >>> import torch, fastopt
+    >>> q, scale = fastopt.functional.quantize_per_channel(torch.tensor([[0.5, -1.0], [2.0, 0.0]]))
+    >>> q
+    tensor([[  64, -127],
+            [ 127,    0]], dtype=torch.int8)
+    >>> scale * 127
+    tensor([1., 2.])
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-d float tensor, got {weight.dtype} {weight.shape}")
@@ -60,6 +68,11 @@ def smoothing_scale(input_absmax: Tensor, weight: Tensor, alpha: float = 0.5) ->
 
     The layer computes ``(x / s) @ (w * s).T``: the same product, with activation outliers moved
     into the weight, where per-channel scales absorb them. Returns float32 [K].
+
+    >>> import torch, fastopt
+    >>> weight = torch.tensor([[1.0, 4.0], [-1.0, 1.0]])
+    >>> fastopt.functional.smoothing_scale(torch.tensor([16.0, 1.0]), weight, alpha=0.5)
+    tensor([4.0000, 0.5000])
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -82,7 +95,13 @@ def dequantize_weight(
 ) -> Tensor:
     """The [N, K] weight an int8 layer multiplies by, in `dtype`:
     ``weight * weight_scale[:, None]``, times ``input_scale`` per input channel when smoothing
-    folded that into the input."""
+    folded that into the input.
+
+    >>> import torch, fastopt
+    >>> q = torch.tensor([[127, -64]], dtype=torch.int8)
+    >>> fastopt.functional.dequantize_weight(q, torch.tensor([0.5]))
+    tensor([[ 63.5000, -32.0000]])
+    """
     dequantized = weight.to(dtype) * weight_scale.to(dtype)[:, None]
     return dequantized if input_scale is None else dequantized * input_scale.to(dtype)
 
@@ -94,6 +113,12 @@ def pack_int8_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     weight zero-padded and cut into blocks of 16 output by 4 input channels (64 contiguous bytes,
     one vpdpbusd operand); ``compensation`` is int32 [N], ``128 * weight.sum(1)``, which the
     AVX-512 VNNI kernel subtracts after multiplying activations offset to unsigned by +128.
+
+    >>> import torch, fastopt
+    >>> weight = torch.randint(-127, 128, (20, 10), dtype=torch.int8)
+    >>> packed, compensation = fastopt.functional.pack_int8_weight(weight)
+    >>> packed.shape, compensation.shape
+    (torch.Size([2, 3, 16, 4]), torch.Size([20]))
     """
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-d int8 tensor, got {weight.dtype} {weight.shape}")
@@ -106,7 +131,14 @@ def pack_int8_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def unpack_int8_weight(packed: Tensor, out_features: int, in_features: int) -> Tensor:
-    """The int8 [out_features, in_features] weight that `pack_int8_weight` packed."""
+    """The int8 [out_features, in_features] weight that `pack_int8_weight` packed.
+
+    >>> import torch, fastopt
+    >>> weight = torch.randint(-127, 128, (20, 10), dtype=torch.int8)
+    >>> packed, _ = fastopt.functional.pack_int8_weight(weight)
+    >>> torch.equal(fastopt.functional.unpack_int8_weight(packed, 20, 10), weight)
+    True
+    """
     blocks, groups = packed.shape[:2]
     plain = packed.transpose(1, 2).reshape(blocks * BLOCK_N, groups * GROUP_K)
     return plain[:out_features, :in_features].contiguous()
@@ -116,7 +148,16 @@ def int8_mm(
     input: Tensor, packed_weight: Tensor, weight_compensation: Tensor, in_features: int
 ) -> Tensor:
     """The exact int32 product ``input @ weight.T`` of an int8 [M, K] input and the int8
-    [N, in_features] weight packed by `pack_int8_weight`. Returns int32 [M, N]."""
+    [N, in_features] weight packed by `pack_int8_weight`. Returns int32 [M, N].
+
+    >>> import torch, fastopt
+    >>> x = torch.randint(-127, 128, (3, 10), dtype=torch.int8)
+    >>> weight = torch.randint(-127, 128, (20, 10), dtype=torch.int8)
+    >>> packed, compensation = fastopt.functional.pack_int8_weight(weight)
+    >>> y = fastopt.functional.int8_mm(x, packed, compensation, 10)
+    >>> torch.equal(y, x.int() @ weight.int().T)  # exact int32 sums
+    True
+    """
     _layers.require_kernels(input.device, "int8_mm", "int8_linear")
     args = (input, packed_weight, weight_compensation, in_features)
     return _layers.call_checked(
@@ -125,7 +166,14 @@ def int8_mm(
 
 
 def uses_weight_only_path(rows: int, device: torch.device) -> bool:
-    """Whether dynamic mode runs `rows` rows on the weight-only kernel (WEIGHT_ONLY_MAX_ROWS)."""
+    """Whether dynamic mode runs `rows` rows on the weight-only kernel (WEIGHT_ONLY_MAX_ROWS).
+
+    >>> import torch, fastopt
+    >>> fastopt.functional.uses_weight_only_path(1, torch.device("cpu"))
+    False
+    >>> fastopt.functional.uses_weight_only_path(16, torch.device("cuda"))
+    True
+    """
     return rows <= WEIGHT_ONLY_MAX_ROWS.get(device.type, 16)
 
 
@@ -152,6 +200,19 @@ def int8_linear(
     Gradients flow to ``input`` and ``bias`` (the quantized weight is frozen): the input's uses
     the dequantized weight, treating the activation rounding as identity; the bias's is
     ``grad_output`` summed over all but the last dimension, as ``F.linear``'s.
+
+    ``fastopt.nn.Int8Linear`` holds these arguments; called directly:
+
+    >>> import torch, fastopt
+    >>> linear = torch.nn.Linear(64, 32)
+    >>> q, scale = fastopt.functional.quantize_per_channel(linear.weight)
+    >>> packed, compensation = fastopt.functional.pack_int8_weight(q)
+    >>> x = torch.randn(8, 64)
+    >>> y = fastopt.functional.int8_linear(x, packed, compensation, 64, scale, linear.bias)
+    >>> y.shape, y.dtype
+    (torch.Size([8, 32]), torch.float32)
+    >>> bool(((y - linear(x)).norm() / linear(x).norm()) < 0.05)  # int8 rounding
+    True
     """
     if mode not in ("dynamic", "weight_only"):
         raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {mode!r}")

@@ -26,12 +26,22 @@ class BlockSparseLinear(nn.Module):
     rebuilt from the mask, also when a ``state_dict`` with another layout is loaded (which
     resizes ``values``: build optimizers after loading).
 
-        layer = BlockSparseLinear(4096, 4096, block_size=32, density=0.25)
-        layer = BlockSparseLinear.from_dense(linear, block_size=32, density=0.25)
-        linear = layer.to_dense()
-
     Inputs are [..., in_features]. CPU: float32, bfloat16 and float64, block sizes 16, 32, 64;
     CUDA (Triton): float16, bfloat16, float32, block sizes 16 to 128.
+
+    >>> import torch, fastopt
+    >>> from fastopt.nn import BlockSparseLinear
+    >>> layer = BlockSparseLinear(256, 128, block_size=32, density=0.25)  # a random layout
+    >>> layer.values.shape  # 8 of the 4 x 8 blocks of 32 x 32
+    torch.Size([8, 32, 32])
+    >>> layer(torch.randn(4, 256)).shape
+    torch.Size([4, 128])
+    >>> linear = torch.nn.Linear(256, 128)
+    >>> sparse = BlockSparseLinear.from_dense(linear, block_size=32, density=0.5)  # top blocks
+    >>> sparse
+    BlockSparseLinear(in_features=256, out_features=128, bias=True, block_size=32, density=0.5)
+    >>> opt = fastopt.FusedAdamW(sparse.parameters(), lr=1e-3)  # trains the stored blocks
+    >>> dense_again = sparse.to_dense()  # an nn.Linear, zeros outside the blocks
     """
 
     def __init__(
@@ -112,7 +122,14 @@ class BlockSparseLinear(nn.Module):
     ) -> BlockSparseLinear:
         """The block-sparse layer keeping the blocks of ``linear.weight`` with the largest ``norm``
         ("l2" or "l1"): a fraction ``density`` of them (of each block row when ``balanced``), or
-        those of an explicit ``layout``. Same dtype and device as ``linear``."""
+        those of an explicit ``layout``. Same dtype and device as ``linear``.
+
+        >>> import torch
+        >>> from fastopt.nn import BlockSparseLinear
+        >>> linear = torch.nn.Linear(64, 64)
+        >>> BlockSparseLinear.from_dense(linear, 16, 0.25, norm="l1", balanced=True).layout.sum(1)
+        tensor([1, 1, 1, 1])
+        """
         weight = linear.weight
         out_features, in_features = weight.shape
         if layout is None:
@@ -212,7 +229,17 @@ def sparsify_(
     qualified_name)`` is true (default: all; torchao's convention, as `quantize_`'s) by
     ``BlockSparseLinear.from_dense(...)`` with these arguments. Returns ``model``. A selected
     layer whose dimensions ``block_size`` does not divide raises a ValueError naming it, before
-    anything is replaced."""
+    anything is replaced.
+
+    >>> import torch
+    >>> from fastopt.nn import sparsify_
+    >>> model = torch.nn.Sequential(
+    ...     torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    ... )
+    >>> _ = sparsify_(model, 32, 0.25, filter_fn=lambda module, name: name != "2")
+    >>> [type(layer).__name__ for layer in model]
+    ['BlockSparseLinear', 'ReLU', 'Linear']
+    """
     layouts.blocks_per_row(density, (1, 1), balanced)  # a bad density fails before any change
     chosen = [
         (name, module)

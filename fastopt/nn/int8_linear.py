@@ -29,6 +29,20 @@ class Int8Linear(nn.Module):
     kernels read is rebuilt from ``weight`` when a state_dict is loaded.
 
     Build one with `from_float`; the constructor makes an all-zero layer to load weights into.
+
+    >>> import torch
+    >>> from fastopt.nn import Int8Linear
+    >>> linear = torch.nn.Linear(256, 128)
+    >>> q = Int8Linear.from_float(linear)  # W8A8
+    >>> q
+    Int8Linear(in_features=256, out_features=128, bias=True, mode=dynamic)
+    >>> x = torch.randn(4, 256)
+    >>> bool(((q(x) - linear(x)).norm() / linear(x).norm()) < 0.05)
+    True
+    >>> weight_only = Int8Linear.from_float(linear, mode="weight_only")  # float activations
+    >>> sorted(q.state_dict())  # plain tensors
+    ['bias', 'weight', 'weight_scale']
+    >>> linear_again = q.to_float()  # an nn.Linear with the dequantized weight
     """
 
     def __init__(
@@ -73,7 +87,15 @@ class Int8Linear(nn.Module):
     ) -> Int8Linear:
         """The int8 twin of `linear` (its weight quantized per output channel; bias kept in its
         dtype). `input_absmax` ([in_features], from `calibrate`) turns on SmoothQuant with
-        migration strength `alpha`."""
+        migration strength `alpha`.
+
+        >>> import torch
+        >>> from fastopt.nn import Int8Linear, calibrate
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+        >>> stats = calibrate(model, [torch.randn(16, 64) for _ in range(4)])
+        >>> Int8Linear.from_float(model[0], input_absmax=stats["0"], alpha=0.5)
+        Int8Linear(in_features=64, out_features=32, bias=True, mode=dynamic, smoothing=True)
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float takes an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight.detach()
@@ -190,7 +212,20 @@ def quantize_(
     """Replaces, in place, every ``nn.Linear`` of `model` (the model itself excluded; subclasses,
     such as nn.MultiheadAttention's ``out_proj``, are left alone) for which
     ``filter_fn(module, qualified_name)`` is true (default: all) with `Int8Linear.from_float`.
-    `input_absmax` maps names to `calibrate`'s statistics, for SmoothQuant. Returns `model`."""
+    `input_absmax` maps names to `calibrate`'s statistics, for SmoothQuant. Returns `model`.
+
+    >>> import torch
+    >>> from fastopt.nn import quantize_
+    >>> model = torch.nn.Sequential(
+    ...     torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    ... )
+    >>> quantize_(model, mode="dynamic", filter_fn=lambda module, name: name != "2")
+    Sequential(
+      (0): Int8Linear(in_features=64, out_features=256, bias=True, mode=dynamic)
+      (1): ReLU()
+      (2): Linear(in_features=256, out_features=10, bias=True)
+    )
+    """
     targets = [
         (name, module)
         for name, module in model.named_modules()
@@ -224,7 +259,14 @@ def _has_fast_path_guard(module: nn.Module) -> bool:
 def calibrate(model: nn.Module, batches: Iterable) -> dict[str, Tensor]:
     """Runs `model` on each batch (a tensor, or a tuple of positional arguments) and returns, for
     every ``nn.Linear`` it holds, the largest magnitude seen in each input feature: float32
-    [in_features] by qualified name, the `input_absmax` of `quantize_`."""
+    [in_features] by qualified name, the `input_absmax` of `quantize_`.
+
+    >>> import torch
+    >>> from fastopt.nn import calibrate
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> calibrate(model, [torch.tensor([[1.0, -5.0, 2.0]]), torch.tensor([[-3.0, 1.0, 0.5]])])
+    {'0': tensor([3., 5., 2.])}
+    """
     stats: dict[str, Tensor] = {}
 
     def record(name):

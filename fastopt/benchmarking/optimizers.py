@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 import random
-import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 import fastopt
+
+from .measurement import Measurement
+from .timing import interleaved_medians, median_ms
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
@@ -119,41 +120,6 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
         p.grad = torch.randn(size, device=device, generator=gen)
         params.append(p)
     return params
-
-
-def _timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """Returns time_ms(fn): one call's wall time, the device synchronized around it."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def time_ms(fn: Callable[[], object]) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return (time.perf_counter() - start) * 1e3
-
-    return time_ms
-
-
-def interleaved_medians(
-    contenders: dict[str, Callable[[], object]], device: str, repeats: int = 10, warmup: int = 2
-) -> dict[str, float]:
-    """Median ms per call of each contender, timed in rounds that call each once, so that the
-    machine's drift (a neighbour's load, memory bandwidth) reaches all of them alike."""
-    time_ms = _timer(device)
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            times[name].append(time_ms(fn))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def median_ms(fn: Callable[[], object], device: str, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of `fn` in milliseconds, with the device synchronized around each call."""
-    return interleaved_medians({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 ROOFLINE = "roofline"
@@ -269,6 +235,9 @@ def run_sparse_adagrad(
     return rows
 
 
+SPARSE_FASTOPT, SPARSE_TORCH = "fastopt.FusedAdagrad", "torch Adagrad"
+
+
 def format_sparse_table(rows: list[SparseRow], num_embeddings: int) -> str:
     lines = [
         "| embedding | looked-up rows | fastopt.FusedAdagrad ms | torch Adagrad ms | speedup | "
@@ -283,8 +252,49 @@ def format_sparse_table(rows: list[SparseRow], num_embeddings: int) -> str:
     return "\n".join(lines)
 
 
-def machine_description(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    isa = fastopt._extension.cpu_module().active_cpu_isa()
-    return f"CPU, {torch.get_num_threads()} threads, {isa} kernels, torch {torch.__version__}"
+FEATURE = "optimizer step"
+SPARSE_FEATURE = "Adagrad, sparse gradient"
+
+
+def _group(device: str, family_name: str, case: Case) -> str:
+    return f"{device}, {family_name}, {case.name}: {case.description}"
+
+
+def measurements(
+    device: str, rows: Sequence[Row], sparse_rows: Sequence[SparseRow] = ()
+) -> list[Measurement]:
+    """The figure's view of the tables measured on `device`: one group per optimizer and case
+    (torch's paths are the anchors), and one per sparse-gradient size."""
+    dense = [
+        Measurement(
+            FEATURE,
+            _group(device, r.family.name, r.case),
+            r.optimizer,
+            r.ms,
+            _is_torch(r.optimizer),
+        )
+        for r in rows
+    ]
+    sparse = [
+        Measurement(SPARSE_FEATURE, f"{device}, {r.lookups} rows", name, ms, name == SPARSE_TORCH)
+        for r in sparse_rows
+        for name, ms in ((SPARSE_FASTOPT, r.fastopt_ms), (SPARSE_TORCH, r.torch_ms))
+    ]
+    return dense + sparse
+
+
+def _is_torch(contender: str) -> bool:
+    return contender.startswith("torch")
+
+
+def measurement_from_pytest(test: str, params: dict, ms: float) -> Measurement:
+    """The Measurement of one `benchmarks/test_optimizer_step.py` entry of a --benchmark-json
+    file (`test` is the test function's name)."""
+    if test == "test_sparse_adagrad_step":
+        name = params["optimizer"]
+        group = f"{params['device']}, {params['lookups']} rows"
+        return Measurement(SPARSE_FEATURE, group, name, ms, name == SPARSE_TORCH)
+    family = FAMILIES[params["family"]]
+    group = _group(params["device"], family.name, CASES[params["case"]])
+    name = params["contender"]
+    return Measurement(FEATURE, group, name, ms, _is_torch(name))
