@@ -69,6 +69,7 @@ class StepOp:
     states: tuple[str, ...]  # the per-param state lists, in the rule's slot order
     own: tuple[Argument, ...]
     own_doc: str  # what the own arguments (and state lists) mean
+    example: str  # a doctest of the functional wrapper, after `p, g = torch.randn(3), ...`
 
     @property
     def schema(self) -> str:
@@ -116,6 +117,11 @@ and fp16 rounded once per element rather than after every operation), in one pas
     max_exp_avg_sqs: one per param with ``amsgrad=True``, else empty.
     beta1, beta2, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.Adam``.
     decoupled_weight_decay: apply weight decay as ``torch.optim.AdamW`` does.""",
+        example=""">>> exp_avg, exp_avg_sq, step = torch.zeros(3), torch.zeros(3), torch.zeros(())
+>>> fastopt.functional.adam_step_([p], [g], [exp_avg], [exp_avg_sq], [], [step], lr=1e-3,
+...                               beta1=0.9, beta2=0.999, eps=1e-8)
+>>> step
+tensor(1.)""",
     ),
     StepOp(
         name="rmsprop_step_",
@@ -135,6 +141,9 @@ computes, in one pass over memory.""",
     momentum_buffers: one per param with ``momentum > 0``, else empty.
     grad_avgs: one per param with ``centered=True``, else empty.
     alpha, eps, weight_decay, momentum, centered, maximize: as in ``torch.optim.RMSprop``.""",
+        example=""">>> square_avg, step = torch.zeros(3), torch.zeros(())
+>>> fastopt.functional.rmsprop_step_([p], [g], [square_avg], [], [], [step], lr=1e-2,
+...                                  alpha=0.99, eps=1e-8)""",
     ),
     StepOp(
         name="adagrad_step_",
@@ -151,6 +160,10 @@ computes, in one pass over memory.""",
         own_doc="""\
     state_sums: the running sums of squared grads.
     lr_decay, weight_decay, eps, maximize: as in ``torch.optim.Adagrad``.""",
+        example=""">>> state_sum, step = torch.zeros(3), torch.zeros(())
+>>> fastopt.functional.adagrad_step_([p], [g], [state_sum], [step], lr=1e-2)
+>>> torch.equal(state_sum, g * g)
+True""",
     ),
     StepOp(
         name="adadelta_step_",
@@ -167,5 +180,8 @@ computes, in one pass over memory.""",
     square_avgs: the running averages of the squared gradient.
     acc_deltas: the running averages of squared updates.
     rho, eps, weight_decay, maximize: as in ``torch.optim.Adadelta``.""",
+        example=""">>> square_avg, acc_delta, step = torch.zeros(3), torch.zeros(3), torch.zeros(())
+>>> fastopt.functional.adadelta_step_([p], [g], [square_avg], [acc_delta], [step], lr=1.0,
+...                                   rho=0.9, eps=1e-6)""",
     ),
 )

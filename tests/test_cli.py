@@ -29,10 +29,13 @@ def test_bench_prints_every_feature_table_with_the_machine_and_plots(tmp_path, c
     figure = tmp_path / "bench.png"
     assert main(["bench", "--tiny", "--device", "cpu", "--plot", str(figure)]) == 0
     printed = capsys.readouterr().out
-    for title in ("Optimizer steps, fp32, on ", "Int8Linear 64x64 on ", "BlockSparseLinear 64x64"):
+    titles = ("Optimizer steps, fp32, on ", "AdamW step by precision mode", "Int8Linear 64x64 on ",
+              "BlockSparseLinear 64x64")  # fmt: skip
+    for title in titles:
         assert title in printed
-    assert printed.count("threads, ") >= 3  # each table names the machine
-    for contender in ("fastopt.FusedAdam", "torch.ao dynamic int8", "torch BSR"):
+    assert printed.count("threads, ") >= 4  # each table names the machine
+    for contender in ("fastopt.FusedAdam", "fastopt bf16 + remainder + bf16 state",
+                      "torch.ao dynamic int8", "torch BSR"):  # fmt: skip
         assert contender in printed
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

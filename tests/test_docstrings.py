@@ -1,6 +1,5 @@
-"""The examples in the layers' docstrings run and print what they say, and every public layer
-class and function has one. (The optimizers' docstrings, fastopt.optim and
-fastopt.functional.optim, are not covered here.)"""
+"""The examples in the docstrings run and print what they say, and every public class and
+function has one: layers, optimizers, functional steps, clipping."""
 
 from __future__ import annotations
 
@@ -11,17 +10,21 @@ import pytest
 
 import fastopt.functional
 import fastopt.nn
+import fastopt.optim
 
 MODULES = [
     "fastopt",
+    "fastopt.clip",
+    "fastopt.functional.optim",
+    "fastopt.optim._precision",
+    "fastopt.optim.adadelta",
+    "fastopt.optim.adagrad",
+    "fastopt.optim.adam",
+    "fastopt.optim.rmsprop",
     "fastopt.functional.blocksparse",
     "fastopt.functional.int8",
     "fastopt.nn.blocksparse_linear",
     "fastopt.nn.int8_linear",
-]
-LAYER_FUNCTIONAL = [
-    *fastopt.functional.blocksparse.__all__,
-    *fastopt.functional.int8.__all__,
 ]
 
 
@@ -35,8 +38,10 @@ def test_docstring_examples_run(name):
 @pytest.mark.parametrize(
     "obj",
     [getattr(fastopt.nn, name) for name in fastopt.nn.__all__]
-    + [getattr(fastopt.functional, name) for name in LAYER_FUNCTIONAL],
+    + [getattr(fastopt.functional, name) for name in fastopt.functional.__all__]
+    + [getattr(fastopt.optim, name) for name in fastopt.optim.__all__]
+    + [fastopt.clip_grad_norm_],
     ids=lambda obj: obj.__name__,
 )
-def test_every_public_layer_name_has_an_example(obj):
+def test_every_public_name_has_an_example(obj):
     assert ">>> " in (obj.__doc__ or ""), f"{obj.__name__} has no example in its docstring"

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import _extras
-from . import blocksparse_linear, figure, int8_linear, optimizers, pytest_json
+from . import blocksparse_linear, figure, int8_linear, optimizers, precision, pytest_json
 from .machine import machine_description
 from .measurement import Measurement
 
-FEATURES = ("optimizers", "int8", "blocksparse")
+FEATURES = ("optimizers", "precision", "int8", "blocksparse")
 QUICK_OPTIMIZER_CASES = "c"
 QUICK_REPEATS = 3
 
@@ -29,12 +29,13 @@ class Sizes:
     int8_batches: list[int]
     blocksparse_cases: list[blocksparse_linear.Case]
     repeats: int
+    precision_numel: int
 
 
 def _sizes(args: argparse.Namespace) -> Sizes:
     if args.tiny:  # for the tests only (hidden from --help): seconds, meaningless numbers
         tiny = optimizers.Case("tiny", "3 small tensors", (100, 7, 4097))
-        return Sizes([tiny], False, 64, [1, 3], [(4, 0.25, 16)], 1)
+        return Sizes([tiny], False, 64, [1, 3], [(4, 0.25, 16)], 1, 10_000)
     if args.quick:
         cases = [optimizers.CASES[c] for c in QUICK_OPTIMIZER_CASES]
         return Sizes(
@@ -44,6 +45,7 @@ def _sizes(args: argparse.Namespace) -> Sizes:
             int8_linear.QUICK_BATCHES,
             blocksparse_linear.QUICK_CASES,
             QUICK_REPEATS,
+            precision.NUMEL // 4,
         )
     return Sizes(
         [optimizers.CASES[c] for c in args.cases],
@@ -52,6 +54,7 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         int8_linear.BATCHES,
         blocksparse_linear.CASES,
         args.repeats,
+        precision.NUMEL,
     )
 
 
@@ -98,6 +101,15 @@ def bench(args: argparse.Namespace) -> int:
     measured: list[Measurement] = []
     if "optimizers" in features:
         measured += _optimizers(args.device, args.optimizers.split(","), sizes)
+    if "precision" in features:
+        numel = sizes.precision_numel
+        results = precision.run(args.device, numel, sizes.repeats)
+        print(
+            f"\nAdamW step by precision mode, {numel / 1e6:g}M params in {precision.TENSORS} "
+            f"tensors, on {machine_description(args.device)}"
+        )
+        print(precision.format_table(results))
+        measured += precision.measurements(results, numel)
     if "int8" in features:
         results, bandwidth = int8_linear.run(args.device, sizes.int8_batches, sizes.repeats, width)
         print(

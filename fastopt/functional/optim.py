@@ -16,6 +16,11 @@ from .._step_ops import SHARED_ARGUMENTS_DOC, STEP_OPS, StepOp
 __all__ = [op.name for op in STEP_OPS] + ["sparse_adagrad_step_"]
 
 
+_EXAMPLE_INPUTS = """>>> import torch, fastopt
+>>> p, g = torch.randn(3), torch.randn(3)
+"""
+
+
 def _step_function(op: StepOp) -> Callable[..., None]:
     """The functional wrapper of a multi-tensor op: its tensor lists positionally, the rest by
     keyword, with the defaults and the docstring of its table entry."""
@@ -91,7 +96,10 @@ def _step_function(op: StepOp) -> Callable[..., None]:
     step.__name__ = step.__qualname__ = op.name
     step.__module__ = __name__
     step.__signature__ = signature
-    step.__doc__ = f"{op.summary}\n\nArgs:\n{SHARED_ARGUMENTS_DOC}\n{op.own_doc}\n"
+    example = "\n".join(f"    {line}" for line in (_EXAMPLE_INPUTS + op.example).splitlines())
+    step.__doc__ = (
+        f"{op.summary}\n\nArgs:\n{SHARED_ARGUMENTS_DOC}\n{op.own_doc}\n\nExample::\n\n{example}\n"
+    )
     return step
 
 
@@ -124,6 +132,15 @@ def sparse_adagrad_step_(
         lr, grad_scale, found_inf: as for :func:`adam_step_`.
         lr_decay, eps, maximize: as in ``torch.optim.Adagrad`` (which refuses weight decay with
             sparse grads).
+
+    Example::
+
+        >>> import torch, fastopt
+        >>> param, state_sum, step = torch.zeros(1000, 4), torch.zeros(1000, 4), torch.zeros(())
+        >>> grad = torch.sparse_coo_tensor([[3, 7]], torch.ones(2, 4), (1000, 4))
+        >>> fastopt.functional.sparse_adagrad_step_(param, grad, state_sum, step, lr=0.1)
+        >>> int(param.ne(0).any(dim=1).sum())  # rows 3 and 7 only
+        2
     """
     _extension.require_kernels(param.device, "fastopt.functional.sparse_adagrad_step_")
     _dtensor.enable()  # DTensor args (FSDP2) step their local shards

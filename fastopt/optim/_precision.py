@@ -218,7 +218,14 @@ def to_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 
     Example::
 
-        torch_opt.load_state_dict(fastopt.optim.to_torch_state_dict(opt.state_dict()))
+        >>> import warnings, torch, fastopt
+        >>> model = torch.nn.Linear(4, 2).bfloat16()
+        >>> opt = fastopt.FusedAdamW(model.parameters(), master_weights=True)
+        >>> model(torch.randn(8, 4).bfloat16()).float().sum().backward()
+        >>> opt.step()
+        >>> with warnings.catch_warnings(record=True):  # "dropping the float32 master copies"
+        ...     state_dict = fastopt.optim.to_torch_state_dict(opt.state_dict())
+        >>> torch.optim.AdamW(model.parameters()).load_state_dict(state_dict)
     """
     own = (*MASTER_KEYS, SEED_KEY)
     state = {

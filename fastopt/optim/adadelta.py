@@ -37,7 +37,11 @@ class FusedAdadelta(FusedOptimizer):
 
     Example::
 
-        opt = fastopt.FusedAdadelta(model.parameters())
+        >>> import torch, fastopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fastopt.FusedAdadelta(model.parameters(), max_grad_norm=1.0)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> norm = opt.step()
     """
 
     _keys_added_later = {

@@ -42,7 +42,11 @@ class FusedAdagrad(FusedOptimizer):
 
     Example::
 
-        opt = fastopt.FusedAdagrad(model.parameters(), lr=1e-2)
+        >>> import torch, fastopt
+        >>> embedding = torch.nn.Embedding(1000, 16, sparse=True)
+        >>> opt = fastopt.FusedAdagrad(embedding.parameters(), lr=1e-2)
+        >>> embedding(torch.tensor([3, 7, 3])).sum().backward()
+        >>> opt.step()  # updates rows 3 and 7 only
     """
 
     _supports_sparse_grads = True

@@ -38,10 +38,22 @@ class FusedAdam(FusedOptimizer):
 
     Example::
 
-        opt = fastopt.FusedAdam(model.parameters(), lr=1e-3, weight_decay=0.01)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        >>> import torch, fastopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fastopt.FusedAdam(model.parameters(), lr=1e-3, weight_decay=0.01)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+
+    With bfloat16 params, float32 master copies, bfloat16 moments and clipping in the step::
+
+        >>> model = torch.nn.Linear(4, 2).bfloat16()
+        >>> opt = fastopt.FusedAdam(model.parameters(), master_weights=True,
+        ...                         state_dtype=torch.bfloat16, max_grad_norm=1.0)
+        >>> model(torch.randn(8, 4).bfloat16()).float().square().mean().backward()
+        >>> norm = opt.step()  # the grads' total norm before clipping
+        >>> norm.dim(), opt.state[model.weight]["master_param"].dtype
+        (0, torch.float32)
     """
 
     _keys_added_later = {
@@ -140,7 +152,15 @@ class FusedAdamW(FusedAdam):
     """``torch.optim.AdamW`` computed by fused multi-tensor kernels, one pass over memory a step.
 
     ``FusedAdam`` with decoupled weight decay, taking exactly ``torch.optim.AdamW``'s arguments
-    (``weight_decay`` defaults to 0.01). See :class:`FusedAdam`.
+    (``weight_decay`` defaults to 0.01) and fastopt's precision options. See :class:`FusedAdam`.
+
+    Example::
+
+        >>> import torch, fastopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fastopt.FusedAdamW(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
     """
 
     def __init__(

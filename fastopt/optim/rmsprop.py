@@ -37,7 +37,11 @@ class FusedRMSprop(FusedOptimizer):
 
     Example::
 
-        opt = fastopt.FusedRMSprop(model.parameters(), lr=1e-2, momentum=0.9)
+        >>> import torch, fastopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fastopt.FusedRMSprop(model.parameters(), lr=1e-2, momentum=0.9)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
     """
 
     _keys_added_later = {
