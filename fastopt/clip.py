@@ -57,6 +57,7 @@ def clip_grad_norm_(
 
     Example::
 
+        >>> import torch, fastopt
         >>> model = torch.nn.Linear(4, 2)
         >>> model(torch.randn(8, 4)).square().sum().backward()
         >>> norm = fastopt.clip_grad_norm_(model.parameters(), max_norm=1.0)

@@ -35,10 +35,24 @@ OPTIMIZERS = [
         "torch.optim.AdamW(fused=True)", lambda ps, lr: torch.optim.AdamW(ps, lr=lr, fused=True)
     ),
     OptimizerVariant("fastopt.FusedAdamW", lambda ps, lr: fastopt.FusedAdamW(ps, lr=lr)),
+    # bfloat16 training: torch's, and fastopt's with float32 master weights (the remainder form)
+    # and bfloat16 moments, clipped in the step.
+    OptimizerVariant(
+        "torch.optim.AdamW(fused=True), bf16 params",
+        lambda ps, lr: torch.optim.AdamW(ps, lr=lr, fused=True),
+        torch.bfloat16,
+    ),
+    OptimizerVariant(
+        "fastopt.FusedAdamW, bf16 params, master remainder, bf16 state, clip 1.0",
+        lambda ps, lr: fastopt.FusedAdamW(
+            ps, lr=lr, master_weights="remainder", state_dtype=torch.bfloat16, max_grad_norm=1.0
+        ),
+        torch.bfloat16,
+    ),
 ]
 REFERENCE = OPTIMIZERS[0].name  # losses and step times are compared with this run's
 SOURCE = "fastopt.FusedAdamW"  # the trained network the model variants are made from
-FINETUNE = OPTIMIZERS[-1]  # fine-tunes the block-sparse model
+FINETUNE = OPTIMIZERS[2]  # fastopt.FusedAdamW fine-tunes the block-sparse model
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,6 +112,17 @@ def test_thousands_of_tensors(device):
         assert_norm(grad_norm(tensors, norm_type), tensors, norm_type, device)
 
 
+def test_a_tensor_across_launches(device):
+    """254 small tensors, then one of 67 CUDA chunks: a launch takes 320 chunks at most, so the
+    large tensor goes on in a second launch (from its slot 0)."""
+    gen = generator(15)
+    tensors = [torch.randn(3, generator=gen) for _ in range(254)]
+    tensors.append(torch.randn(67 * 65536 + 5, generator=gen))
+    tensors = [t.to(device) for t in tensors]
+    for norm_type in (2.0, INF):
+        assert_norm(grad_norm(tensors, norm_type), tensors, norm_type, device)
+
+
 def test_one_large_tensor(device):
     """A tensor of many chunks and blocks (4M elements; 20M on the CPU, where a float32 sum would
     drift): the float64 accumulation keeps the float32 result within its rounding."""

@@ -56,13 +56,13 @@ static_assert(sizeof(NormLaunch) + 2 * sizeof(void*) <= kKernelParameterBytes,
 template <NormKind K, typename S>
 __device__ __forceinline__ double thread_share(const S* x, int64_t n, double p) {
   constexpr int kVec = kVectorBytes / sizeof(S);
-  const int64_t vector_end = is_vector_aligned(x) ? n - n % kVec : 0;
+  const int64_t vector_end = is_vector_aligned<kVec>(x) ? n - n % kVec : 0;
   double accumulated = 0.0;
   for (int64_t i = int64_t(threadIdx.x) * kVec; i < vector_end; i += int64_t(blockDim.x) * kVec) {
-    double v[kVec];
-    load_vector(x + i, v);
+    S v[kVec];
+    load_vector<kVec>(x + i, v);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) accumulated = NormMath<K>::add(accumulated, v[j], p);
+    for (int j = 0; j < kVec; ++j) accumulated = NormMath<K>::add(accumulated, double(v[j]), p);
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
     accumulated = NormMath<K>::add(accumulated, double(x[i]), p);
