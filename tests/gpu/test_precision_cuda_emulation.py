@@ -84,8 +84,11 @@ def test_every_layout_in_one_launch_matches_the_cpu_kernel(stochastic):
                 c = (on_cpu[0][i].view(torch.int16).int() << 16) + c.int()
                 e = (emulated[0][i].view(torch.int16).int() << 16) + e.int()
                 c, e = c.view(torch.float32), e.view(torch.float32)
+            # A last-bit difference before a 16-bit store can round to the next 16-bit value;
+            # the next step then carries a difference of that size into the float32 master.
+            rounded = LAYOUTS[i][2] in (torch.float16, torch.bfloat16)
             wide = c.dtype in (torch.float32, torch.float64)
-            tolerance = dict(rtol=1e-6, atol=1e-6) if wide else {}  # else torch's per dtype
+            tolerance = dict(rtol=1e-4 if rounded else 1e-6, atol=1e-6) if wide else {}
             torch.testing.assert_close(e, c, **tolerance, msg=f"{name}[{i}]")
             if stochastic and name.startswith("exp_avg") and c.dtype == torch.bfloat16:
                 # The random bits are the same on both: the stores agree bit for bit unless the
