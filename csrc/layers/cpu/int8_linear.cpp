@@ -229,33 +229,38 @@ at::Tensor int8_linear_fp64(const at::Tensor& input, const at::Tensor& packed,
 
 // ---- Tiles: panel-major, so each thread reuses a panel of the weight for every row tile. ----
 
-// Calls tile(row0, rows, block0, blocks) over every tile of [rows_total, blocks_total] in parallel.
+// Calls tile(row0, rows, block0, blocks) over every tile of [rows_total, blocks_total] in
+// parallel, each thread between start() and finish().
 template <typename TileFn>
 void for_each_tile_in_parallel(int64_t rows_total, int64_t blocks_total, int64_t padded_k,
-                               const TileFn& tile) {
+                               void (*start)(), void (*finish)(), const TileFn& tile) {
   const int64_t row_tiles = ceil_div(rows_total, kTileRows);
   const int64_t panels = ceil_div(blocks_total, kPanelBlocks);
   // About a million multiply-adds per task before forking pays off.
   const int64_t work_per_tile = kTileRows * kPanelCols * std::max<int64_t>(padded_k, 1);
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / work_per_tile);
   at::parallel_for(0, row_tiles * panels, grain, [&](int64_t begin, int64_t end) {
+    start();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t panel = i / row_tiles, row_tile = i % row_tiles;
       const int64_t row0 = row_tile * kTileRows, block0 = panel * kPanelBlocks;
       tile(row0, int(std::min<int64_t>(kTileRows, rows_total - row0)), block0,
            int(std::min<int64_t>(kPanelBlocks, blocks_total - block0)));
     }
+    finish();
   });
 }
 
 // The fused epilogue of one tile: out[row][col] = S(acc * row_scale * weight_scale + bias), acc
-// being the tile's int32 sums (W8A8) or fp32 sums (weight-only), [rows][kPanelCols].
+// being the tile's int32 sums less the weight compensation (W8A8) or its fp32 sums (weight-only),
+// [rows][kPanelCols].
 struct Epilogue {
   c10::ScalarType dtype;
-  const float* row_scales;    // nullptr: 1
-  const float* weight_scale;  // [n]
-  const void* bias;           // nullptr or [n] of the output dtype
-  void* out;                  // [rows, n]
+  const int32_t* compensation;  // nullptr: none (signed activations, or float sums)
+  const float* row_scales;      // nullptr: 1
+  const float* weight_scale;    // [n]
+  const void* bias;             // nullptr or [n] of the output dtype
+  void* out;                    // [rows, n]
   int64_t n;
 };
 
@@ -271,24 +276,30 @@ struct TileEpilogue {
 struct WriteTile {
   template <typename S>
   FASTOPT_INLINE static void run(const TileEpilogue& t) {
-    t.int_sums != nullptr ? write<S>(t, t.int_sums) : write<S>(t, t.float_sums);
+    if (t.int_sums == nullptr) return write<S, false>(t, t.float_sums);
+    t.e->compensation != nullptr ? write<S, true>(t, t.int_sums) : write<S, false>(t, t.int_sums);
   }
 
-  template <typename S, typename Acc>
+  template <typename S, bool COMPENSATE, typename Acc>
   FASTOPT_INLINE static void write(const TileEpilogue& t, const Acc* acc) {
     const Epilogue& e = *t.e;
     const int64_t cols = std::min<int64_t>(kPanelCols, e.n - t.col0);
+    const int32_t* compensation = COMPENSATE ? e.compensation + t.col0 : nullptr;
     const float* weight_scale = e.weight_scale + t.col0;
     const S* bias = e.bias == nullptr ? nullptr : static_cast<const S*>(e.bias) + t.col0;
     for (int r = 0; r < t.rows; ++r) {
       const float row_scale = e.row_scales == nullptr ? 1.0f : e.row_scales[t.row0 + r];
       const Acc* sums = acc + r * kPanelCols;
       S* out = static_cast<S*>(e.out) + (t.row0 + r) * e.n + t.col0;
+      const auto sum = [&](int64_t j) {
+        if constexpr (COMPENSATE) return float(sums[j] - compensation[j]);
+        return float(sums[j]);
+      };
       if (bias == nullptr) {
-        for (int64_t j = 0; j < cols; ++j) out[j] = S(float(sums[j]) * row_scale * weight_scale[j]);
+        for (int64_t j = 0; j < cols; ++j) out[j] = S(sum(j) * row_scale * weight_scale[j]);
       } else {
         for (int64_t j = 0; j < cols; ++j) {
-          out[j] = S(float(sums[j]) * row_scale * weight_scale[j] + float(bias[j]));
+          out[j] = S(sum(j) * row_scale * weight_scale[j] + float(bias[j]));
         }
       }
     }
@@ -301,29 +312,24 @@ FASTOPT_INLINE void write_tile_body(const TileEpilogue& t) {
 
 FASTOPT_DISPATCH_BY_ISA(write_tile, write_tile_body, TileEpilogue)
 
-// Runs the exact integer GEMM of `a` (staged by the caller) with the packed weight and hands
-// each tile's int32 sums, compensation already subtracted, to finish(row0, rows, col0, sums).
+// Runs the integer GEMM of `a` (staged by the caller) with the packed weight and hands each
+// tile's int32 sums to finish(row0, rows, col0, sums); where the kernels read activations offset
+// to unsigned, those sums still hold the weight compensation, which `finish` subtracts.
 template <typename FinishFn>
 void run_gemm(const Int8Kernels& kernels, const at::Tensor& a, const at::Tensor& packed,
-              const at::Tensor& compensation, const FinishFn& finish) {
-  const int64_t rows = a.size(0), lda = a.size(1), n = compensation.size(0);
+              const FinishFn& finish) {
+  const int64_t rows = a.size(0), lda = a.size(1);
   const int64_t padded_k = packed.size(1) * kGroupK;
   const int64_t groups = packed.size(1);
   const uint8_t* a_data = a.const_data_ptr<uint8_t>();
   const int8_t* b_data = packed.const_data_ptr<int8_t>();
-  const int32_t* comp = compensation.const_data_ptr<int32_t>();
   for_each_tile_in_parallel(
-      rows, packed.size(0), padded_k, [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
+      rows, packed.size(0), padded_k, kernels.start_gemm, kernels.finish_gemm,
+      [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
         alignas(64) int32_t sums[kTileRows * kPanelCols];
         kernels.gemm(GemmTile{a_data + row0 * lda, lda, b_data + block0 * groups * kGroupBytes,
                               groups * kGroupBytes, groups, tile_rows, blocks, sums});
-        const int64_t col0 = block0 * kBlockN;
-        if (kernels.unsigned_activations) {
-          const int64_t cols = std::min<int64_t>(kPanelCols, n - col0);
-          for (int r = 0; r < tile_rows; ++r)
-            for (int64_t j = 0; j < cols; ++j) sums[r * kPanelCols + j] -= comp[col0 + j];
-        }
-        finish(row0, tile_rows, col0, sums);
+        finish(row0, tile_rows, block0 * kBlockN, sums);
       });
 }
 
@@ -352,11 +358,17 @@ at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
     }
   }
   int32_t* out_data = out.mutable_data_ptr<int32_t>();
-  run_gemm(kernels, a, packed_weight, weight_compensation,
+  const int32_t* comp = weight_compensation.const_data_ptr<int32_t>();
+  run_gemm(kernels, a, packed_weight,
            [&](int64_t row0, int tile_rows, int64_t col0, const int32_t* sums) {
              const int64_t cols = std::min<int64_t>(kPanelCols, n - col0);
-             for (int r = 0; r < tile_rows; ++r)
-               std::copy_n(sums + r * kPanelCols, cols, out_data + (row0 + r) * n + col0);
+             for (int r = 0; r < tile_rows; ++r) {
+               int32_t* out_row = out_data + (row0 + r) * n + col0;
+               for (int64_t j = 0; j < cols; ++j) {
+                 out_row[j] =
+                     sums[r * kPanelCols + j] - (kernels.unsigned_activations ? comp[col0 + j] : 0);
+               }
+             }
            });
   return out;
 }
@@ -399,6 +411,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
       input_scale_c.defined() ? input_scale_c.const_data_ptr<float>() : nullptr;
   Epilogue epilogue{input.scalar_type(),
                     nullptr,
+                    nullptr,
                     scale_c.const_data_ptr<float>(),
                     bias_c.defined() ? bias_c.const_data_ptr() : nullptr,
                     out.mutable_data_ptr(),
@@ -414,7 +427,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
     stage.unsigned_activations = kernels.unsigned_activations;
     stage_rows_in_parallel(x, smoothing, padded_k, stage, /*quantize=*/true);
     epilogue.row_scales = stage.row_scales;
-    run_gemm(kernels, a, packed_weight, weight_compensation,
+    if (kernels.unsigned_activations) {
+      epilogue.compensation = weight_compensation.const_data_ptr<int32_t>();
+    }
+    run_gemm(kernels, a, packed_weight,
              [&](int64_t row0, int tile_rows, int64_t col0, const int32_t* sums) {
                write_tile(TileEpilogue{&epilogue, sums, nullptr, row0, tile_rows, col0});
              });
@@ -427,7 +443,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
     const int64_t groups = packed_weight.size(1);
     const int8_t* b_data = packed_weight.const_data_ptr<int8_t>();
     for_each_tile_in_parallel(
-        rows, packed_weight.size(0), padded_k,
+        rows, packed_weight.size(0), padded_k, [] {}, [] {},
         [&](int64_t row0, int tile_rows, int64_t block0, int blocks) {
           alignas(64) float acc[kTileRows * kPanelCols];
           kernels.weight_only(WeightOnlyTile{

@@ -45,7 +45,14 @@ void weight_only_portable(const WeightOnlyTile& t) {
   }
 }
 
-constexpr Int8Kernels kPortable{"portable", false, gemm_portable, weight_only_portable};
+void no_gemm_state() {}
+
+constexpr Int8Kernels kPortable{.name = "portable",
+                                .unsigned_activations = false,
+                                .start_gemm = no_gemm_state,
+                                .finish_gemm = no_gemm_state,
+                                .gemm = gemm_portable,
+                                .weight_only = weight_only_portable};
 
 #if defined(__x86_64__)
 
@@ -142,6 +149,19 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {};
 };
 
+// Every tile register is 16 rows x 64 bytes, whatever the tile: one configuration for all. A
+// constant in memory, not a local: _tile_loadconfig's asm declares only the first 8 bytes as read,
+// so GCC may drop the stores that fill a local configuration.
+constexpr AmxConfig amx_config() {
+  AmxConfig config;
+  for (int i = 0; i < 8; ++i) {
+    config.rows[i] = kAmxRows;
+    config.colsb[i] = kAmxGroups * kGroupK;
+  }
+  return config;
+}
+constexpr AmxConfig kAmxConfig = amx_config();
+
 template <int RT, int NB>
 FASTOPT_TARGET_AMX void gemm_amx_fixed(const GemmTile& t) {
   _tile_zero(0);
@@ -171,6 +191,14 @@ FASTOPT_TARGET_AMX void gemm_amx_fixed(const GemmTile& t) {
   if constexpr (RT > 1 && NB > 1) _tile_stored(3, t.c + kAmxRows * kPanelCols + kBlockN, stride);
 }
 
+FASTOPT_TARGET_AMX void start_amx() {
+  _tile_loadconfig(&kAmxConfig);
+}
+
+FASTOPT_TARGET_AMX void finish_amx() {
+  _tile_release();
+}
+
 // Whole 16-row tiles over whole 64-byte K steps on AMX; the K tail of those rows, and the
 // remaining rows, on VNNI.
 FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
@@ -178,12 +206,6 @@ FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
   const int64_t amx_groups = t.groups / kAmxGroups * kAmxGroups;
   const int amx_rows = amx_groups > 0 ? t.rows / kAmxRows * kAmxRows : 0;
   if (amx_rows > 0) {
-    AmxConfig config;
-    for (int i = 0; i < 8; ++i) {
-      config.rows[i] = kAmxRows;
-      config.colsb[i] = kAmxGroups * kGroupK;
-    }
-    _tile_loadconfig(&config);
     GemmTile head = t;
     head.groups = amx_groups;
     if (amx_rows == 2 * kAmxRows) {
@@ -191,7 +213,6 @@ FASTOPT_TARGET_AMX void gemm_amx(const GemmTile& t) {
     } else {
       t.blocks == 2 ? gemm_amx_fixed<1, 2>(head) : gemm_amx_fixed<1, 1>(head);
     }
-    _tile_release();  // leaves no tile state for the OS to save at context switches
     if (amx_groups < t.groups) {
       alignas(64) int32_t tail_sums[kTileRows * kPanelCols];
       GemmTile tail = t;
@@ -382,12 +403,26 @@ void weight_only_by_rows(const WeightOnlyTile& t) {
 constexpr auto weight_only_avx512 =
     weight_only_by_rows<8, weight_only_avx512_wide_rows<8>, weight_only_avx512_rows<4>,
                         weight_only_avx512_rows<2>, weight_only_avx512_rows<1>>;
-constexpr Int8Kernels kAmx{"amx", true, gemm_amx, weight_only_avx512};
-constexpr Int8Kernels kVnni{"vnni", true, gemm_vnni, weight_only_avx512};
+constexpr Int8Kernels kAmx{.name = "amx",
+                           .unsigned_activations = true,
+                           .start_gemm = start_amx,
+                           .finish_gemm = finish_amx,
+                           .gemm = gemm_amx,
+                           .weight_only = weight_only_avx512};
+constexpr Int8Kernels kVnni{.name = "vnni",
+                            .unsigned_activations = true,
+                            .start_gemm = no_gemm_state,
+                            .finish_gemm = no_gemm_state,
+                            .gemm = gemm_vnni,
+                            .weight_only = weight_only_avx512};
 constexpr Int8Kernels kAvx2{
-    "avx2", false, gemm_avx2,
-    weight_only_by_rows<4, weight_only_avx2_rows<4>, weight_only_avx2_rows<4>,
-                        weight_only_avx2_rows<2>, weight_only_avx2_rows<1>>};
+    .name = "avx2",
+    .unsigned_activations = false,
+    .start_gemm = no_gemm_state,
+    .finish_gemm = no_gemm_state,
+    .gemm = gemm_avx2,
+    .weight_only = weight_only_by_rows<4, weight_only_avx2_rows<4>, weight_only_avx2_rows<4>,
+                                       weight_only_avx2_rows<2>, weight_only_avx2_rows<1>>};
 
 #endif  // __x86_64__
 

@@ -54,7 +54,13 @@ struct Int8Kernels {
   // The GEMM reads activations as uint8 a + 128 (vpdpbusd multiplies unsigned by signed bytes);
   // the caller then subtracts 128 * sum_k w[n][k] (the weight compensation) from every sum.
   bool unsigned_activations;
-  void (*gemm)(const GemmTile&);
+  // A thread runs start_gemm before its first `gemm` call of a parallel region and finish_gemm
+  // after its last: AMX loads its tile configuration there once (ldtilecfg costs about as much as
+  // the products of a small tile) and releases the tiles after, so that no tile state is left for
+  // the operating system to save at context switches.
+  void (*start_gemm)();
+  void (*finish_gemm)();
+  void (*gemm)(const GemmTile&);  // between start_gemm and finish_gemm
   void (*weight_only)(const WeightOnlyTile&);
 };
 
