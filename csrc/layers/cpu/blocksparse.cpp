@@ -31,6 +31,7 @@
 
 #include "layers/cpu/blocksparse_pack.h"
 #include "layers/cpu/blocksparse_tile.h"
+#include "layers/cpu/blocksparse_transpose.h"
 
 namespace fastopt::cpu::blocksparse {
 namespace {
@@ -47,24 +48,40 @@ FASTOPT_INLINE void write_tile(const float* tile, int64_t ldt, int rows, int col
   }
 }
 
-// write_tile, or with `transposed` its transpose: out[m * ldo + j] = tile[j * ldt + m] (plus
-// bias[j]), where tile holds `columns` rows of `rows` floats.
-template <bool kTransposed = false>
+// write_tile to out + offset, as out's dtype.
 FASTOPT_INLINE void write_tile_as(c10::ScalarType dtype, const float* tile, int64_t ldt, int rows,
                                   int columns, const float* bias, void* out, int64_t offset,
                                   int64_t ldo) {
-  const auto write = [&]<typename S>(S* to) FASTOPT_INLINE_LAMBDA {
-    if (!kTransposed) return write_tile(tile, ldt, rows, columns, bias, to, ldo);
-    for (int m = 0; m < rows; ++m) {
-      for (int j = 0; j < columns; ++j) {
-        to[m * ldo + j] = S(tile[j * ldt + m] + (bias ? bias[j] : 0.0f));
+  if (dtype == c10::ScalarType::BFloat16) {
+    write_tile(tile, ldt, rows, columns, bias, static_cast<c10::BFloat16*>(out) + offset, ldo);
+  } else {
+    write_tile(tile, ldt, rows, columns, bias, static_cast<float*>(out) + offset, ldo);
+  }
+}
+
+// Writes the first `rows` batch rows of a dsd piece (kBlock features by kPanel batch rows, the
+// micro-kernel's layout) to out (row stride ldo) as S, plus bias[feature] when given: transposed
+// kLanes x kLanes at a time, so that every load and store is a whole vector. kStream: float
+// output, aligned to the vector, written with streaming stores.
+template <typename V, int kBlock, int kPanel, bool kStream, typename S>
+FASTOPT_INLINE void write_piece(const float* piece, int rows, const float* bias, S* out,
+                                int64_t ldo) {
+  constexpr int kLanes = V::kLanes;
+  for (int m0 = 0; m0 < rows; m0 += kLanes) {
+    const int tile_rows = std::min(kLanes, rows - m0);
+    for (int f0 = 0; f0 < kBlock; f0 += kLanes) {
+      typename V::T r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = V::load(piece + (f0 + i) * kPanel + m0);
+      transpose_tile<V>(r);
+      const typename V::T b = bias ? V::load(bias + f0) : V::zero();
+      for (int i = 0; i < tile_rows; ++i) {
+        if constexpr (kStream) {
+          V::stream(out + (m0 + i) * ldo + f0, r[i] + b);
+        } else {
+          store_as<V>(out + (m0 + i) * ldo + f0, r[i] + b);
+        }
       }
     }
-  };
-  if (dtype == c10::ScalarType::BFloat16) {
-    write(static_cast<c10::BFloat16*>(out) + offset);
-  } else {
-    write(static_cast<float*>(out) + offset);
   }
 }
 
@@ -85,6 +102,7 @@ struct DsdShare {
   int64_t panel_rows;
   bool wide;     // DsdTile<..., wide>
   bool by_rows;  // output features are the rows of the blocks (forward), else their columns
+  bool stream;   // write the output with streaming stores (see dsd)
   int64_t first;
   int64_t last;
 };
@@ -123,12 +141,21 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
         store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
       }
       const int valid = int(std::min<int64_t>(kPanel, s.rows - p * kPanel));
-      const int64_t column = j * kBlock;
-      write_tile_as<true>(s.out_dtype, piece, kPanel, valid, kBlock,
-                          s.bias ? s.bias + column : nullptr, s.out,
-                          p * kPanel * s.out_width + column, s.out_width);
+      const int64_t offset = p * kPanel * s.out_width + j * kBlock;
+      const float* bias = s.bias ? s.bias + j * kBlock : nullptr;
+      if (s.out_dtype == c10::ScalarType::BFloat16) {
+        write_piece<V, kBlock, kPanel, false>(
+            piece, valid, bias, static_cast<c10::BFloat16*>(s.out) + offset, s.out_width);
+      } else if (s.stream) {
+        write_piece<V, kBlock, kPanel, true>(piece, valid, bias,
+                                             static_cast<float*>(s.out) + offset, s.out_width);
+      } else {
+        write_piece<V, kBlock, kPanel, false>(piece, valid, bias,
+                                              static_cast<float*>(s.out) + offset, s.out_width);
+      }
     }
   }
+  if (s.stream) stream_fence();
 }
 
 template <typename V, int kBlock>
@@ -322,6 +349,11 @@ std::vector<int64_t> balanced_cuts(const std::vector<int64_t>& cost, int64_t par
   return cuts;
 }
 
+// Outputs of at least this size are written with streaming stores (a core's L2 is 1-2 MiB).
+constexpr int64_t kStreamedOutputBytes = int64_t(4) << 20;
+// The widest vector of the kernels: the alignment streaming stores need.
+constexpr uintptr_t kVectorBytes = 64;
+
 // out [rows, (offsets.numel() - 1) * B] (+ bias): see the file comment. `by_rows`: the output
 // features are the rows of the blocks (forward), else their columns (grad_input).
 at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tensor& offsets,
@@ -344,6 +376,10 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   const at::Tensor values_float = values.to(at::kFloat).contiguous();
   std::optional<at::Tensor> bias_float;
   if (bias.has_value()) bias_float = bias->to(at::kFloat).contiguous();
+  // An output larger than the caches is written past them: its lines need not be read first,
+  // and it would evict the operands, which are read again.
+  const bool stream = out.scalar_type() == at::kFloat && out.nbytes() >= kStreamedOutputBytes &&
+                      reinterpret_cast<uintptr_t>(out.data_ptr()) % kVectorBytes == 0;
   const int64_t* o = offsets.const_data_ptr<int64_t>();
   // Cost of an output block column: its entries, and one for writing it.
   std::vector<int64_t> cost(out_blocks);
@@ -365,6 +401,7 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
                       panel_rows,
                       wide,
                       by_rows,
+                      stream,
                       0,
                       0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {

@@ -32,6 +32,7 @@ struct VecScalar {
   FASTOPT_INLINE static T zero() { return 0.0f; }
   FASTOPT_INLINE static T load(const float* p) { return *p; }
   FASTOPT_INLINE static void store(float* p, T v) { *p = v; }
+  FASTOPT_INLINE static void stream(float* p, T v) { *p = v; }
   template <int kIndex>
   FASTOPT_INLINE static T broadcast(const float* p) {
     return p[kIndex];
@@ -48,10 +49,13 @@ struct VecScalar {
 // dependent alias.
 typedef float Floats8 __attribute__((vector_size(32)));
 typedef float Floats16 __attribute__((vector_size(64)));
+typedef int Ints8 __attribute__((vector_size(32)));
+typedef int Ints16 __attribute__((vector_size(64)));
 
-template <typename Vector>
+template <typename Vector, typename LaneIndices>
 struct VecGcc {
   using T = Vector;
+  using Lanes = LaneIndices;  // the shuffle mask type of T
   static constexpr int kLanes = sizeof(Vector) / sizeof(float);
   FASTOPT_INLINE static T zero() { return T{}; }
   FASTOPT_INLINE static T load(const float* p) {
@@ -60,6 +64,11 @@ struct VecGcc {
     return v;
   }
   FASTOPT_INLINE static void store(float* p, const T& v) { __builtin_memcpy(p, &v, sizeof(T)); }
+  // A store that bypasses the caches (p aligned to sizeof(T)): the line is not read first, and
+  // the stored data does not evict the operands. Weakly ordered: end with stream_fence().
+  FASTOPT_INLINE static void stream(float* p, const T& v) {
+    asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<T*>(p)) : "v"(v));
+  }
   // p[kIndex] in every lane: one broadcast load, its offset folded into the address. Written in
   // assembly because GCC builds the vector lane by lane with masked broadcasts from
   // `T{x, x, ...}` or a splat shuffle in the innermost loop, and `T{} + x` adds x to +0 first (to
@@ -75,17 +84,24 @@ struct VecGcc {
   FASTOPT_INLINE static T fma(const T& a, const T& b, const T& c) { return a * b + c; }
 };
 
-struct VecAvx2 : VecGcc<Floats8> {
+struct VecAvx2 : VecGcc<Floats8, Ints8> {
   static constexpr int kMaxVectors = 2;
   static constexpr int kAccumulators = 12;  // + up to 3 loaded vectors + 1 broadcast: 16 registers
 };
 
-struct VecAvx512 : VecGcc<Floats16> {
+struct VecAvx512 : VecGcc<Floats16, Ints16> {
   static constexpr int kMaxVectors = 4;     // a whole block of 64 columns
   static constexpr int kAccumulators = 24;  // of 32 registers, leaving room for loads
 };
 
 #endif
+
+// Orders the streaming stores (V::stream) issued so far before every later store.
+FASTOPT_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  __builtin_ia32_sfence();
+#endif
+}
 
 // Defines `static void name(const Args&)`, which runs `body<V>(args)` compiled for the active
 // instruction set, V being that set's vector type (off x86-64, only the scalar call is compiled).
