@@ -66,8 +66,8 @@ class RepeatedTensorCheck {
 // `params` and each list in `companions` (grads and per-element state) are checked element by
 // element: same device, shape and memory layout as the param, dense storage, supported dtype
 // (grads: the param's own; state: one dtype for all of a param's state lists, which the caller
-// checks against the param's). `steps` holds one float32 step counter per param on the params' device. No param and no
-// step counter may appear twice.
+// checks against the param's). `steps` holds one float32 step counter per param on the params'
+// device. No param and no step counter may appear twice.
 inline void check_optimizer_tensors(const char* op, at::TensorList params,
                                     c10::ArrayRef<CompanionList> companions, at::TensorList steps,
                                     c10::DeviceType device_type) {
@@ -110,8 +110,8 @@ inline void check_optimizer_tensors(const char* op, at::TensorList params,
         first_state = &t;  // which dtypes go with the param's is the storage layout's question
       } else {
         TORCH_CHECK(t.scalar_type() == first_state->scalar_type(), op, ": ", name, "[", i,
-                    "] has dtype ", t.scalar_type(), " but the other state of params[", i,
-                    "] has ", first_state->scalar_type(), "; keep a param's state in one dtype");
+                    "] has dtype ", t.scalar_type(), " but the other state of params[", i, "] has ",
+                    first_state->scalar_type(), "; keep a param's state in one dtype");
       }
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(),
                   " but params[", i, "] has ", p.sizes());

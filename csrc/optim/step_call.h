@@ -71,11 +71,11 @@ inline MasterKind master_kind(const std::optional<at::Tensor>& master) {
 inline StorageLayout storage_layout(at::ScalarType param, at::ScalarType state, MasterKind master,
                                     bool stochastic) {
   stochastic = stochastic && state == at::kBFloat16;
-#define FASTOPT_LAYOUT_MATCH(code, S, T, M, STOCHASTIC)                                \
-  if (param == c10::CppTypeToScalarType<S>::value &&                                 \
-      state == c10::CppTypeToScalarType<T>::value && master == MasterKind::M &&      \
-      stochastic == STOCHASTIC) {                                                      \
-    return StorageLayout::code;                                                        \
+#define FASTOPT_LAYOUT_MATCH(code, S, T, M, STOCHASTIC)                         \
+  if (param == c10::CppTypeToScalarType<S>::value &&                            \
+      state == c10::CppTypeToScalarType<T>::value && master == MasterKind::M && \
+      stochastic == STOCHASTIC) {                                               \
+    return StorageLayout::code;                                                 \
   }
   FASTOPT_STORAGE_LAYOUTS(FASTOPT_LAYOUT_MATCH)
 #undef FASTOPT_LAYOUT_MATCH
@@ -108,14 +108,14 @@ inline uint32_t rounding_seed32(int64_t seed) {
 // Checks params[i]'s master copy, if any.
 inline void check_master(const char* op, const at::Tensor& p, const at::Tensor& master, size_t i) {
   const bool bf16 = p.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(bf16 || p.scalar_type() == at::kHalf, op, ": masters[", i,
-              "] is given but params[", i, "] is ", p.scalar_type(),
+  TORCH_CHECK(bf16 || p.scalar_type() == at::kHalf, op, ": masters[", i, "] is given but params[",
+              i, "] is ", p.scalar_type(),
               "; a master copy is for a float16 or bfloat16 param (pass None for the others)");
   TORCH_CHECK(master.scalar_type() == at::kFloat || (bf16 && master.scalar_type() == at::kShort),
               op, ": masters[", i, "] has dtype ", master.scalar_type(),
               "; a master copy is float32 (or, for a bfloat16 param, int16: the remainder form)");
-  TORCH_CHECK(master.layout() == at::kStrided && master.device() == p.device(), op, ": masters[",
-              i, "] must be a dense tensor on ", p.device(), ", got ", master.layout(), " on ",
+  TORCH_CHECK(master.layout() == at::kStrided && master.device() == p.device(), op, ": masters[", i,
+              "] must be a dense tensor on ", p.device(), ", got ", master.layout(), " on ",
               master.device());
   TORCH_CHECK(master.sizes() == p.sizes(), op, ": masters[", i, "] has shape ", master.sizes(),
               " but params[", i, "] has ", p.sizes());
@@ -152,8 +152,8 @@ void check_step_call(const StepCall<Rule>& call, c10::DeviceType device_type) {
     }
   }
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(storage_layout_of(call, i) != StorageLayout::kUnsupported, call.op, ": params[",
-                i, "] is ", call.params[i].scalar_type(), " with state of dtype ",
+    TORCH_CHECK(storage_layout_of(call, i) != StorageLayout::kUnsupported, call.op, ": params[", i,
+                "] is ", call.params[i].scalar_type(), " with state of dtype ",
                 state_dtype_of(call, i),
                 call.masters.empty() || !call.masters[i].has_value() ? "" : " and a master copy",
                 ", which is not supported: state is kept in the param's dtype, in float32 (for a "

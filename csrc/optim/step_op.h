@@ -69,9 +69,21 @@ struct StepOp<Rule, std::index_sequence<Slot...>, StepConfig<typename Rule::Opti
     static const std::string name = op_display_name(Rule::kOpName);
     const StepConfig<typename Rule::Options> config = Rule::configure(own...);
     std::vector<std::optional<at::Tensor>> master_list(masters.begin(), masters.end());
-    Run(StepCall<Rule>{name.c_str(), params, grads, {states...}, steps, config.variant,
-                       config.options, lr, lr_tensor, grad_scale, found_inf,
-                       std::move(master_list), grad_norm, max_grad_norm, rounding_seeds});
+    Run(StepCall<Rule>{name.c_str(),
+                       params,
+                       grads,
+                       {states...},
+                       steps,
+                       config.variant,
+                       config.options,
+                       lr,
+                       lr_tensor,
+                       grad_scale,
+                       found_inf,
+                       std::move(master_list),
+                       grad_norm,
+                       max_grad_norm,
+                       rounding_seeds});
   }
 };
 

@@ -39,26 +39,25 @@ struct Storage {
 };
 
 // Every supported storage combination: X(code name, S, T, master kind, stochastic).
-#define FASTOPT_STORAGE_LAYOUTS(X)                                                   \
-  X(kDouble, double, double, kNone, false)                                           \
-  X(kFloat, float, float, kNone, false)                                              \
-  X(kFloatBf16State, float, c10::BFloat16, kNone, false)                             \
-  X(kFloatBf16StateStochastic, float, c10::BFloat16, kNone, true)                    \
-  X(kHalf, c10::Half, c10::Half, kNone, false)                                       \
-  X(kHalfFloatState, c10::Half, float, kNone, false)                                 \
-  X(kHalfMaster, c10::Half, float, kFloat, false)                                    \
-  X(kHalfMasterBf16State, c10::Half, c10::BFloat16, kFloat, false)                   \
-  X(kHalfMasterBf16StateStochastic, c10::Half, c10::BFloat16, kFloat, true)          \
-  X(kBf16, c10::BFloat16, c10::BFloat16, kNone, false)                               \
-  X(kBf16Stochastic, c10::BFloat16, c10::BFloat16, kNone, true)                      \
-  X(kBf16FloatState, c10::BFloat16, float, kNone, false)                             \
-  X(kBf16Master, c10::BFloat16, float, kFloat, false)                                \
-  X(kBf16MasterBf16State, c10::BFloat16, c10::BFloat16, kFloat, false)               \
-  X(kBf16MasterBf16StateStochastic, c10::BFloat16, c10::BFloat16, kFloat, true)      \
-  X(kBf16Remainder, c10::BFloat16, float, kBf16Remainder, false)                     \
-  X(kBf16RemainderBf16State, c10::BFloat16, c10::BFloat16, kBf16Remainder, false)    \
-  X(kBf16RemainderBf16StateStochastic, c10::BFloat16, c10::BFloat16, kBf16Remainder, \
-    true)
+#define FASTOPT_STORAGE_LAYOUTS(X)                                                \
+  X(kDouble, double, double, kNone, false)                                        \
+  X(kFloat, float, float, kNone, false)                                           \
+  X(kFloatBf16State, float, c10::BFloat16, kNone, false)                          \
+  X(kFloatBf16StateStochastic, float, c10::BFloat16, kNone, true)                 \
+  X(kHalf, c10::Half, c10::Half, kNone, false)                                    \
+  X(kHalfFloatState, c10::Half, float, kNone, false)                              \
+  X(kHalfMaster, c10::Half, float, kFloat, false)                                 \
+  X(kHalfMasterBf16State, c10::Half, c10::BFloat16, kFloat, false)                \
+  X(kHalfMasterBf16StateStochastic, c10::Half, c10::BFloat16, kFloat, true)       \
+  X(kBf16, c10::BFloat16, c10::BFloat16, kNone, false)                            \
+  X(kBf16Stochastic, c10::BFloat16, c10::BFloat16, kNone, true)                   \
+  X(kBf16FloatState, c10::BFloat16, float, kNone, false)                          \
+  X(kBf16Master, c10::BFloat16, float, kFloat, false)                             \
+  X(kBf16MasterBf16State, c10::BFloat16, c10::BFloat16, kFloat, false)            \
+  X(kBf16MasterBf16StateStochastic, c10::BFloat16, c10::BFloat16, kFloat, true)   \
+  X(kBf16Remainder, c10::BFloat16, float, kBf16Remainder, false)                  \
+  X(kBf16RemainderBf16State, c10::BFloat16, c10::BFloat16, kBf16Remainder, false) \
+  X(kBf16RemainderBf16StateStochastic, c10::BFloat16, c10::BFloat16, kBf16Remainder, true)
 
 enum class StorageLayout : uint8_t {
 #define FASTOPT_LAYOUT_CODE(code, S, T, M, STOCHASTIC) code,

@@ -41,8 +41,9 @@ struct DeviceGuard {
 // The GPU faults on a vector load or store of `bytes` bytes at an address that is not a
 // multiple of `bytes`.
 inline void check_vector_access(const void* address, int bytes) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(address) % bytes == 0, "fastopt CUDA emulation: misaligned ",
-              bytes, "-byte access at ", address, " (a GPU faults with 'misaligned address')");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(address) % bytes == 0,
+              "fastopt CUDA emulation: misaligned ", bytes, "-byte access at ", address,
+              " (a GPU faults with 'misaligned address')");
 }
 
 template <typename... Params, typename... Args>

@@ -1,8 +1,8 @@
 // The CUDA driver of every multi-tensor optimizer op: multi-tensor apply over (param, grad,
 // master, state...) with 16-byte vector accesses, one launch for params of every dtype, master
 // copy and state dtype (optim/step_storage.h). Step counts, a tensor lr, grad_scale, found_inf and
-// the grad norm are read from device memory, so the whole step can be captured in a CUDA graph. Every rule of the
-// op table is registered with it in optim/cuda/step_ops.cu.
+// the grad norm are read from device memory, so the whole step can be captured in a CUDA graph.
+// Every rule of the op table is registered with it in optim/cuda/step_ops.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -115,7 +115,7 @@ struct StepFunctor {
       }
     }
 
-    const auto update = [&](S& p_stored, S& g_stored, M& m_stored, T (&st_stored)[kSlots],
+    const auto update = [&](S& p_stored, S& g_stored, M& m_stored, T(&st_stored)[kSlots],
                             int64_t index) {
       C p = load_param<St>(p_stored, m_stored);
       C g = C(g_stored);
@@ -141,8 +141,7 @@ struct StepFunctor {
     };
 
     const int64_t vector_end = aligned ? c.n - c.n % kVec : 0;
-    for (int64_t i = int64_t(threadIdx.x) * kVec; i < vector_end;
-         i += int64_t(blockDim.x) * kVec) {
+    for (int64_t i = int64_t(threadIdx.x) * kVec; i < vector_end; i += int64_t(blockDim.x) * kVec) {
       S p[kVec], g[kVec];
       M m[kVec] = {};
       T st[kSlots][kVec] = {};
@@ -195,7 +194,8 @@ void launch_step(const std::array<std::vector<at::Tensor>, 3 + Rule::kStateSlots
                  const DeviceStepArgs<Rule>& args, int variant) {
   constexpr int kDepth = 3 + Rule::kStateSlots;
   if constexpr (VARIANT < Rule::kVariants) {
-    if (variant != VARIANT) return launch_step<Rule, VARIANT + 1>(lists, steps, tags, args, variant);
+    if (variant != VARIANT)
+      return launch_step<Rule, VARIANT + 1>(lists, steps, tags, args, variant);
     if (args.grad_scale != nullptr) {
       multi_tensor_apply<kDepth>(lists, steps, StepFunctor<Rule, VARIANT, true>(), args, tags);
     } else {
@@ -269,8 +269,7 @@ void run_step_on_cuda(const StepCall<Rule>& call) {
     for (int s = 0; s < Rule::kStateSlots; ++s) {
       lists[3 + s].push_back(Rule::uses_state(call.variant, s) ? call.states[s][i] : at::Tensor());
     }
-    const uint32_t seed =
-        call.rounding_seeds.empty() ? 0 : rounding_seed32(call.rounding_seeds[i]);
+    const uint32_t seed = call.rounding_seeds.empty() ? 0 : rounding_seed32(call.rounding_seeds[i]);
     tags[i] = step_tag(storage_layout_of(call, i), seed);
   }
   const std::vector<at::Tensor> steps(call.steps.begin(), call.steps.end());
