@@ -169,7 +169,8 @@ class FusedAdagrad(FusedOptimizer):
 def _sparse_grad_scale(shared) -> Tensor | None:
     """What the sparse step divides the grads by: the loss scale and, with clipping, the clip
     coefficient folded in (the sparse grads are then stored back clipped, as
-    ``clip_grad_norm_`` leaves them), computed on the device without a host synchronization."""
+    ``clip_grad_norm_`` leaves them), computed on the device without a host synchronization.
+    The sparse step takes a float32 scale, so the coefficient is rounded to float32 here."""
     grad_scale, grad_norm = shared["grad_scale"], shared.get("grad_norm")
     if grad_norm is None:
         return grad_scale

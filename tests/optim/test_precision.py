@@ -291,3 +291,38 @@ def test_grad_scaler_unscales_before_the_norm():
     torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
     for p, r in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+# torch.optim.Adagrad's sparse path builds sparse tensors without its invariant checks, and says so.
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+def test_clipping_with_sparse_grads_matches_torch():
+    """FusedAdagrad with an nn.Embedding(sparse=True): the norm counts each sparse grad's
+    coalesced values (duplicate indices summed first, as the update sums them); the sparse rows
+    are clipped in the sparse step, whose scale is a float32 tensor (as GradScaler's is): the clip
+    coefficient of sparse grads is rounded to float32, hence float32 tolerances here."""
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        embedding = nn.Embedding(50, 4, sparse=True).double()
+        head = nn.Linear(4, 3).double()
+        params = [*embedding.parameters(), *head.parameters()]
+        if fused:
+            opt = fastopt.FusedAdagrad(params, lr=0.1, max_grad_norm=0.5)
+        else:
+            opt = torch.optim.Adagrad(params, lr=0.1)
+        norms = []
+        for step in range(3):
+            indices = torch.tensor([[1, 5, 5, 7], [2, 2, 9, step]])
+            head(embedding(indices)).square().sum().backward()
+            if fused:
+                norms.append(opt.step())
+            else:
+                embedding.weight.grad = embedding.weight.grad.coalesce()
+                norms.append(nn.utils.clip_grad_norm_(params, 0.5))
+                opt.step()
+            opt.zero_grad()
+        runs.append((params, norms))
+    (expected, expected_norms), (actual, actual_norms) = runs
+    torch.testing.assert_close(actual_norms, expected_norms, rtol=1e-7, atol=0)
+    for p, r in zip(actual, expected, strict=True):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-7)
