@@ -70,16 +70,19 @@ def _resource_usage() -> dict[tuple[str, str], dict[str, int]]:
 @functools.cache
 def _sass() -> dict[tuple[str, str], str]:
     """(arch, kernel) -> its SASS."""
-    kernels, arch, function = {}, None, None
+    # Lines are gathered in lists and joined once: appending to a string held in a dict copies
+    # it every time, quadratic in a kernel's length (one optimizer kernel holds every layout).
+    kernels: dict[tuple[str, str], list[str]] = {}
+    arch, function = None, None
     for line in _run("--dump-sass").splitlines():
         if m := re.search(r"arch = (sm_\d+)", line):
             arch, function = m.group(1), None
         elif m := re.match(r"\s*Function : (\S+)", line):
             function = m.group(1)
-            kernels[(arch, function)] = ""
+            kernels[(arch, function)] = []
         elif function is not None:
-            kernels[(arch, function)] += line + "\n"
-    return kernels
+            kernels[(arch, function)].append(line)
+    return {key: "\n".join(lines) for key, lines in kernels.items()}
 
 
 def test_every_source_is_compiled_for_every_target():
