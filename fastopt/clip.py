@@ -126,6 +126,7 @@ def grad_total_norm(
     norms = []
     for device, tensors in by_device.items():
         _extension.require_kernels(device, "fastopt.clip_grad_norm_")
+        _dtensor.enable()  # DTensor gradients (FSDP2): the norm covers every rank's shards
         scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
         norms.append(torch.ops.fastopt.grad_norm(tensors, norm_type, scale))
     if len(norms) == 1:
