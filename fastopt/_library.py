@@ -75,6 +75,9 @@ _lib.define("grad_norm(Tensor[] tensors, float norm_type, Tensor? grad_scale) ->
 INT8_BLOCK_N = 16  # output channels per packed block
 INT8_GROUP_K = 4  # input channels per packed group
 INT8_MAX_IN_FEATURES = 65536  # beyond, int32 sums of int8 products could overflow
+# The activations int8_linear can apply to its fp32 output before the cast: "gelu" is
+# torch.nn.functional.gelu (the erf form). csrc/layers/cpu/activation.h parses the same names.
+INT8_ACTIVATIONS = ("none", "gelu")
 
 # The dtypes each device's kernels take (meta tensors, which only trace, take any of them).
 _LAYER_DTYPES = {
@@ -114,7 +117,8 @@ _lib.define(
 )
 _lib.define(
     "int8_linear(Tensor input, Tensor packed_weight, Tensor weight_compensation, int in_features, "
-    "Tensor weight_scale, Tensor? bias, Tensor? input_scale, bool quantize_input) -> Tensor"
+    "Tensor weight_scale, Tensor? bias, Tensor? input_scale, bool quantize_input, "
+    'str activation="none") -> Tensor'
 )
 
 
@@ -213,19 +217,35 @@ def _int8_linear_fake(
     bias,
     input_scale,
     quantize_input,
+    activation="none",
 ):
     check_int8_linear(
-        input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+        input,
+        packed_weight,
+        weight_compensation,
+        in_features,
+        weight_scale,
+        bias,
+        input_scale,
+        activation,
     )
     return input.new_empty((*input.shape[:-1], weight_compensation.shape[0]))
 
 
 def check_int8_linear(
-    input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+    input,
+    packed_weight,
+    weight_compensation,
+    in_features,
+    weight_scale,
+    bias,
+    input_scale,
+    activation="none",
 ) -> None:
     """The checks of fastopt::int8_linear's arguments, naming the argument and the fix: run by its
     fake, its Triton launcher and fastopt.functional.int8_linear (before the CPU kernel)."""
     op = "fastopt.int8_linear"
+    check_int8_activation(activation)
     _check_layer_dtype("int8_linear", "input", input)
     _check_int8_packed_weight(op, input, packed_weight, weight_compensation, in_features)
     n, k = weight_compensation.shape[0], input.shape[-1]
@@ -237,6 +257,15 @@ def check_int8_linear(
         _check_vector(op, "bias", bias, input.dtype, n, device, what)
     if input_scale is not None:
         _check_vector(op, "input_scale", input_scale, torch.float32, k, device, scale_of(k))
+
+
+def check_int8_activation(activation: str) -> None:
+    """`activation` is one of INT8_ACTIVATIONS (a ValueError otherwise, as for a bad `mode`)."""
+    if activation not in INT8_ACTIVATIONS:
+        raise ValueError(
+            f"fastopt.int8_linear: activation must be one of {INT8_ACTIVATIONS}, got "
+            f"{activation!r}; apply other activations after the layer"
+        )
 
 
 def _check_vector(op, name, t, dtype, length, device, what) -> None:

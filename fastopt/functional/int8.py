@@ -187,9 +187,13 @@ def int8_linear(
     input_scale: Tensor | None = None,
     *,
     mode: str = "dynamic",
+    activation: str = "none",
 ) -> Tensor:
     """``F.linear`` with an int8 weight: ``y = (x * input_scale) @ (q * weight_scale[:, None]).T
     + bias``, in the input's dtype (float32, bfloat16 or float16), for any batch shape [..., K].
+    ``activation="gelu"`` applies ``torch.nn.functional.gelu`` (the erf form) to ``y`` in the
+    kernel's epilogue, in float32 before the cast to the output dtype: one pass over the output
+    instead of two.
 
     ``mode="dynamic"`` (W8A8): each row of ``x * input_scale`` is quantized to int8 with its own
     scale (``max|row| / 127``, round half to even), multiplied with the int8 weight in exact int32
@@ -199,7 +203,9 @@ def int8_linear(
 
     Gradients flow to ``input`` and ``bias`` (the quantized weight is frozen): the input's uses
     the dequantized weight, treating the activation rounding as identity; the bias's is
-    ``grad_output`` summed over all but the last dimension, as ``F.linear``'s.
+    ``grad_output`` summed over all but the last dimension, as ``F.linear``'s. With an
+    activation, the backward recomputes the pre-activation output (one more forward) and applies
+    the activation's derivative first.
 
     ``fastopt.nn.Int8Linear`` holds these arguments; called directly:
 
@@ -213,30 +219,62 @@ def int8_linear(
     (torch.Size([8, 32]), torch.float32)
     >>> bool(((y - linear(x)).norm() / linear(x).norm()) < 0.05)  # int8 rounding
     True
+    >>> z = fastopt.functional.int8_linear(
+    ...     x, packed, compensation, 64, scale, linear.bias, activation="gelu"
+    ... )
+    >>> torch.allclose(z, torch.nn.functional.gelu(y), atol=1e-6)
+    True
     """
     if mode not in ("dynamic", "weight_only"):
         raise ValueError(f"mode must be 'dynamic' or 'weight_only', got {mode!r}")
+    _library.check_int8_activation(activation)
     _layers.require_kernels(input.device, "int8_linear", "int8_linear")
     rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 0
     quantize_input = mode == "dynamic" and not uses_weight_only_path(rows, input.device)
     args = (input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale)
     return _layers.call_checked(
         torch.ops.fastopt.int8_linear,
-        lambda: _library.check_int8_linear(*args),
+        lambda: _library.check_int8_linear(*args, activation),
         *args,
         quantize_input,
+        activation,
     )
 
 
 def _int8_linear_setup_context(ctx, inputs, output) -> None:
-    _, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale, _ = inputs
-    ctx.save_for_backward(packed_weight, weight_scale, input_scale)
+    (input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale,
+     ctx.quantize_input, *activation) = inputs  # fmt: skip
+    ctx.activation = activation[0] if activation else "none"  # a schema default may be left out
+    ctx.options = 1 + len(activation)  # the inputs after input_scale, which get no gradient
+    # With an activation, the backward recomputes the pre-activation output from the input.
+    recomputed = (input, bias) if ctx.activation != "none" else (None, None)
+    ctx.save_for_backward(
+        packed_weight, weight_compensation, weight_scale, input_scale, *recomputed
+    )
     ctx.in_features = in_features
     ctx.out_features = weight_compensation.shape[0]
 
 
+def _pre_activation_grad(ctx, grad_output: Tensor) -> Tensor:
+    """The gradient of the loss with respect to the output before the activation."""
+    packed_weight, weight_compensation, weight_scale, input_scale, input, bias = ctx.saved_tensors
+    pre_activation = torch.ops.fastopt.int8_linear(
+        input,
+        packed_weight,
+        weight_compensation,
+        ctx.in_features,
+        weight_scale,
+        bias,
+        input_scale,
+        ctx.quantize_input,
+    )
+    return torch.ops.aten.gelu_backward(grad_output, pre_activation)
+
+
 def _int8_linear_backward(ctx, grad_output):
-    packed_weight, weight_scale, input_scale = ctx.saved_tensors
+    packed_weight, _, weight_scale, input_scale = ctx.saved_tensors[:4]
+    if ctx.activation != "none":
+        grad_output = _pre_activation_grad(ctx, grad_output)
     grad_input = grad_bias = None
     if ctx.needs_input_grad[0]:
         # In float32, or float64 for float64 inputs (which gradcheck checks).
@@ -246,7 +284,7 @@ def _int8_linear_backward(ctx, grad_output):
         grad_input = (grad_output.to(dtype) @ dequantized).to(grad_output.dtype)
     if ctx.needs_input_grad[5]:
         grad_bias = _layers.bias_grad(grad_output)
-    return grad_input, None, None, None, None, grad_bias, None, None
+    return (grad_input, None, None, None, None, grad_bias, None) + (None,) * ctx.options
 
 
 torch.library.register_autograd(

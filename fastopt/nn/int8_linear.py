@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .._library import check_int8_activation
 from ..functional import int8 as int8_ops
 
 MODES = ("dynamic", "weight_only")
@@ -21,7 +22,9 @@ class Int8Linear(nn.Module):
     ``fastopt.functional.int8.WEIGHT_ONLY_MAX_ROWS``);
     ``mode="weight_only"`` keeps activations in float. An optional per-input-channel
     ``input_scale`` (SmoothQuant, set by `from_float` from `calibrate`'s statistics) multiplies
-    the input first.
+    the input first. ``activation="gelu"`` applies ``torch.nn.functional.gelu`` (the erf form)
+    to the output inside the kernel: the layer then stands for ``nn.Linear`` followed by
+    ``nn.GELU()``, which `quantize_` fuses that way.
 
     The weight is frozen: gradients flow to the input only. The ``state_dict`` holds plain
     tensors (``weight`` int8 [out, in], ``weight_scale``, ``bias``, and ``input_scale`` when
@@ -54,13 +57,16 @@ class Int8Linear(nn.Module):
         smoothing: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        activation: str = "none",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if smoothing and mode != "dynamic":
             raise ValueError("smoothing (an input_scale) only applies to mode='dynamic'")
+        check_int8_activation(activation)
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.activation = activation
         packed, compensation = int8_ops.pack_int8_weight(
             torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -84,10 +90,12 @@ class Int8Linear(nn.Module):
         mode: str = "dynamic",
         input_absmax: Tensor | None = None,
         alpha: float = 0.5,
+        activation: str = "none",
     ) -> Int8Linear:
         """The int8 twin of `linear` (its weight quantized per output channel; bias kept in its
         dtype). `input_absmax` ([in_features], from `calibrate`) turns on SmoothQuant with
-        migration strength `alpha`.
+        migration strength `alpha`. ``activation="gelu"`` makes it the twin of `linear` followed
+        by ``nn.GELU()``.
 
         >>> import torch
         >>> from fastopt.nn import Int8Linear, calibrate
@@ -107,6 +115,7 @@ class Int8Linear(nn.Module):
             smoothing=input_absmax is not None,
             device=weight.device,
             dtype=weight.dtype,
+            activation=activation,
         )
         if input_absmax is not None:
             smooth = int8_ops.smoothing_scale(input_absmax, weight, alpha)
@@ -119,9 +128,10 @@ class Int8Linear(nn.Module):
             q.bias.copy_(linear.bias.detach())
         return q
 
-    def to_float(self, dtype: torch.dtype | None = None) -> nn.Linear:
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Linear | nn.Sequential:
         """An ``nn.Linear`` with the dequantized weight (smoothing folded back), in `dtype`
-        (default: the bias's dtype, else float32)."""
+        (default: the bias's dtype, else float32); with ``activation="gelu"``, that linear
+        followed by ``nn.GELU()`` in an ``nn.Sequential``."""
         if dtype is None:
             dtype = self.bias.dtype if self.bias is not None else torch.float32
         weight = int8_ops.dequantize_weight(self.weight, self.weight_scale, self.input_scale)
@@ -136,7 +146,7 @@ class Int8Linear(nn.Module):
             linear.weight.copy_(weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear
+        return nn.Sequential(linear, nn.GELU()) if self.activation == "gelu" else linear
 
     @property
     def weight(self) -> Tensor:
@@ -173,13 +183,15 @@ class Int8Linear(nn.Module):
             buffers["bias"],
             buffers["input_scale"],
             mode=self.mode,
+            activation=self.activation,
         )
 
     def extra_repr(self) -> str:
         smoothing = ", smoothing=True" if self.input_scale is not None else ""
+        activation = f", activation={self.activation}" if self.activation != "none" else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, mode={self.mode}{smoothing}"
+            f"bias={self.bias is not None}, mode={self.mode}{smoothing}{activation}"
         )
 
 
@@ -211,11 +223,19 @@ def quantize_(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     input_absmax: dict[str, Tensor] | None = None,
     alpha: float = 0.5,
+    fuse_activations: bool = True,
 ) -> nn.Module:
     """Replaces, in place, every ``nn.Linear`` of `model` (the model itself excluded; subclasses,
     such as nn.MultiheadAttention's ``out_proj``, are left alone) for which
     ``filter_fn(module, qualified_name)`` is true (default: all) with `Int8Linear.from_float`.
     `input_absmax` maps names to `calibrate`'s statistics, for SmoothQuant. Returns `model`.
+
+    With `fuse_activations` (the default), one pattern is fused: an ``nn.Linear`` followed, in
+    the same ``nn.Sequential``, by an ``nn.GELU()`` (approximate="none") becomes an
+    ``Int8Linear(activation="gelu")``, and the ``nn.GELU`` an ``nn.Identity`` (a BERT-style
+    FFN written as ``nn.Sequential(nn.Linear, nn.GELU(), nn.Linear)``). The GELU then runs in the
+    GEMM's epilogue; the outputs are those of the unfused int8 model to float32 rounding.
+    Activations called from a ``forward`` (``F.gelu(self.dense(x))``) are not seen.
 
     >>> import torch
     >>> from fastopt.nn import quantize_
@@ -236,17 +256,37 @@ def quantize_(
         # (NonDynamicallyQuantizableLinear) are read by their owner through `.weight`.
         if name and type(module) is nn.Linear and (filter_fn is None or filter_fn(module, name))
     ]
+    fused_gelus = _gelus_after(model, {name for name, _ in targets}) if fuse_activations else {}
     for name, linear in targets:
         absmax = input_absmax.get(name) if input_absmax is not None else None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Int8Linear.from_float(linear, mode, absmax, alpha))
+        activation = "gelu" if name in fused_gelus else "none"
+        setattr(parent, child, Int8Linear.from_float(linear, mode, absmax, alpha, activation))
+        if name in fused_gelus:
+            setattr(parent, fused_gelus[name], nn.Identity())
         if isinstance(parent, nn.TransformerEncoderLayer) and not _has_fast_path_guard(parent):
             # Its inference fast path (torch._transformer_encoder_layer_fwd) reads linear1.weight
             # and linear2.weight itself; a forward pre-hook is what makes it take the regular
             # path, which calls the layers.
             parent.register_forward_pre_hook(_keep_off_the_fast_path)
     return model
+
+
+def _gelus_after(model: nn.Module, linears: set[str]) -> dict[str, str]:
+    """For each of the `linears` (qualified names) that an ``nn.GELU()`` follows in an
+    ``nn.Sequential``, the child name of that GELU in the same Sequential."""
+    fused = {}
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (name, _), (next_name, next_module) in zip(children, children[1:], strict=False):
+            qualified = f"{parent_name}.{name}" if parent_name else name
+            is_gelu = type(next_module) is nn.GELU and next_module.approximate == "none"
+            if qualified in linears and is_gelu:
+                fused[qualified] = next_name
+    return fused
 
 
 def _keep_off_the_fast_path(module: nn.Module, args) -> None:

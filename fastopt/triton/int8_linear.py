@@ -34,6 +34,14 @@ def _packed_weight_tile(packed_ptr, groups, offs_k, offs_n, K, N):
 
 
 @triton.jit
+def _activate(y, GELU: tl.constexpr):
+    """The epilogue's activation on the fp32 output tile: with GELU, torch's erf-form gelu."""
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    return y
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr, input_scale_ptr, q_ptr, row_scale_ptr, K, HAS_INPUT_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -66,11 +74,11 @@ def _quantize_rows_kernel(
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, packed_ptr, groups, row_scale_ptr, weight_scale_ptr, bias_ptr, out_ptr, M, N, K,
-    DEQUANTIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DEQUANTIZE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """out = a @ w.T in exact int32; with DEQUANTIZE, the epilogue applies both scales and the
-    bias and stores the output dtype instead."""
+    """out = a @ w.T in exact int32; with DEQUANTIZE, the epilogue applies both scales, the
+    bias and the activation (GELU) and stores the output dtype instead."""
     # Row tiles on grid axis 0 (the unbounded one), in int64: M * K may pass 2**31.
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,6 +99,7 @@ def _int8_gemm_kernel(
         y = acc.to(tl.float32) * row_scale[:, None] * weight_scale[None, :]
         if HAS_BIAS:
             y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y = _activate(y, GELU)
         tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptr + out_offs, acc, mask=out_mask)
@@ -99,11 +108,11 @@ def _int8_gemm_kernel(
 @triton.jit
 def _weight_only_kernel(
     x_ptr, input_scale_ptr, packed_ptr, groups, weight_scale_ptr, bias_ptr, out_ptr, M, N, K,
-    HAS_INPUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_INPUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """out = (x * input_scale) @ (w * weight_scale).T + bias, the int8 weight widened to fp32 in
-    registers. The products are fp32 (not bf16 tensor-core ones): this kernel serves the small,
+    """out = act((x * input_scale) @ (w * weight_scale).T + bias), the int8 weight widened to fp32
+    in registers. The products are fp32 (not bf16 tensor-core ones): this kernel serves the small,
     memory-bound batches, and Triton's interpreter computes bf16 dots wrongly."""
     # Row tiles on grid axis 0 (the unbounded one), in int64: M * K may pass 2**31.
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,6 +130,7 @@ def _weight_only_kernel(
     y = acc * tl.load(weight_scale_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y = _activate(y, GELU)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out_offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -138,7 +148,9 @@ def quantize_grid(op: str, rows: int) -> tuple[int]:
     return checked_grid(op, (rows,), ("rows",))
 
 
-def _launch_gemm(op, a, packed_weight, n, out, row_scale=None, weight_scale=None, bias=None):
+def _launch_gemm(
+    op, a, packed_weight, n, out, row_scale=None, weight_scale=None, bias=None, gelu=False
+):
     rows, k = a.shape
     config = configs.int8_gemm(rows)
     grid = gemm_grid(op, rows, n, config)
@@ -147,7 +159,8 @@ def _launch_gemm(op, a, packed_weight, n, out, row_scale=None, weight_scale=None
         _int8_gemm_kernel[grid](
             a, packed_weight, packed_weight.shape[1], row_scale if dequantize else out,
             weight_scale if dequantize else out, bias if bias is not None else out, out, rows, n,
-            k, DEQUANTIZE=dequantize, HAS_BIAS=bias is not None, **config.launch_options(),
+            k, DEQUANTIZE=dequantize, HAS_BIAS=bias is not None, GELU=gelu,
+            **config.launch_options(),
         )  # fmt: skip
 
 
@@ -173,21 +186,30 @@ def int8_linear(
     bias,
     input_scale,
     quantize_input,
+    activation="none",
 ):
     """``fastopt::int8_linear``: per-row int8 quantization, then the int8 GEMM with the
-    dequantize + bias epilogue (``quantize_input``), or the weight-only kernel."""
+    dequantize + bias + activation epilogue (``quantize_input``), or the weight-only kernel."""
     _library.check_int8_linear(
-        input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale
+        input,
+        packed_weight,
+        weight_compensation,
+        in_features,
+        weight_scale,
+        bias,
+        input_scale,
+        activation,
     )
+    gelu = activation == "gelu"
     k, n = input.shape[-1], weight_compensation.shape[0]
     rows = math.prod(input.shape[:-1])  # explicit: reshape(-1, 0) cannot infer it when K == 0
     x = input.reshape(rows, k).contiguous()
     out = torch.empty((rows, n), dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out.view(*input.shape[:-1], n)
-    if k == 0:  # no input features, as nn.Linear: the bias, or zeros
+    if k == 0:  # no input features, as nn.Linear: act(the bias), or act(0) = 0
         if bias is not None:
-            out.copy_(bias.expand(rows, n))
+            out.copy_(torch.nn.functional.gelu(bias) if gelu else bias.expand(rows, n))
         else:
             out.zero_()
         return out.view(*input.shape[:-1], n)
@@ -205,7 +227,7 @@ def int8_linear(
                 x, input_scale if has_scale else x, q, row_scale, k, HAS_INPUT_SCALE=has_scale,
                 **configs.quantize_rows(k).launch_options(),
             )  # fmt: skip
-        _launch_gemm("int8_linear", q, packed_weight, n, out, row_scale, weight_scale, bias)
+        _launch_gemm("int8_linear", q, packed_weight, n, out, row_scale, weight_scale, bias, gelu)
     else:
         config = configs.weight_only(input.dtype, rows)
         grid = gemm_grid("int8_linear", rows, n, config)
@@ -213,6 +235,7 @@ def int8_linear(
             _weight_only_kernel[grid](
                 x, input_scale if has_scale else x, packed_weight, packed_weight.shape[1],
                 weight_scale, bias if bias is not None else x, out, rows, n, k,
-                HAS_INPUT_SCALE=has_scale, HAS_BIAS=bias is not None, **config.launch_options(),
+                HAS_INPUT_SCALE=has_scale, HAS_BIAS=bias is not None, GELU=gelu,
+                **config.launch_options(),
             )  # fmt: skip
     return out.view(*input.shape[:-1], n)

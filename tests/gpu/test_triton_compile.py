@@ -99,6 +99,11 @@ def test_every_kernel_and_variant_is_compiled(compiled):
             for _, config in table:
                 options = json.dumps(config.launch_options(), sort_keys=True)
                 assert (target, "_weight_only_kernel", options) in int8_configs
+        for kernel in ("_int8_gemm_kernel", "_weight_only_kernel"):  # the GELU epilogue
+            assert any(
+                (r["target"], r["kernel"]) == (target, kernel) and " gelu " in r["label"]
+                for r in compiled
+            )
 
 
 # --- the launchers' choice of configuration ---

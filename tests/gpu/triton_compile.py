@@ -136,7 +136,8 @@ def _blocksparse_launches() -> Iterator[Launch]:
 
 def _int8_launches() -> Iterator[Launch]:
     """int8_mm; int8_linear's row quantization, GEMM and weight-only kernels; for every tile
-    configuration, input dtype and quantization step (all of them in the default run)."""
+    configuration, input dtype and quantization step (all of them in the default run), each GEMM
+    kernel with and without the GELU epilogue (with it, the largest tile in the default run)."""
     n, k = 48, 40
     packed = torch.zeros(triton.cdiv(n, 16), triton.cdiv(k, 4), 16, 4, dtype=torch.int8)
     compensation = torch.zeros(n, dtype=torch.int32)
@@ -146,25 +147,31 @@ def _int8_launches() -> Iterator[Launch]:
         call = lambda a=a: int8_linear.int8_mm(a, packed, compensation, k)  # noqa: E731
         for kernel, args, kwargs in record(int8_linear, call):
             yield Launch(kernel, f"int8_mm rows={rows}", True, config, args, kwargs)
-    for dtype in configs.INT8_DTYPES:
-        name = str(dtype)[6:]
-        for config, rows in first_rows(configs.int8_gemm).items():
+    for dtype, activation in itertools.product(configs.INT8_DTYPES, ("none", "gelu")):
+        name = str(dtype)[6:] + (" gelu" if activation == "gelu" else "")
+        chosen = first_rows(configs.int8_gemm)
+        for config, rows in chosen.items():
             x = torch.randn(rows, k).to(dtype)
-            call = lambda x=x: int8_linear.int8_linear(  # noqa: E731
-                x, packed, compensation, k, scale, scale.to(x.dtype), None, True
+            call = lambda x=x, a=activation: int8_linear.int8_linear(  # noqa: E731
+                x, packed, compensation, k, scale, scale.to(x.dtype), None, True, a
             )
+            representative = activation == "none" or rows == max(chosen.values())
             for kernel, args, kwargs in record(int8_linear, call):
                 if kernel is int8_linear._int8_gemm_kernel:  # the quantization: below
                     label = f"int8_linear w8a8 {name} rows={rows}"
-                    yield Launch(kernel, label, True, config, args, kwargs)
-        for config, rows in first_rows(lambda r, d=dtype: configs.weight_only(d, r)).items():
+                    yield Launch(kernel, label, representative, config, args, kwargs)
+        chosen = first_rows(lambda r, d=dtype: configs.weight_only(d, r))
+        for config, rows in chosen.items():
             x = torch.randn(rows, k).to(dtype)
-            call = lambda x=x: int8_linear.int8_linear(  # noqa: E731
-                x, packed, compensation, k, scale, scale.to(x.dtype), None, False
+            call = lambda x=x, a=activation: int8_linear.int8_linear(  # noqa: E731
+                x, packed, compensation, k, scale, scale.to(x.dtype), None, False, a
             )
+            representative = activation == "none" or rows == max(chosen.values())
             for kernel, args, kwargs in record(int8_linear, call):
                 label = f"int8_linear weight-only {name} rows={rows}"
-                yield Launch(kernel, label, True, config, args, kwargs)
+                yield Launch(kernel, label, representative, config, args, kwargs)
+        if activation == "gelu":  # the quantization kernel has no epilogue
+            continue
         for config, features in first_rows(configs.quantize_rows).items():
             x = torch.randn(2, features).to(dtype)
             w = torch.zeros(triton.cdiv(n, 16), triton.cdiv(features, 4), 16, 4, dtype=torch.int8)

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/where.h>
@@ -26,6 +27,7 @@
 
 #include "cpu/dtype_switch.h"
 #include "cpu/isa.h"
+#include "layers/cpu/activation.h"
 #include "layers/cpu/int8_tiles.h"
 
 namespace fastopt::cpu::int8 {
@@ -202,11 +204,12 @@ void stage_rows_in_parallel(const at::Tensor& x, const float* input_scale, int64
 
 // y = fake_quantize(x * input_scale) @ (weight * weight_scale[:, None]).T + bias, in fp64: with
 // `quantize_input`, each row rounded to int8 with scale max|row| / 127 (the int32 sums of the
-// other dtypes are exact in fp64 too); without, x * input_scale itself.
+// other dtypes are exact in fp64 too); without, x * input_scale itself. Then the activation.
 at::Tensor int8_linear_fp64(const at::Tensor& input, const at::Tensor& packed,
                             const at::Tensor& compensation, int64_t in_features,
                             const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& input_scale, bool quantize_input) {
+                            const std::optional<at::Tensor>& input_scale, bool quantize_input,
+                            Activation activation) {
   const int64_t n = compensation.size(0);
   const at::Tensor weight = packed.permute({0, 2, 1, 3})
                                 .reshape({packed.size(0) * kBlockN, packed.size(1) * kGroupK})
@@ -224,7 +227,7 @@ at::Tensor int8_linear_fp64(const at::Tensor& input, const at::Tensor& packed,
   if (row_scale.defined()) out = out.mul(row_scale);
   out = out.mul(weight_scale.to(at::kDouble));
   if (bias.has_value()) out = out.add(*bias);
-  return out;
+  return activation == Activation::kGelu ? at::gelu(out) : out;
 }
 
 // ---- Tiles: panel-major, so each thread reuses a panel of the weight for every row tile. ----
@@ -251,9 +254,9 @@ void for_each_tile_in_parallel(int64_t rows_total, int64_t blocks_total, int64_t
   });
 }
 
-// The fused epilogue of one tile: out[row][col] = S(acc * row_scale * weight_scale + bias), acc
-// being the tile's int32 sums less the weight compensation (W8A8) or its fp32 sums (weight-only),
-// [rows][kPanelCols].
+// The fused epilogue of one tile: out[row][col] = S(act(acc * row_scale * weight_scale + bias)),
+// acc being the tile's int32 sums less the weight compensation (W8A8) or its fp32 sums
+// (weight-only), [rows][kPanelCols], act the activation (in fp32, before the cast).
 struct Epilogue {
   c10::ScalarType dtype;
   const int32_t* compensation;  // nullptr: none (signed activations, or float sums)
@@ -262,6 +265,7 @@ struct Epilogue {
   const void* bias;             // nullptr or [n] of the output dtype
   void* out;                    // [rows, n]
   int64_t n;
+  Activation activation;
 };
 
 struct TileEpilogue {
@@ -276,11 +280,18 @@ struct TileEpilogue {
 struct WriteTile {
   template <typename S>
   FASTOPT_INLINE static void run(const TileEpilogue& t) {
-    if (t.int_sums == nullptr) return write<S, false>(t, t.float_sums);
-    t.e->compensation != nullptr ? write<S, true>(t, t.int_sums) : write<S, false>(t, t.int_sums);
+    t.e->activation == Activation::kGelu ? sums<S, Activation::kGelu>(t)
+                                         : sums<S, Activation::kNone>(t);
   }
 
-  template <typename S, bool COMPENSATE, typename Acc>
+  template <typename S, Activation A>
+  FASTOPT_INLINE static void sums(const TileEpilogue& t) {
+    if (t.int_sums == nullptr) return write<S, A, false>(t, t.float_sums);
+    t.e->compensation != nullptr ? write<S, A, true>(t, t.int_sums)
+                                 : write<S, A, false>(t, t.int_sums);
+  }
+
+  template <typename S, Activation A, bool COMPENSATE, typename Acc>
   FASTOPT_INLINE static void write(const TileEpilogue& t, const Acc* acc) {
     const Epilogue& e = *t.e;
     const int64_t cols = std::min<int64_t>(kPanelCols, e.n - t.col0);
@@ -296,10 +307,12 @@ struct WriteTile {
         return float(sums[j]);
       };
       if (bias == nullptr) {
-        for (int64_t j = 0; j < cols; ++j) out[j] = S(sum(j) * row_scale * weight_scale[j]);
+        for (int64_t j = 0; j < cols; ++j) {
+          out[j] = S(activate<A>(sum(j) * row_scale * weight_scale[j]));
+        }
       } else {
         for (int64_t j = 0; j < cols; ++j) {
-          out[j] = S(sum(j) * row_scale * weight_scale[j] + float(bias[j]));
+          out[j] = S(activate<A>(sum(j) * row_scale * weight_scale[j] + float(bias[j])));
         }
       }
     }
@@ -376,12 +389,14 @@ at::Tensor int8_mm_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
 at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_weight,
                            const at::Tensor& weight_compensation, int64_t in_features,
                            const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& input_scale, bool quantize_input) {
+                           const std::optional<at::Tensor>& input_scale, bool quantize_input,
+                           c10::string_view activation_name) {
   check_linear_args(input, packed_weight, weight_compensation, in_features, weight_scale, bias,
                     input_scale);
+  const Activation activation = activation_from_name("fastopt.int8_linear", activation_name);
   if (input.scalar_type() == at::kDouble) {
     return int8_linear_fp64(input, packed_weight, weight_compensation, in_features, weight_scale,
-                            bias, input_scale, quantize_input);
+                            bias, input_scale, quantize_input, activation);
   }
   const int64_t k = input.size(-1), n = weight_compensation.size(0);
   // An explicit row count: reshape({-1, 0}) cannot infer it when K == 0.
@@ -392,9 +407,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
   out_shape.back() = n;
   at::Tensor out = at::empty({rows, n}, input.options());
   if (rows == 0 || n == 0) return out.view(out_shape);
-  if (k == 0) {  // no input features, as nn.Linear: the bias, or zeros
+  if (k == 0) {  // no input features, as nn.Linear: act(the bias), or act(0) = 0
     if (bias.has_value()) {
       out.copy_(bias->unsqueeze(0).expand({rows, n}));
+      if (activation == Activation::kGelu) out = at::gelu(out);
     } else {
       out.zero_();
     }
@@ -415,7 +431,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& input, const at::Tensor& packed_wei
                     scale_c.const_data_ptr<float>(),
                     bias_c.defined() ? bias_c.const_data_ptr() : nullptr,
                     out.mutable_data_ptr(),
-                    n};
+                    n,
+                    activation};
   StageArgs stage{};
   if (quantize_input) {
     at::Tensor a =
