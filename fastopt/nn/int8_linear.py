@@ -224,6 +224,7 @@ def quantize_(
     input_absmax: dict[str, Tensor] | None = None,
     alpha: float = 0.5,
     fuse_activations: bool = True,
+    fuse_shared_inputs: bool = False,
 ) -> nn.Module:
     """Replaces, in place, every ``nn.Linear`` of `model` (the model itself excluded; subclasses,
     such as nn.MultiheadAttention's ``out_proj``, are left alone) for which
@@ -236,6 +237,14 @@ def quantize_(
     FFN written as ``nn.Sequential(nn.Linear, nn.GELU(), nn.Linear)``). The GELU then runs in the
     GEMM's epilogue; the outputs are those of the unfused int8 model to float32 rounding.
     Activations called from a ``forward`` (``F.gelu(self.dense(x))``) are not seen.
+
+    With `fuse_shared_inputs`, sibling ``nn.Linear`` children named ``query``, ``key``,
+    ``value`` (or ``q_proj``, ``k_proj``, ``v_proj``) of one module, with the same input features
+    and a bias all or none, become the parts of one `Int8LinearGroup` (registered on that module
+    as ``query_key_value`` / ``q_proj_k_proj_v_proj``): called with one input, they quantize it
+    once and share one GEMM, with the same outputs as separate int8 layers. Their outputs are
+    then views into one tensor (as ``torch.split``'s), not contiguous tensors; layers with
+    SmoothQuant statistics are not grouped (each has its own input scale).
 
     >>> import torch
     >>> from fastopt.nn import quantize_
@@ -256,6 +265,12 @@ def quantize_(
         # (NonDynamicallyQuantizableLinear) are read by their owner through `.weight`.
         if name and type(module) is nn.Linear and (filter_fn is None or filter_fn(module, name))
     ]
+    if fuse_shared_inputs:
+        # Imported here: the group's module builds on Int8Linear, defined above.
+        from .int8_shared_input import group_shared_inputs_
+
+        grouped = group_shared_inputs_(model, dict(targets), mode, input_absmax or {})
+        targets = [(name, linear) for name, linear in targets if name not in grouped]
     fused_gelus = _gelus_after(model, {name for name, _ in targets}) if fuse_activations else {}
     for name, linear in targets:
         absmax = input_absmax.get(name) if input_absmax is not None else None
