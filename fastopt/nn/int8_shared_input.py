@@ -129,7 +129,17 @@ def _version(t: Tensor) -> int | None:
 class Int8LinearPart(nn.Module):
     """Stands for one layer of an `Int8LinearGroup`: ``part(x)`` is that layer's output. The
     group is held as a plain reference (the module that owns the parts registers the group
-    itself), so its weights are saved once."""
+    itself), so its weights are saved once.
+
+    >>> import torch
+    >>> from fastopt.nn import Int8LinearGroup
+    >>> group = Int8LinearGroup.from_float([torch.nn.Linear(16, 8), torch.nn.Linear(16, 4)])
+    >>> key, value = group.parts()
+    >>> value
+    Int8LinearPart(in_features=16, out_features=4, part 1 of an Int8LinearGroup)
+    >>> value(torch.randn(2, 16)).shape
+    torch.Size([2, 4])
+    """
 
     def __init__(self, group: Int8LinearGroup, index: int) -> None:
         super().__init__()
