@@ -4,14 +4,18 @@
 The model has the shapes of a small sentence transformer (MiniLM-L6: 6 post-LN layers, hidden
 384, 12 heads, FFN 1536 with GELU; separate query, key and value projections) with random
 weights, run on batch 8 x 128 tokens (1024 token rows). Both converters replace every
-``nn.Linear`` (six per layer); attention, softmax, LayerNorm and GELU stay in fp32 in both.
+``nn.Linear`` (six per layer); attention, softmax and LayerNorm stay in fp32 in both. fastopt's
+``quantize_`` runs the FFN's GELU in its first layer's epilogue (its default); the table also
+gives it without that fusion, and with ``fuse_shared_inputs=True`` (query, key and value as one
+int8 GEMM).
 
 Run (not part of the default test run):
     python -m pytest benchmarks/test_int8_encoder.py -s
 It prints two tables, all measured in this process: the whole forward (medians of interleaved
 rounds, so that the machine's drift reaches every model alike, with the error against the fp64
-model) and each linear layer of one encoder layer alone, in GOP/s (2 * M * N * K operations per
-call).
+model) and each linear layer of one encoder layer alone (and the two fused blocks), in GOP/s
+(2 * M * N * K operations per call), fastopt's also as a share of the int8 ceilings
+(fastopt.benchmarking.int8_peak).
 """
 
 from __future__ import annotations
@@ -25,11 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastopt.benchmarking import interleaved_medians
-from fastopt.nn import Int8Linear, quantize_
+from fastopt.benchmarking.int8_peak import ceiling_line, int8_gemm_probe_gops, int8_peak_gops
+from fastopt.nn import Int8Linear, Int8LinearGroup, quantize_
 
 LAYERS, HIDDEN, HEADS, FFN = 6, 384, 12, 1536
 BATCH, SEQ = 8, 128
 FP32, AO, FASTOPT = "fp32 model", "torch.ao quantize_dynamic", "fastopt quantize_"
+UNFUSED = "fastopt quantize_(fuse_activations=False)"
+SHARED = "fastopt quantize_(fuse_shared_inputs=True)"
 
 
 class EncoderLayer(nn.Module):
@@ -89,7 +96,13 @@ def linear_shapes() -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def models():
     fp32 = encoder()
-    return {FP32: fp32, AO: ao_dynamic(fp32), FASTOPT: quantize_(copy.deepcopy(fp32))}
+    return {
+        FP32: fp32,
+        AO: ao_dynamic(fp32),
+        FASTOPT: quantize_(copy.deepcopy(fp32)),
+        UNFUSED: quantize_(copy.deepcopy(fp32), fuse_activations=False),
+        SHARED: quantize_(copy.deepcopy(fp32), fuse_shared_inputs=True),
+    }
 
 
 def test_int8_encoder(models, capsys):
@@ -104,7 +117,7 @@ def test_int8_encoder(models, capsys):
         )
     # The int8 models quantize the same layers: fastopt's per-token scales must not be less
     # accurate than torch.ao's per-tensor ones.
-    assert errors[FASTOPT] <= errors[AO], errors
+    assert all(errors[name] <= errors[AO] for name in (FASTOPT, UNFUSED, SHARED)), errors
     lines = [
         f"\nEncoder: {LAYERS} layers, hidden {HIDDEN}, FFN {FFN}, {HEADS} heads, batch {BATCH} x "
         f"{SEQ} tokens; {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -120,29 +133,62 @@ def test_int8_encoder(models, capsys):
         print("\n".join(lines))
 
 
-@pytest.mark.parametrize("name", list(linear_shapes()))
-def test_int8_encoder_linear(name, capsys):
-    in_features, out_features = linear_shapes()[name]
+FUSED = "fastopt fused"
+BLOCKS = [*linear_shapes(), "query+key+value", "ffn.0+GELU"]
+
+
+def block_calls(name: str, x: torch.Tensor) -> tuple[dict, int, str]:
+    """The contenders of one block of an encoder layer on `x` (a linear layer alone; the three
+    projections of one input; the first FFN layer and its GELU), its operations per call, and
+    its shape."""
     torch.manual_seed(0)
+    rows = x.shape[0]
+    if name == "query+key+value":
+        linears = [nn.Linear(HIDDEN, HIDDEN) for _ in range(3)]
+        ao = [ao_dynamic(nn.Sequential(linear)) for linear in linears]
+        int8 = [Int8Linear.from_float(linear) for linear in linears]
+        parts = Int8LinearGroup.from_float(linears).parts()
+        calls = {
+            FP32: lambda: [linear(x) for linear in linears],
+            AO: lambda: [layer(x) for layer in ao],
+            FASTOPT: lambda: [layer(x) for layer in int8],
+            FUSED: lambda: [part(x) for part in parts],
+        }
+        return calls, 3 * 2 * rows * HIDDEN * HIDDEN, f"3 x {rows}x{HIDDEN} -> {HIDDEN}"
+    in_features, out_features = linear_shapes()[name.removesuffix("+GELU")]
     linear = nn.Linear(in_features, out_features)
-    layers = {
-        FP32: linear,
-        AO: ao_dynamic(nn.Sequential(linear)),
-        FASTOPT: Int8Linear.from_float(linear),
-    }
-    x = torch.randn(BATCH * SEQ, in_features)
+    ao, int8 = ao_dynamic(nn.Sequential(linear)), Int8Linear.from_float(linear)
+    calls = {FP32: lambda: linear(x), AO: lambda: ao(x), FASTOPT: lambda: int8(x)}
+    if name.endswith("+GELU"):
+        fused = Int8Linear.from_float(linear, activation="gelu")
+        calls = {label: (lambda call=call: F.gelu(call())) for label, call in calls.items()}
+        calls[FUSED] = lambda: fused(x)
+    return calls, 2 * rows * in_features * out_features, f"{rows}x{in_features} -> {out_features}"
+
+
+@pytest.fixture(scope="module")
+def ceilings() -> tuple[float, float, str]:
+    """The int8 peak and the in-cache probe in GOP/s, and the line that states them."""
+    return int8_peak_gops(), int8_gemm_probe_gops(), ceiling_line()
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_int8_encoder_linear(name, ceilings, capsys):
+    peak, probe, line = ceilings
+    x = torch.randn(BATCH * SEQ, FFN if name == "ffn.2" else HIDDEN)
+    calls, ops, shape = block_calls(name, x)
     with torch.inference_mode():
-        medians = interleaved_medians(
-            {label: (lambda layer=layer: layer(x)) for label, layer in layers.items()},
-            "cpu",
-            repeats=30,
-        )
-    ops = 2 * BATCH * SEQ * in_features * out_features
-    cells = " | ".join(
-        f"{label}: {ms:.3f} ms, {ops / ms / 1e6:.0f} GOP/s" for label, ms in medians.items()
-    )
+        medians = interleaved_medians(calls, "cpu", repeats=30)
+    cells = []
+    for label, ms in medians.items():
+        gops = ops / ms / 1e6
+        share = f" ({gops / peak:.0%} of peak, {gops / probe:.0%} of probe)" if peak else ""
+        cells.append(f"{label}: {ms:.3f} ms, {gops:.0f} GOP/s{share if 'fastopt' in label else ''}")
+    best = min(ms for label, ms in medians.items() if "fastopt" in label)
     with capsys.disabled():
+        if name == BLOCKS[0]:
+            print(f"\n{line}")
         print(
-            f"\n| {name} | {BATCH * SEQ}x{in_features} -> {out_features} | {cells} | "
-            f"fastopt vs torch.ao {medians[AO] / medians[FASTOPT]:.2f}x |"
+            f"\n| {name} | {shape} | {' | '.join(cells)} | "
+            f"fastopt vs torch.ao {medians[AO] / best:.2f}x |"
         )

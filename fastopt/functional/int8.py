@@ -232,13 +232,28 @@ def int8_linear(
     rows = input.numel() // max(input.shape[-1], 1) if input.dim() else 0
     quantize_input = mode == "dynamic" and not uses_weight_only_path(rows, input.device)
     args = (input, packed_weight, weight_compensation, in_features, weight_scale, bias, input_scale)
-    return _layers.call_checked(
-        torch.ops.fastopt.int8_linear,
+    call = (
+        torch.ops.fastopt.int8_linear.default,
         lambda: _library.check_int8_linear(*args, activation),
         *args,
         quantize_input,
         activation,
     )
+    if _builds_no_graph(input, bias):
+        # Nothing to differentiate: skip the op's autograd kernel, which torch.library runs in
+        # Python (microseconds a call, a visible share of a one-row layer's time).
+        with torch._C._AutoDispatchBelowAutograd():
+            return _layers.call_checked(*call)
+    return _layers.call_checked(*call)
+
+
+def _builds_no_graph(input: Tensor, bias: Tensor | None) -> bool:
+    """Whether a call on these tensors records no autograd graph (and is not being traced)."""
+    if torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (input.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _int8_linear_setup_context(ctx, inputs, output) -> None:

@@ -11,10 +11,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.cpu_isa import supported_cpu_isas
 from helpers.int8_reference import fake_quant_linear, quantize_rows
 from helpers.rng import generator
 from torch import nn
 
+from fastopt import _extension
 from fastopt.functional import int8
 from fastopt.nn import Int8Linear, quantize_
 from fastopt.triton import int8_linear as triton_int8
@@ -64,6 +66,25 @@ def test_cpu_epilogue_at_every_isa_level(cpu_isa, rows, k, n, quantize_input, bi
     torch.testing.assert_close(y, reference, **TOLERANCE[torch.float32])
     # The pre-activation output is the same with and without the epilogue.
     torch.testing.assert_close(y, F.gelu(torch.ops.fastopt.int8_linear(*args)), rtol=0, atol=2e-6)
+
+
+def test_cpu_epilogue_gives_the_same_bits_at_every_level():
+    """W8A8's exact sums and the GELU's multiply-adds, fused on every level (an instruction, or
+    fmaf), give the same bits everywhere (weight-only sums in fp32 in each level's order)."""
+    w, scale, x, bias = case(19, 136, 40, fresh_seed())
+    packed, compensation = int8.pack_int8_weight(w)
+    args = (x, packed, compensation, 136, scale, bias, None, True, "gelu")
+    module = _extension.cpu_module()
+    previous = module.active_cpu_isa()
+    outputs = {}
+    try:
+        for isa in supported_cpu_isas():
+            module.set_cpu_isa(isa)
+            outputs[isa] = torch.ops.fastopt.int8_linear(*args)
+    finally:
+        module.set_cpu_isa(previous)
+    for isa, y in outputs.items():
+        assert torch.equal(y, outputs["baseline"]), isa
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
