@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import _extras
-from . import blocksparse_linear, figure, int8_linear, optimizers, precision, pytest_json
+from . import (
+    blocksparse_linear,
+    figure,
+    int8_linear,
+    int8_peak,
+    optimizers,
+    precision,
+    pytest_json,
+)
 from .machine import machine_description
 from .measurement import Measurement
 
@@ -117,6 +125,8 @@ def bench(args: argparse.Namespace) -> int:
             f"memory read bandwidth {bandwidth:.1f} GB/s"
         )
         print(int8_linear.format_table(results, args.device, width))
+        if torch.device(args.device).type == "cpu":
+            print(int8_peak.ceiling_line())
         measured += int8_linear.measurements(results)
     if "blocksparse" in features:
         # The block-sparse anchors (torch BSR, with its CPU-only gaps) are the CPU's.

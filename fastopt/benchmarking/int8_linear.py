@@ -99,11 +99,12 @@ def read_bandwidth(device: str, numel: int = 64 * 2**20) -> float:
 
 def format_table(results: Results, device: str, features: int = FEATURES) -> str:
     """The markdown table of `device`'s rows: median ms, speedups over fp32 and torch.ao, the
-    weight's GB/s, the relative error and its ratio to torch.ao's."""
+    weight's GB/s, the GOP/s (2 * batch * features^2 per call), the relative error and its ratio
+    to torch.ao's."""
     lines = [
-        "| batch | layer | median ms | vs fp32 | vs torch.ao | weight GB/s | rel. error "
+        "| batch | layer | median ms | vs fp32 | vs torch.ao | weight GB/s | GOP/s | rel. error "
         "| error vs torch.ao |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     nan = float("nan")
     for (dev, batch), rows in sorted(results.items()):
@@ -113,9 +114,10 @@ def format_table(results: Results, device: str, features: int = FEATURES) -> str
         ao_ms, ao_err = rows.get(AO, (nan, nan))
         for name, (ms, err) in rows.items():
             weight_gb_per_s = _WEIGHT_BYTES[name] * features * features / ms / 1e6
+            gops = 2 * batch * features * features / ms / 1e6
             lines.append(
                 f"| {batch} | {name} | {ms:.3f} | {fp32_ms / ms:.2f}x | {ao_ms / ms:.2f}x | "
-                f"{weight_gb_per_s:.1f} | {err:.2e} | {err / ao_err:.2f}x |"
+                f"{weight_gb_per_s:.1f} | {gops:.0f} | {err:.2e} | {err / ao_err:.2f}x |"
             )
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
-"""The CPU's int8 ceilings that the int8 benchmarks quote beside their GOP/s: the instruction
-set's peak at the clock the kernel reports, and a probe, fastopt's own int8 GEMM on operands
-that stay in the L2 cache (what the kernels reach when neither memory nor the epilogue is in the
-way)."""
+"""The references the int8 benchmarks quote beside their GOP/s: the instruction set's int8 peak
+at the clock the kernel reports (a VM may report its nominal clock, below the turbo one it
+runs at), and a probe, fastopt's own int8_mm on a shape whose operands stay in the L2 caches (a
+reference point, not a bound: layers with a shorter K or a wider N can pass it)."""
 
 from __future__ import annotations
 
