@@ -193,12 +193,15 @@ def _quantize_rows(v: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(v / scale).clamp(-127, 127), scale
 
 
-def check_int8_linear(mode: str, device: str, dtype: torch.dtype, gen: torch.Generator) -> Result:
+def check_int8_linear(
+    mode: str, device: str, dtype: torch.dtype, gen: torch.Generator, activation: str = "none"
+) -> Result:
     linear = nn.Linear(67, 40, dtype=torch.float64)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(40, 67, generator=gen, dtype=torch.float64))
         linear.bias.copy_(torch.randn(40, generator=gen, dtype=torch.float64))
-    layer = fastopt.nn.Int8Linear.from_float(linear.to(dtype), mode=mode).to(device)
+    layer = fastopt.nn.Int8Linear.from_float(linear.to(dtype), mode=mode, activation=activation)
+    layer = layer.to(device)
     x = torch.randn(5, 67, generator=gen).to(dtype)
     with torch.no_grad():
         got = layer(x.to(device)).cpu()
@@ -211,11 +214,15 @@ def check_int8_linear(mode: str, device: str, dtype: torch.dtype, gen: torch.Gen
         expected = sums * row_scale * weight_scale.T
     else:
         expected = (v.double() @ weight.double().T).float() * weight_scale.T
-    expected = (expected + linear.bias.detach().to(dtype).float()).to(dtype)
+    expected = expected + linear.bias.detach().to(dtype).float()
+    if activation == "gelu":  # the epilogue's GELU, on the float32 output
+        expected = torch.nn.functional.gelu(expected)
+    expected = expected.to(dtype)
     # Both sides round the same float32 result to `dtype`; weight-only sums in another order.
     tolerance = ROUNDING[dtype] if mode == "dynamic" else max(ROUNDING[dtype], 1e-5)
     error = relative_error([got], [expected])
-    return Result(f"int8_linear ({mode})", device, dtype, error, tolerance)
+    suffix = ", gelu" if activation == "gelu" else ""
+    return Result(f"int8_linear ({mode}{suffix})", device, dtype, error, tolerance)
 
 
 def _dense_from_blocks(values: Tensor, layout: Tensor) -> Tensor:
@@ -284,6 +291,7 @@ def _checks(device: str) -> list[tuple[Callable[[torch.Generator], Result]]]:
     for mode in ("dynamic", "weight_only"):
         for dtype in layer_dtypes:
             checks.append(lambda gen, m=mode, d=dtype: check_int8_linear(m, device, d, gen))
+        checks.append(lambda gen, m=mode: check_int8_linear(m, device, torch.float32, gen, "gelu"))
     for dtype in layer_dtypes:
         checks.append(lambda gen, d=dtype: check_blocksparse_linear(device, d, gen))
     return checks
