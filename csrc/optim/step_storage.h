@@ -118,25 +118,38 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// The key of one state slot's random stream at one step: every (seed, step, slot) gets its own.
-FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_key(uint32_t seed, uint32_t step, int slot) {
-  return mix32(seed ^ mix32(step * 8u + uint32_t(slot) + 0x9e3779b9u));
+// Stochastic rounding draws 16 random bits per stored element and state slot. Two slots share
+// one 32-bit stream of random bits (slot 2k takes the low half of stream k, slot 2k + 1 the high
+// half), which halves the hashing, the costliest part of a stochastically rounded step.
+FASTOPT_HOST_DEVICE FASTOPT_INLINE constexpr int rounding_streams(int state_slots) {
+  return (state_slots + 1) / 2;
 }
 
-// The random bits of element `index` in the stream `key` (a hashed Weyl sequence).
-FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits(uint32_t key, int64_t index) {
-  return mix32(key + uint32_t(index) * 0x9e3779b9u);
+// The key of one random stream at one step: every (seed, step, stream) gets its own.
+FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_key(uint32_t seed, uint32_t step, int stream) {
+  return mix32(seed ^ mix32(step * 8u + uint32_t(stream) + 0x9e3779b9u));
+}
+
+// The 16 random bits (in the low half) of element `index` of state slot `slot`, from stream
+// slot / 2, whose key is keys[slot / 2] (a hashed Weyl sequence). The index is taken modulo 2^32:
+// a 32-bit index vectorizes better, and only its low bits matter to the hash's quality.
+FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits(const uint32_t* keys, int slot,
+                                                          uint32_t index) {
+  const uint32_t stream_bits = mix32(keys[slot / 2] + index * 0x9e3779b9u);
+  return (slot % 2 == 0 ? stream_bits : stream_bits >> 16) & 0xffffu;
 }
 
 // -- stores -----------------------------------------------------------------------------------
 
 // v rounded to bfloat16 up or down, up with probability (v - down) / (up - down): adding 16
-// random bits below the kept ones and truncating. Unbiased: the expected stored value is v.
-// Infinities and NaN round to nearest (truncation could turn a NaN into an infinity).
+// random bits (`random` < 2^16) below the kept ones and truncating. Unbiased: the expected stored
+// value is v. Infinities stay infinite (their low bits are zero, so the sum never carries); NaN
+// becomes bfloat16's quiet NaN, as round-to-nearest makes it, rather than a carry out of its
+// payload.
 FASTOPT_HOST_DEVICE FASTOPT_INLINE c10::BFloat16 bf16_round_stochastic(float v, uint32_t random) {
   const uint32_t bits = float_bits(v);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return c10::BFloat16(v);
-  return c10::BFloat16(uint16_t((bits + (random & 0xffffu)) >> 16), c10::BFloat16::from_bits());
+  const uint16_t rounded = is_nan_bits(bits) ? uint16_t(0x7fc0u) : uint16_t((bits + random) >> 16);
+  return c10::BFloat16(rounded, c10::BFloat16::from_bits());
 }
 
 // A state value stored as T: rounded to nearest, or stochastically with `random`.

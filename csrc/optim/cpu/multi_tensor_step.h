@@ -27,7 +27,8 @@ struct StepTensor {
   void* grad;
   void* master;  // null without a master copy
   std::array<void*, Rule::kStateSlots> state;
-  std::array<uint32_t, Rule::kStateSlots> rounding_keys;  // with stochastic rounding
+  std::array<uint32_t, rounding_streams(Rule::kStateSlots)>
+      rounding_keys;  // with stochastic rounding
   typename Rule::template Coefficients<float> coefficients_float;
   typename Rule::template Coefficients<double> coefficients_double;
 
@@ -92,7 +93,9 @@ struct StepLoop {
       if constexpr (kHasMaster) master[i] = master_value;
       for (int s = 0; s < kSlots; ++s) {
         if (Rule::uses_state(VARIANT, s)) {
-          const uint32_t random = St::kStochastic ? rounding_bits(t.rounding_keys[s], i) : 0;
+          // Two slots' bits come from one hash of i: the compiler computes it once.
+          const uint32_t random =
+              St::kStochastic ? rounding_bits(t.rounding_keys.data(), s, uint32_t(i)) : 0;
           state[s][i] = store_state<St>(st[s], random);
         }
       }
@@ -156,10 +159,12 @@ void run_step_on_cpu(const StepCall<Rule>& call) {
     t.master = has_master ? call.masters[i]->data_ptr() : nullptr;
     for (int s = 0; s < Rule::kStateSlots; ++s) {
       t.state[s] = Rule::uses_state(call.variant, s) ? call.states[s][i].data_ptr() : nullptr;
-      t.rounding_keys[s] =
+    }
+    for (size_t k = 0; k < t.rounding_keys.size(); ++k) {
+      t.rounding_keys[k] =
           call.rounding_seeds.empty()
               ? 0
-              : rounding_key(rounding_seed32(call.rounding_seeds[i]), uint32_t(new_steps[i]), s);
+              : rounding_key(rounding_seed32(call.rounding_seeds[i]), uint32_t(new_steps[i]), k);
     }
     if (i > 0 && new_steps[i] == new_steps[i - 1]) {  // the usual case: one count for all
       t.coefficients_float = tensors[i - 1].coefficients_float;

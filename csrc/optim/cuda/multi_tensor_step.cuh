@@ -89,9 +89,10 @@ struct StepFunctor {
     const C grad_scale = UNSCALE ? C(*a.grad_scale) : C(1);
     const C clip = C(clip_coefficient_on_device(a.grad_norm, a.max_grad_norm));
     const uint32_t seed = uint32_t(c.meta.tags[c.tensor] >> 32);
-    uint32_t keys[kSlots];
+    uint32_t keys[rounding_streams(kSlots)];
 #pragma unroll
-    for (int s = 0; s < kSlots; ++s) keys[s] = rounding_key(seed, uint32_t(step), s);
+    for (int k = 0; k < rounding_streams(kSlots); ++k)
+      keys[k] = rounding_key(seed, uint32_t(step), k);
 
     S* param = static_cast<S*>(c.meta.addresses[0][c.tensor]) + c.start;
     S* grad = static_cast<S*>(c.meta.addresses[1][c.tensor]) + c.start;
@@ -134,7 +135,9 @@ struct StepFunctor {
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
         if (Rule::uses_state(VARIANT, s)) {
-          const uint32_t random = St::kStochastic ? rounding_bits(keys[s], c.start + index) : 0;
+          // Two slots' bits come from one hash of the index: the compiler computes it once.
+          const uint32_t random =
+              St::kStochastic ? rounding_bits(keys, s, uint32_t(c.start + index)) : 0;
           st_stored[s] = store_state<St>(st[s], random);
         }
       }
