@@ -38,7 +38,8 @@ def clip_grad_norm_(
     The total norm is that of all gradients together, as if concatenated into one vector; each
     gradient is multiplied by ``min(max_norm / (total_norm + 1e-6), 1)``. Parameters without a
     gradient are skipped; a sparse COO gradient counts with its coalesced values. The norm is
-    accumulated in float64 whatever the gradients' dtype, in one pass over all of them; on CUDA
+    accumulated in float64 whatever the gradients' dtype (on the CPU after summing short runs of
+    float32 terms), in one pass over all of them; on CUDA
     nothing waits for the GPU unless ``error_if_nonfinite`` is set. Under FSDP2 (DTensor
     gradients) the norm covers every rank's shards.
 

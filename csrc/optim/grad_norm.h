@@ -3,9 +3,11 @@
 // and the meta kernel run, and the math of its reduction, which the CPU and CUDA kernels share.
 //
 // Each element x contributes a term (|x|^p, or |x| for the inf-norm); terms are accumulated in
-// double, whatever the tensors' dtype, and the accumulated value is finished into the norm
-// (the p-th root) and divided by |grad_scale|. Accumulating in double keeps the float32 result
-// within its rounding of the exact norm for any tensor size, and the float64 one close to it.
+// double, whatever the tensors' dtype (the CPU kernel first sums short runs of float32 terms
+// where that is exact enough: cpu/grad_norm.cpp), and the accumulated value is finished into the
+// norm (the p-th root) and divided by |grad_scale|. Accumulating in double keeps the float32
+// result within a few roundings of the exact norm for any tensor size, and the float64 one close
+// to it.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -159,6 +159,22 @@ def test_empty_list_and_zero_size_tensors(device):
     assert result.item() == 0.0 and result.device.type == device
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [2.0**70, 2.0**-80, 2.0**-45, 2.0**45])
+def test_magnitudes_beyond_float32_sums(device, dtype, norm_type, scale):
+    """The CPU kernel sums short float32 runs only where nothing is lost (squares of 2^70
+    overflow float32, squares of 2^-80 vanish): tensors of such values, values of two magnitudes
+    in one block, and all-zero blocks are still summed to float32 rounding."""
+    gen = generator(11)
+    scaled = torch.randn(2 * 4096 + 5, generator=gen) * scale
+    mixed = torch.randn(2 * 4096, generator=gen)
+    mixed[::977] *= scale  # a few scaled values inside otherwise ordinary blocks
+    for tensors in ([scaled], [scaled[:300]], [mixed], [torch.zeros(2 * 4096 + 1), scaled]):
+        tensors = [t.to(device, dtype) for t in tensors]
+        assert_norm(grad_norm(tensors, norm_type), tensors, norm_type, device)
+
+
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("special", [[INF], [-INF], [NAN], [INF, NAN], [NAN, -INF]])
 def test_non_finite_values_propagate_as_torch(device, norm_type, special):
