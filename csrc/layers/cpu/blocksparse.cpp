@@ -8,8 +8,9 @@
 //
 // Both dsd products are one routine: output block column j sums, over the entries of its index
 // row, a [rows, B] panel of the dense operand times a B x B block (as stored, or transposed for
-// the forward pass). Threads own ranges of output block columns balanced by their entry counts;
-// the sdd product splits its blocks evenly. float64 (gradcheck, fp64 models) takes ATen's batched
+// the forward pass). Threads own runs of (panel of batch rows, chunk of output block columns)
+// balanced by their entry counts, and pack the panels they use themselves; the sdd product splits
+// its blocks evenly. float64 (gradcheck, fp64 models) takes ATen's batched
 // products over the stored blocks instead: exact in fp64 rather than fast.
 //
 // The argument checks that name the fix live in fastopt/_library.py and run first on every path;
@@ -85,9 +86,11 @@ FASTOPT_INLINE void write_piece(const float* piece, int rows, const float* bias,
   }
 }
 
-// One thread's share of a dsd product: output block columns [first, last).
+// One thread's share of a dsd product: work units [first, last), unit u being the batch rows of
+// panel u / chunks times the output block columns [column_cuts[c], column_cuts[c + 1]) of chunk
+// c = u % chunks.
 struct DsdShare {
-  const float* panels;     // the dense operand, pack_row_panels of panel_rows rows
+  const void* dense;       // the dense operand [rows, depth], contiguous, of dtype out_dtype
   int64_t depth;           // its width
   const float* values;     // the weight's blocks as float32 [nnz, block, block]
   const int64_t* offsets;  // entries of output block column j: offsets[j]..offsets[j + 1]
@@ -100,6 +103,8 @@ struct DsdShare {
   int64_t out_width;
   int64_t block;
   int64_t panel_rows;
+  const int64_t* column_cuts;  // [chunks + 1]
+  int64_t chunks;
   bool wide;     // DsdTile<..., wide>
   bool by_rows;  // output features are the rows of the blocks (forward), else their columns
   bool stream;   // write the output with streaming stores (see dsd)
@@ -107,12 +112,24 @@ struct DsdShare {
   int64_t last;
 };
 
-// Block column j outer, panels inner: the weights of j stay in cache across the panels (the
-// other order re-reads every weight once per panel). For output block
-// column j and the batch rows of one panel: tiles of kRows features by
-// kPanelRows rows, accumulated over the entries of j, each broadcasting weights straight from
-// its block and loading batch rows from the panel; stored as the panel's [block, rows] piece of
-// the output, which is then written transposed, whole rows of the output at a time.
+// Packs the kPanel batch rows of panel p of the dense operand (as S) into `panel`.
+template <typename V, int kPanel, typename S>
+FASTOPT_INLINE void pack_panel(const DsdShare& s, int64_t p, float* panel) {
+  const int64_t row0 = p * kPanel;
+  const RowPanel rows{static_cast<const S*>(s.dense) + row0 * s.depth,
+                      std::min<int64_t>(kPanel, s.rows - row0), s.depth, kPanel, panel};
+  pack_row_panel<V, S>(rows);
+}
+
+// Panels outer, block columns inner. A panel of the dense operand (depth x kPanel floats) is
+// packed by the thread that uses it, just before, and stays in its L2 cache for all of the
+// thread's block columns: read from the panel, each weight serves kPanel batch rows and each
+// panel element only kRows features, so the panel is the operand to keep close, and the weights
+// are the one to stream (prefetched a block ahead). For output block column j and the panel's
+// rows: tiles of kRows features by kPanel rows, accumulated over the entries of j, each
+// broadcasting weights from its block and loading batch rows from the panel; stored as the
+// panel's [block, rows] piece of the output, which is then written transposed, whole rows of the
+// output at a time (and, j after j, whole rows of the output in turn).
 template <typename V, int kBlock, bool kWide, bool kByRows>
 FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   using T = DsdTile<V, kBlock, kWide>;
@@ -120,20 +137,41 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   // Within a block, the weight of feature f at depth k sits at f * kRowStride + k * kDepthStride.
   constexpr int kRowStride = kByRows ? kBlock : 1;
   constexpr int64_t kDepthStride = kByRows ? 1 : kBlock;
+  // The cache lines of the weights one tile reads from a block: those of kRows whole rows
+  // (forward), or one of each row (kRows <= 16 columns, within one line).
+  constexpr int kLine = 64;
+  constexpr int kTileWeightLines = kByRows ? kRows * kBlock * int(sizeof(float)) / kLine : kBlock;
+  constexpr int kTileWeightLineStride = kByRows ? kLine : kBlock * int(sizeof(float));
   TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
+  float* panel = workspace(0, s.depth * kPanel);
   alignas(64) float piece[kBlock * kPanel];
   typename V::T acc[kRows][T::kVectors];
-  const int64_t panels = (s.rows + kPanel - 1) / kPanel;
-  for (int64_t j = s.first; j < s.last; ++j) {
-    const int64_t begin = s.offsets[j], end = s.offsets[j + 1];
-    for (int64_t p = 0; p < panels; ++p) {
-      const float* panel = s.panels + p * s.depth * kPanel;
+  int64_t packed = -1;
+  for (int64_t u = s.first; u < s.last; ++u) {
+    const int64_t p = u / s.chunks, c = u % s.chunks;
+    if (p != packed) {
+      if (s.out_dtype == c10::ScalarType::BFloat16) {
+        pack_panel<V, kPanel, c10::BFloat16>(s, p, panel);
+      } else {
+        pack_panel<V, kPanel, float>(s, p, panel);
+      }
+      packed = p;
+    }
+    for (int64_t j = s.column_cuts[c]; j < s.column_cuts[c + 1]; ++j) {
+      const int64_t begin = s.offsets[j], end = s.offsets[j + 1];
       for (int f0 = 0; f0 < kBlock; f0 += kRows) {
         zero_tile<V>(acc);
         for (int64_t e = begin; e < end; ++e) {
           const int64_t stored = s.order ? s.order[e] : e;
           const float* weights = s.values + stored * kBlock * kBlock + f0 * kRowStride;
-          const int64_t next = e + 1 < end ? e + 1 : begin;  // the next f0 starts over
+          // The next entry's weights and panel rows (the next f0 starts over at `begin`).
+          const int64_t next = e + 1 < end ? e + 1 : begin;
+          const char* next_weights = reinterpret_cast<const char*>(
+              s.values + (s.order ? s.order[next] : next) * kBlock * kBlock +
+              (e + 1 < end ? f0 : f0 + kRows) % kBlock * kRowStride);
+          for (int l = 0; l < kTileWeightLines; ++l) {
+            __builtin_prefetch(next_weights + l * kTileWeightLineStride);
+          }
           accumulate_tile<V, kRowStride>(acc, weights, kDepthStride,
                                          panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock,
                                          panel + s.indices[next] * kBlock * kPanel);
@@ -371,7 +409,6 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   // A batch that fits one vector takes the narrow tile; others the wide one.
   const bool wide = rows > dsd_panel_rows(false);
   const int64_t panel_rows = dsd_panel_rows(wide);
-  const float* panels = pack_row_panels(a, panel_rows, 0);
   // The kernel reads the blocks in place: only bf16 ones are converted (no transposition).
   const at::Tensor values_float = values.to(at::kFloat).contiguous();
   std::optional<at::Tensor> bias_float;
@@ -384,9 +421,22 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   // Cost of an output block column: its entries, and one for writing it.
   std::vector<int64_t> cost(out_blocks);
   for (int64_t j = 0; j < out_blocks; ++j) cost[j] = o[j + 1] - o[j] + 1;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), out_blocks);
-  const std::vector<int64_t> cuts = balanced_cuts(cost, threads);
-  const DsdShare base{panels,
+  // The block columns are cut into one chunk per thread, and the work into units (panel, chunk),
+  // panel by panel; each thread takes a run of units of about equal cost, so that it packs each of
+  // its panels once (a panel cut between two threads is packed by both), and a batch of one panel
+  // is still shared.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::min<int64_t>(threads, out_blocks);
+  const std::vector<int64_t> column_cuts = balanced_cuts(cost, chunks);
+  const int64_t panels = (rows + panel_rows - 1) / panel_rows;
+  std::vector<int64_t> unit_cost(panels * chunks);
+  for (int64_t u = 0; u < panels * chunks; ++u) {
+    const int64_t c = u % chunks;
+    for (int64_t j = column_cuts[c]; j < column_cuts[c + 1]; ++j) unit_cost[u] += cost[j];
+  }
+  const int64_t workers = std::min<int64_t>(threads, panels * chunks);
+  const std::vector<int64_t> cuts = balanced_cuts(unit_cost, workers);
+  const DsdShare base{a.const_data_ptr(),
                       a.size(1),
                       values_float.const_data_ptr<float>(),
                       o,
@@ -399,12 +449,14 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
                       out_width,
                       block,
                       panel_rows,
+                      column_cuts.data(),
+                      chunks,
                       wide,
                       by_rows,
                       stream,
                       0,
                       0};
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       DsdShare share = base;
       share.first = cuts[t];

@@ -1,6 +1,7 @@
-// Packing for the block-sparse kernels: operands are copied once per call into fp32 panels laid
-// out in the order the micro-kernel reads them, so that it streams contiguous memory and bf16
-// inputs are converted on this one pass rather than on every reuse.
+// Packing for the block-sparse kernels: operands are copied into fp32 panels laid out in the order
+// the micro-kernel reads them, so that it streams contiguous memory and bf16 inputs are converted
+// on this one pass rather than on every reuse (the dsd products pack one panel at a time, in the
+// thread that uses it; the sdd product packs its operands once per call).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -43,68 +44,35 @@ void switch_float_or_bfloat16(c10::ScalarType dtype, const F& f) {
   }
 }
 
-// One thread's share of pack_row_panels: row groups [first, last), group q being the kLanes rows
-// from q * kLanes (a panel holds panel_rows / kLanes groups side by side).
-struct RowPanelShare {
+// One panel for pack_row_panel: the first `rows` (at most panel_rows) rows of src, to be packed
+// into out [width][panel_rows], the batch rows transposed, rows past `rows` being zeros.
+// panel_rows is a multiple of the vector width (dsd_panel_rows), which divides width.
+struct RowPanel {
   const void* src;  // [rows, width], contiguous
-  c10::ScalarType dtype;
-  float* out;
   int64_t rows;
   int64_t width;
   int64_t panel_rows;
-  int64_t first;
-  int64_t last;
+  float* out;
 };
 
-// Each kLanes x kLanes tile of a row group is loaded a row per vector, transposed in registers
-// and stored as kLanes lines of its panel; rows past the end are zeros.
+// Each kLanes x kLanes tile of a group of kLanes rows is loaded a row per vector, transposed in
+// registers and stored as kLanes lines of the panel.
 template <typename V, typename S>
-FASTOPT_INLINE void pack_row_groups(const RowPanelShare& s) {
+FASTOPT_INLINE void pack_row_panel(const RowPanel& s) {
   constexpr int kLanes = V::kLanes;
   const S* in = static_cast<const S*>(s.src);
-  for (int64_t q = s.first; q < s.last; ++q) {
-    const int64_t row0 = q * kLanes;
+  for (int64_t row0 = 0; row0 < s.panel_rows; row0 += kLanes) {
     const int64_t valid = std::clamp<int64_t>(s.rows - row0, 0, kLanes);
-    float* panel = s.out + row0 / s.panel_rows * s.width * s.panel_rows + row0 % s.panel_rows;
+    float* group = s.out + row0;
     for (int64_t k0 = 0; k0 < s.width; k0 += kLanes) {
       typename V::T r[kLanes];
       for (int i = 0; i < kLanes; ++i) {
         r[i] = i < valid ? load_as_float<V>(in + (row0 + i) * s.width + k0) : V::zero();
       }
       transpose_tile<V>(r);
-      for (int i = 0; i < kLanes; ++i) V::store(panel + (k0 + i) * s.panel_rows, r[i]);
+      for (int i = 0; i < kLanes; ++i) V::store(group + (k0 + i) * s.panel_rows, r[i]);
     }
   }
-}
-
-template <typename V>
-FASTOPT_INLINE void pack_row_groups_body(const RowPanelShare& s) {
-  // (Not switch_float_or_bfloat16: a call through it would leave this instruction set.)
-  if (s.dtype == c10::ScalarType::BFloat16) return pack_row_groups<V, c10::BFloat16>(s);
-  TORCH_INTERNAL_ASSERT(s.dtype == c10::ScalarType::Float);
-  pack_row_groups<V, float>(s);
-}
-
-FASTOPT_DISPATCH_BY_VECTOR(run_pack_row_groups, pack_row_groups_body, RowPanelShare)
-
-// src [rows, width] (contiguous) -> [ceil(rows / panel_rows)][width][panel_rows] in workspace
-// `slot`: panel p holds rows p * panel_rows.., transposed, rows past the end being zeros.
-// panel_rows is a multiple of the active vector width (dsd_panel_rows), which divides width.
-inline const float* pack_row_panels(const at::Tensor& src, int64_t panel_rows, int slot) {
-  const int64_t rows = src.size(0), width = src.size(1);
-  const int64_t lanes = dsd_panel_rows(false);
-  TORCH_INTERNAL_ASSERT(panel_rows % lanes == 0 && width % lanes == 0);
-  const int64_t panels = (rows + panel_rows - 1) / panel_rows;
-  float* out = workspace(slot, panels * width * panel_rows);
-  const RowPanelShare base{
-      src.const_data_ptr(), src.scalar_type(), out, rows, width, panel_rows, 0, 0};
-  at::parallel_for(0, panels * panel_rows / lanes, 1, [&](int64_t begin, int64_t end) {
-    RowPanelShare share = base;
-    share.first = begin;
-    share.last = end;
-    run_pack_row_groups(share);
-  });
-  return out;
 }
 
 // src [rows, width] (contiguous), width = blocks * block -> [blocks][rows][block] in workspace
