@@ -93,21 +93,20 @@ def test_every_source_is_compiled_for_every_target():
             assert f"{source}.{arch}.cubin" in elves, (source, arch)
 
 
-# Kernels known to use local memory, by target and a part of their mangled name: plain Adagrad
-# and plain RMSprop, without grad scaling, keep 8 to 16 bytes of stack frame around the calls to
-# the IEEE division's and square root's slow paths (ptxas: a stack frame, no local memory); the
-# gradient norm's general p-norm (norm types other than 1, 2 and inf: NormKind 3) calls double
-# pow, whose slow path takes a stack frame. Any other kernel that does fails, and so do these
-# once they no longer do (update the list then).
+# Kernels known to use local memory, by target and a part of their mangled name: some Adagrad
+# and RMSprop kernels (which ones depends on the target and on the register allocation of the
+# whole kernel) keep 8 to 16 bytes of stack frame around the calls to the IEEE division's and
+# square root's slow paths (ptxas: a stack frame, no local memory); the gradient norm's general
+# p-norm (norm types other than 1, 2 and inf: NormKind 3) calls double pow, whose slow path takes
+# a stack frame. Any other kernel that does fails, and so do these once they no longer do (update
+# the list then).
 GENERAL_P_NORM = "chunk_values_kernelILNS_8NormKindE3E"
 KNOWN_SPILLS = {
-    (arch, kernel)
-    for arch in ("sm_80", "sm_90")
-    for kernel in (
-        "StepFunctorINS_11AdagradRuleELi0ELb0E",
-        "StepFunctorINS_11RmspropRuleELi0ELb0E",
-        GENERAL_P_NORM,
-    )
+    ("sm_80", "StepFunctorINS_11AdagradRuleELi0ELb1E"),
+    ("sm_90", "StepFunctorINS_11AdagradRuleELi0ELb0E"),
+    ("sm_90", "StepFunctorINS_11RmspropRuleELi0ELb0E"),
+    ("sm_80", GENERAL_P_NORM),
+    ("sm_90", GENERAL_P_NORM),
 }
 
 
