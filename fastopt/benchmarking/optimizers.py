@@ -125,6 +125,10 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
 
 
 ROOFLINE = "roofline"
+# Written before every timed CPU call: more than the last-level caches hold (hundreds of MiB on
+# some server CPUs), so every contender, the roofline included, starts from memory, as a step
+# does after forward and backward, whatever ran before it in the round.
+CACHE_EVICTION_BYTES = 1 << 30
 # The traffic probe's loop forms (csrc/optim/cpu/traffic_probe.cpp): the roofline is the faster.
 PROBE_FORMS = {"plain loop": False, "prefetched loop": True}
 
@@ -212,9 +216,18 @@ class Row:
         return self.torch_best_ms / self.ms
 
 
+def evict_caches(device: str) -> Callable[[], object] | None:
+    """On the CPU, a function that overwrites CACHE_EVICTION_BYTES of memory; None elsewhere."""
+    if device != "cpu":
+        return None
+    buffer = torch.empty(CACHE_EVICTION_BYTES // 4)
+    return lambda: buffer.fill_(1.0)
+
+
 def run_case(family: Family, case: Case, device: str, repeats: int = 10) -> list[Row]:
     """Times fastopt, torch's anchors and the roofline, interleaved, on the same params; on the
-    CPU the roofline runs on fastopt's own step tensors."""
+    CPU the roofline runs on fastopt's own step tensors, and the caches are evicted before each
+    timed call."""
     params = make_params(case, device)
     optimizers = {name: make(params) for name, make in family.contenders.items()}
     contenders = {name: opt.step for name, opt in optimizers.items()}
@@ -227,7 +240,9 @@ def run_case(family: Family, case: Case, device: str, repeats: int = 10) -> list
     else:
         roof_fn, roof_bytes = roofline(family, case.numel, device)
         roof_fns = {ROOFLINE: roof_fn}
-    times = interleaved_medians(contenders | roof_fns, device, repeats)
+    times = interleaved_medians(
+        contenders | roof_fns, device, repeats, before_each=evict_caches(device)
+    )
     roof = min(times.pop(name) for name in roof_fns) * nbytes / roof_bytes
     torch_best = min(ms for name, ms in times.items() if name.startswith("torch"))
     return [Row(family, case, name, ms, roof, torch_best) for name, ms in times.items()]
