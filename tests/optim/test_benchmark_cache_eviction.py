@@ -17,9 +17,8 @@ def test_before_each_runs_before_every_timed_call_only():
     assert calls == ["a", "b"] + ["-", "a", "-", "b"] * 3
 
 
-def test_cpu_eviction_writes_more_than_a_large_last_level_cache():
+def test_cpu_eviction_reads_more_than_a_large_last_level_cache():
     assert optimizers.CACHE_EVICTION_BYTES >= 2 * 480 * 2**20
-    written = optimizers.evict_caches("cpu")()
-    assert written.numel() * written.element_size() == optimizers.CACHE_EVICTION_BYTES
-    assert bool(written.eq(1.0).all())
+    # It reads a buffer of ones of that size: their sum counts its float32 elements.
+    assert int(optimizers.evict_caches("cpu")()) == optimizers.CACHE_EVICTION_BYTES // 4
     assert optimizers.evict_caches("cuda") is None
