@@ -24,8 +24,12 @@ _lib.define(
     "Tensor? grad_scale, Tensor? found_inf) -> ()"
 )
 # The roofline of the optimizer benchmarks: reads each `updated` and `read` tensor once and
-# writes each `updated` one once, with the kernels' own loop (float32, contiguous, one size).
-_lib.define("traffic_probe_(Tensor(a!)[] updated, Tensor[] read) -> ()")
+# writes each `updated` one once (leaving them as they were), with the kernels' own partition and
+# loop (float32, contiguous). Each list holds its streams one after the other, `tensors` tensors
+# each (tensor i of one size in every stream); `prefetch` picks the loop form.
+_lib.define(
+    "traffic_probe_(Tensor(a!)[] updated, Tensor[] read, int tensors=1, bool prefetch=True) -> ()"
+)
 
 
 @torch.library.register_fake("fastopt::sparse_adagrad_step_")
@@ -57,7 +61,7 @@ def _sparse_adagrad_step_fake(
 
 
 @torch.library.register_fake("fastopt::traffic_probe_")
-def _traffic_probe_fake(updated, read) -> None:
+def _traffic_probe_fake(updated, read, tensors=1, prefetch=True) -> None:
     return None
 
 

@@ -4,7 +4,9 @@ Used by `python -m fastopt bench` and by the pytest-benchmark runs in `benchmark
 case runs fastopt and its anchors in one process on the same params, and measures a roofline
 for the same bytes on the same machine:
 - CPU: `torch.ops.fastopt.traffic_probe_`, a loop with the optimizer's exact fp32 memory traffic
-  (Adam: 4 loads and 3 stores per element) and multiply-adds only;
+  (Adam: 4 loads and 3 stores per element) and multiply-adds only, run on fastopt's own step
+  tensors (params, state, grads: same sizes, same count, same cache state), in both loop forms,
+  the faster one kept;
 - CUDA: the device's measured copy bandwidth (`Tensor.copy_` of a large buffer).
 """
 
@@ -123,12 +125,55 @@ def make_params(case: Case, device: str) -> list[torch.Tensor]:
 
 
 ROOFLINE = "roofline"
+# Read before every timed CPU call: more than the last-level caches hold (hundreds of MiB on
+# some server CPUs), so every contender, the roofline included, starts from memory, as a step
+# does after forward and backward, whatever ran before it in the round. Read, not written: the
+# lines it leaves are clean, so the timed call pays no write-back of the eviction's own data.
+CACHE_EVICTION_BYTES = 1 << 30
+# The traffic probe's loop forms (csrc/optim/cpu/traffic_probe.cpp): the roofline is the faster.
+PROBE_FORMS = {"plain loop": False, "prefetched loop": True}
+
+
+def probes(updated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]) -> dict:
+    """{name: fn} of the CPU traffic probe over these streams (each a list of fp32 tensors, tensor
+    i of one size in every stream), one per loop form: each reads every tensor once and writes
+    the updated ones back unchanged."""
+    tensors = len(updated[0])
+    flat_updated = [t for stream in updated for t in stream]
+    flat_read = [t for stream in read for t in stream]
+    probe = torch.ops.fastopt.traffic_probe_
+    return {
+        f"{ROOFLINE}, {form}": (
+            lambda prefetch=prefetch: probe(flat_updated, flat_read, tensors, prefetch)
+        )
+        for form, prefetch in PROBE_FORMS.items()
+    }
+
+
+def step_streams(
+    optimizer: torch.optim.Optimizer, family: Family
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """The streams a step of `optimizer` (which has taken a step, so its state exists) reads and
+    writes: (updated: the params and each per-element state, read: the grads)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    states = [
+        [
+            v
+            for v in optimizer.state[p].values()
+            if isinstance(v, torch.Tensor) and v.shape == p.shape
+        ]
+        for p in params
+    ]
+    if any(len(s) != family.updated - 1 for s in states):
+        raise ValueError(f"{family.name}: expected {family.updated - 1} state tensors per param")
+    updated = [params] + [list(column) for column in zip(*states, strict=True)]
+    return updated, [[p.grad for p in params]]
 
 
 def roofline(family: Family, numel: int, device: str) -> tuple[Callable[[], object], float]:
-    """(fn, bytes_per_call) of the roofline for an fp32 step of `family` over `numel` params:
-    on the CPU the traffic probe with that traffic, on CUDA a copy of a buffer larger than any
-    cache."""
+    """(fn, bytes_per_call) of the roofline for an fp32 step of `family` over `numel` params in
+    one tensor, on tensors of its own: on the CPU the traffic probe with that traffic (the
+    prefetched loop form), on CUDA a copy of a buffer larger than any cache."""
     if device == "cpu":
         updated = [torch.randn(numel) for _ in range(family.updated)]
         read = [torch.randn(numel) for _ in range(family.read)]
@@ -140,7 +185,12 @@ def roofline(family: Family, numel: int, device: str) -> tuple[Callable[[], obje
 
 
 def roofline_ms(family: Family, numel: int, device: str) -> float:
-    """The time the roofline takes to move an fp32 step's bytes for `numel` params."""
+    """The time the roofline takes to move an fp32 step's bytes for `numel` params (on the CPU,
+    the faster of the probe's loop forms, on tensors of its own)."""
+    if device == "cpu":
+        updated = [[torch.randn(numel)] for _ in range(family.updated)]
+        read = [[torch.randn(numel)] for _ in range(family.read)]
+        return min(interleaved_medians(probes(updated, read), device).values())
     fn, nbytes = roofline(family, numel, device)
     return median_ms(fn, device) * family.bytes_per_param * numel / nbytes
 
@@ -167,14 +217,35 @@ class Row:
         return self.torch_best_ms / self.ms
 
 
+def evict_caches(device: str) -> Callable[[], object] | None:
+    """On the CPU, a function that reads CACHE_EVICTION_BYTES of memory (written once here, so
+    its pages are real memory, not the shared zero page); None elsewhere."""
+    if device != "cpu":
+        return None
+    buffer = torch.ones(CACHE_EVICTION_BYTES // 4)
+    return buffer.sum
+
+
 def run_case(family: Family, case: Case, device: str, repeats: int = 10) -> list[Row]:
-    """Times fastopt, torch's anchors and the roofline, interleaved, on the same params."""
+    """Times fastopt, torch's anchors and the roofline, interleaved, on the same params; on the
+    CPU the roofline runs on fastopt's own step tensors, and the caches are evicted before each
+    timed call."""
     params = make_params(case, device)
-    contenders = {name: make(params).step for name, make in family.contenders.items()}
-    roof_fn, roof_bytes = roofline(family, case.numel, device)
-    contenders[ROOFLINE] = roof_fn
-    times = interleaved_medians(contenders, device, repeats)
-    roof = times.pop(ROOFLINE) * family.bytes_per_param * case.numel / roof_bytes
+    optimizers = {name: make(params) for name, make in family.contenders.items()}
+    contenders = {name: opt.step for name, opt in optimizers.items()}
+    nbytes = family.bytes_per_param * case.numel
+    if device == "cpu":
+        fastopt_optimizer = next(iter(optimizers.values()))
+        fastopt_optimizer.step()  # creates its state
+        roof_fns = probes(*step_streams(fastopt_optimizer, family))
+        roof_bytes = nbytes
+    else:
+        roof_fn, roof_bytes = roofline(family, case.numel, device)
+        roof_fns = {ROOFLINE: roof_fn}
+    times = interleaved_medians(
+        contenders | roof_fns, device, repeats, before_each=evict_caches(device)
+    )
+    roof = min(times.pop(name) for name in roof_fns) * nbytes / roof_bytes
     torch_best = min(ms for name, ms in times.items() if name.startswith("torch"))
     return [Row(family, case, name, ms, roof, torch_best) for name, ms in times.items()]
 

@@ -34,9 +34,12 @@ def interleaved_medians(
     device: str | torch.device,
     repeats: int = 10,
     warmup: int = 2,
+    before_each: Callable[[], object] | None = None,
 ) -> dict[str, float]:
     """Median ms per call of each contender, timed in rounds that call each once, so that the
-    machine's drift (a neighbour's load, memory bandwidth) reaches all of them alike."""
+    machine's drift (a neighbour's load, memory bandwidth) reaches all of them alike.
+    `before_each`, if given, runs untimed before every timed call (e.g. to evict the caches, so
+    that no contender finds the tensors the one before it left in a large last-level cache)."""
     time_ms = _timer(device)
     for fn in contenders.values():
         for _ in range(warmup):
@@ -44,6 +47,8 @@ def interleaved_medians(
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
+            if before_each is not None:
+                before_each()
             times[name].append(time_ms(fn))
     return {name: statistics.median(ts) for name, ts in times.items()}
 

@@ -4,22 +4,23 @@
 // the same thread pool and per-instruction-set compilation as the kernels, so its speed is the
 // most a one-pass optimizer step with that traffic can reach here.
 //
-// Two things keep it an upper bound rather than one loop's speed:
+// Three things keep it an upper bound rather than one loop's speed:
 // - It writes back the values it read (u * 1 + r * 0, the factors unknown to the compiler), so it
 //   can run on a step's own tensors, in the cache state the step finds them in: a step timed right
 //   after another one on the same tensors can find part of them in a large last-level cache, which
 //   a probe on tensors of its own does not.
+// - It takes many tensors per stream, as a step does, and splits them into pieces with the step's
+//   own partition (multi_tensor.h), so a step over thousands of small tensors is measured against
+//   a probe that pays the same per-tensor costs, not against one long stream.
 // - The two loop forms of the kernels (hardware prefetching only, as torch's loops; or explicit
-//   prefetches ahead, prefetched_loop.h) are each faster on some machines; the probe times both
-//   on its first call for a stream count and keeps the faster.
+//   prefetches ahead, prefetched_loop.h) are each faster on some machines and sizes; the caller
+//   runs both (`prefetch`) and keeps the faster.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
-#include <atomic>
-#include <chrono>
 #include <utility>
+#include <vector>
 
 #include "common/macros.h"
 #include "cpu/isa.h"
@@ -79,54 +80,48 @@ FASTOPT_INLINE void probe_body(const ProbePiece& a) {
 
 FASTOPT_DISPATCH_BY_ISA(probe_piece, probe_body<>, ProbePiece)
 
-void traffic_probe_cpu(at::TensorList updated, at::TensorList read) {
-  TORCH_CHECK(!updated.empty() && int(updated.size()) <= kMaxUpdated && !read.empty() &&
-                  int(read.size()) <= kMaxRead,
+// `updated` holds kMaxUpdated streams at most, each of `tensors` tensors (stream s's tensor i at
+// s * tensors + i); `read` likewise. Tensor i has one size in every stream.
+void traffic_probe_cpu(at::TensorList updated, at::TensorList read, int64_t tensors,
+                       bool prefetch) {
+  TORCH_CHECK(tensors >= 1 && updated.size() % tensors == 0 && read.size() % tensors == 0,
+              "fastopt::traffic_probe_: updated and read must hold `tensors` (", tensors,
+              ") tensors per stream, got ", updated.size(), " and ", read.size());
+  const int n_updated = int(updated.size() / tensors);
+  const int n_read = int(read.size() / tensors);
+  TORCH_CHECK(n_updated >= 1 && n_updated <= kMaxUpdated && n_read >= 1 && n_read <= kMaxRead,
               "fastopt::traffic_probe_: takes 1 to ", kMaxUpdated, " updated and 1 to ", kMaxRead,
-              " read tensors");
-  const int64_t numel = updated[0].numel();
-  ProbePiece piece{};
-  piece.n_updated = int(updated.size());
-  piece.n_read = int(read.size());
-  for (size_t i = 0; i < updated.size() + read.size(); ++i) {
-    const at::Tensor& t = i < updated.size() ? updated[i] : read[i - updated.size()];
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                    t.numel() == numel,
-                "fastopt::traffic_probe_: expects contiguous float32 CPU tensors of one size");
-    if (i < updated.size()) {
-      piece.updated[i] = t.data_ptr<float>();
-    } else {
-      piece.read[i - updated.size()] = t.const_data_ptr<float>();
-    }
-  }
-  piece.keep = 1.0f;
-  piece.add = 0.0f;
-  const auto run = [&](bool prefetch) {
+              " read streams");
+  std::vector<int64_t> numels(tensors);
+  std::vector<ProbePiece> pieces(tensors);
+  for (int64_t i = 0; i < tensors; ++i) {
+    ProbePiece& piece = pieces[i];
+    piece.n_updated = n_updated;
+    piece.n_read = n_read;
     piece.prefetch = prefetch;
-    for_each_piece_in_parallel({numel}, [&](size_t, int64_t begin, int64_t end) {
-      ProbePiece share = piece;
-      share.begin = begin;
-      share.end = end;
-      probe_piece(share);
-    });
-  };
-  // The faster loop form for this stream count: 0 not yet timed, 1 plain, 2 prefetched.
-  static std::array<std::array<std::atomic<int>, kMaxRead + 1>, kMaxUpdated + 1> faster_form{};
-  std::atomic<int>& form = faster_form[piece.n_updated][piece.n_read];
-  if (form.load() == 0) {
-    // Best of two runs of each form, on these tensors, so both see the same cache state.
-    double best[2] = {1e300, 1e300};
-    for (int round = 0; round < 2; ++round) {
-      for (int prefetch = 0; prefetch < 2; ++prefetch) {
-        const auto start = std::chrono::steady_clock::now();
-        run(prefetch);
-        const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-        best[prefetch] = std::min(best[prefetch], took.count());
+    piece.keep = 1.0f;
+    piece.add = 0.0f;
+    numels[i] = updated[i].numel();
+    for (int s = 0; s < n_updated + n_read; ++s) {
+      const at::Tensor& t =
+          s < n_updated ? updated[s * tensors + i] : read[(s - n_updated) * tensors + i];
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                      t.numel() == numels[i],
+                  "fastopt::traffic_probe_: expects contiguous float32 CPU tensors, tensor ", i,
+                  " of one size in every stream");
+      if (s < n_updated) {
+        piece.updated[s] = t.data_ptr<float>();
+      } else {
+        piece.read[s - n_updated] = t.const_data_ptr<float>();
       }
     }
-    form.store(best[1] < best[0] ? 2 : 1);
   }
-  run(form.load() == 2);
+  for_each_piece_in_parallel(numels, [&](size_t t, int64_t begin, int64_t end) {
+    ProbePiece share = pieces[t];
+    share.begin = begin;
+    share.end = end;
+    probe_piece(share);
+  });
 }
 
 }  // namespace
