@@ -8,10 +8,9 @@ from __future__ import annotations
 import copy
 import functools
 
-import pytest
 import torch
 import torch.distributed as dist
-from helpers.gloo_group import run_checks
+from helpers.gloo_group import two_rank_tests
 from helpers.optim_cases import RICH
 from helpers.optim_compare import state_keys
 from helpers.optim_pairs import optimizer_pair
@@ -87,11 +86,4 @@ CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, str]:
-    return run_checks(CHECKS)
-
-
-@pytest.mark.parametrize("check", list(CHECKS))
-def test_on_two_ranks(outcomes, check):
-    assert outcomes[check] == "", outcomes[check]
+outcomes, test_on_two_ranks = two_rank_tests(CHECKS)

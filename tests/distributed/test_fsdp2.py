@@ -12,11 +12,10 @@ import copy
 import functools
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from helpers.gloo_group import run_checks
+from helpers.gloo_group import two_rank_tests
 from helpers.optim_cases import RICH
 from helpers.optim_compare import state_keys
 from helpers.optim_pairs import optimizer_pair
@@ -259,11 +258,4 @@ CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, str]:
-    return run_checks(CHECKS)
-
-
-@pytest.mark.parametrize("check", list(CHECKS))
-def test_on_two_ranks(outcomes, check):
-    assert outcomes[check] == "", outcomes[check]
+outcomes, test_on_two_ranks = two_rank_tests(CHECKS)

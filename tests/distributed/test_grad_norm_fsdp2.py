@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-from helpers.gloo_group import run_checks
+from helpers.gloo_group import two_rank_tests
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, init_device_mesh
@@ -116,11 +116,4 @@ CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, str]:
-    return run_checks(CHECKS)
-
-
-@pytest.mark.parametrize("check", list(CHECKS))
-def test_on_two_ranks(outcomes, check):
-    assert outcomes[check] == "", outcomes[check]
+outcomes, test_on_two_ranks = two_rank_tests(CHECKS)

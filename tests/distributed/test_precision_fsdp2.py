@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 import torch.distributed as dist
-from helpers.gloo_group import run_checks
+from helpers.gloo_group import two_rank_tests
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -79,11 +78,4 @@ CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> dict[str, str]:
-    return run_checks(CHECKS)
-
-
-@pytest.mark.parametrize("check", list(CHECKS))
-def test_on_two_ranks(outcomes, check):
-    assert outcomes[check] == "", outcomes[check]
+outcomes, test_on_two_ranks = two_rank_tests(CHECKS)

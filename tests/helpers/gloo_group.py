@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -32,6 +33,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def two_rank_tests(checks: dict[str, Callable[[], None]]) -> tuple[Callable, Callable]:
+    """A test file's fixture and test for its `checks`: the module-scoped `outcomes` (one group
+    of two ranks runs them all) and `test_on_two_ranks`, one test per check. A file assigns them
+    to those names: `outcomes, test_on_two_ranks = two_rank_tests(CHECKS)`."""
+
+    @pytest.fixture(scope="module")
+    def outcomes() -> dict[str, str]:
+        return run_checks(checks)
+
+    @pytest.mark.parametrize("check", list(checks))
+    def test_on_two_ranks(outcomes, check):
+        assert outcomes[check] == "", outcomes[check]
+
+    return outcomes, test_on_two_ranks
 
 
 def run_checks(checks: dict[str, Callable[[], None]], world_size: int = 2) -> dict[str, str]:
