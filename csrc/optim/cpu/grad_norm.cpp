@@ -7,14 +7,14 @@
 // threads (nor, on one instruction set, on anything else).
 //
 // Accumulation is in float64. For the 1- and 2-norms with a float32 result (no float64 tensor in
-// the call), each lane first
-// sums runs of kFloatRun of its elements in float32 and adds the run into its float64
-// accumulator: converting every element to float64 would make the pass slower than memory. A
-// run's sum is off by at most kFloatRun float32 roundings, so the result stays within a few
-// roundings of the exact norm. A block is summed again with every element in float64 where the
-// runs may have lost something: where a run overflowed (or an element is infinite or NaN), and
-// where float32 underflow may matter (the block's largest magnitude is below 2^-50, so that its
-// squares are below float32's normal range; above, what underflows is below 2^-37 of the sum).
+// the call), each lane first sums runs of kFloatRun of its elements in float32 and adds the run
+// into its float64 accumulator: converting every element to float64 would make the pass slower
+// than memory. A run's sum is off by at most kFloatRun float32 roundings, so the result stays
+// within a few roundings of the exact norm. A block is summed again with every element in
+// float64 where the runs may have lost something: where a run overflowed (or an element is
+// infinite or NaN), and where float32 underflow may matter (the block's largest magnitude is
+// below 2^-50, so that its squares are below float32's normal range; above, what underflows is
+// below 2^-37 of the sum).
 #include "optim/grad_norm.h"
 
 #include <ATen/core/Tensor.h>

@@ -27,8 +27,8 @@ struct StepTensor {
   void* grad;
   void* master;  // null without a master copy
   std::array<void*, Rule::kStateSlots> state;
-  std::array<uint32_t, rounding_streams(Rule::kStateSlots)>
-      rounding_keys;  // with stochastic rounding
+  // The keys of the random streams of stochastic rounding (step_storage.h: two slots a stream).
+  std::array<uint32_t, rounding_streams(Rule::kStateSlots)> rounding_keys;
   typename Rule::template Coefficients<float> coefficients_float;
   typename Rule::template Coefficients<double> coefficients_double;
 
