@@ -14,10 +14,25 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from helpers import cuda_emulation  # noqa: E402
 from helpers.cpu_isa import supported_cpu_isas  # noqa: E402
 from helpers.cuda import ON_CUDA_KERNELS, cuda_kernels  # noqa: E402
 
 from fastopt import _extension  # noqa: E402
+
+
+def pytest_report_header() -> list[str]:
+    """Says at the top of every run which of fastopt's kernels the tests can reach: a build
+    without the CUDA extension (FASTOPT_CUDA=0) turns every CUDA and emulation test into a skip,
+    which the skip count alone makes easy to miss."""
+    cuda = (
+        "on the GPU"
+        if _extension.has_kernels("cuda") and torch.cuda.is_available()
+        else "emulated on the CPU"
+        if cuda_emulation.available()
+        else f"NOT TESTED ({_extension._load_errors.get('cuda', 'emulation not built')})"
+    )
+    return [f"fastopt kernels: CPU ({', '.join(supported_cpu_isas())}); CUDA optimizers {cuda}"]
 
 
 @pytest.fixture(params=supported_cpu_isas())
