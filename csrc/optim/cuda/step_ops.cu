@@ -1,8 +1,8 @@
 // The multi-tensor optimizer ops on CUDA: every rule of the op table (optim/step_ops.h) run by
-// the CUDA driver.
+// the CUDA driver, its kernels compiled per rule (optim/cuda/step_kernels.cuh).
 #include <torch/library.h>
 
-#include "optim/cuda/multi_tensor_step.cuh"
+#include "optim/cuda/step_kernels.cuh"
 #include "optim/step_ops.h"
 
 namespace fastopt::cuda {

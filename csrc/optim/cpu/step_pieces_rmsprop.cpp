@@ -1,0 +1,8 @@
+// The element loops of RmspropRule on the CPU (see step_pieces.h for why a file per rule).
+#include "optim/cpu/step_pieces.h"
+
+namespace fastopt::cpu {
+
+template struct StepPieces<RmspropRule>;
+
+}  // namespace fastopt::cpu

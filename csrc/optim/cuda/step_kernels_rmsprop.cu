@@ -1,0 +1,8 @@
+// The CUDA kernels of RmspropRule (see step_kernels.cuh for why a file per rule).
+#include "optim/cuda/step_kernels.cuh"
+
+namespace fastopt::cuda {
+
+template void run_step_on_cuda<RmspropRule>(const StepCall<RmspropRule>&);
+
+}  // namespace fastopt::cuda
