@@ -50,7 +50,7 @@ struct AdadeltaRule {
   }
 
   // state: square_avg, acc_delta.
-  template <int VARIANT, typename C>
+  template <int VARIANT, bool TORCH_ROUNDING, typename C>
   FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
     C& square_avg = state[0];

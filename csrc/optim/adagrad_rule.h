@@ -56,7 +56,7 @@ struct AdagradRule {
   }
 
   // state: sum.
-  template <int VARIANT, typename C>
+  template <int VARIANT, bool TORCH_ROUNDING, typename C>
   FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
     C& sum = state[0];

@@ -65,7 +65,7 @@ struct RmspropRule {
   }
 
   // state: square_avg, momentum_buffer, grad_avg.
-  template <int VARIANT, typename C>
+  template <int VARIANT, bool TORCH_ROUNDING, typename C>
   FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
     C& square_avg = state[0];

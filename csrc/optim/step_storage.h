@@ -36,6 +36,12 @@ struct Storage {
   using Compute = std::conditional_t<std::is_same_v<S, double>, double, float>;
   static constexpr MasterKind kMaster = M;
   static constexpr bool kStochastic = STOCHASTIC;
+  // Whether the update must round as torch.optim's step does: float32 and float64 params with
+  // state of their own dtype and no master copy, whose results match torch's to rounding. Every
+  // other layout stores its param or its state in 16 bits, far coarser than the last bit of a
+  // float32 update, so there a rule may replace a correctly rounded operation by a cheaper one.
+  static constexpr bool kTorchRounding =
+      std::is_same_v<S, Compute> && std::is_same_v<T, S> && M == MasterKind::kNone;
 };
 
 // Every supported storage combination: X(code name, S, T, master kind, stochastic).

@@ -1,7 +1,7 @@
 // The CPU driver of every multi-tensor optimizer op: all tensors of a call in one parallel
 // region, one pass over memory, the element loop compiled per instruction set and per storage
 // layout (optim/step_storage.h: master copies, state dtypes). Every rule of the op table is
-// registered with it in optim/cpu/step_ops.cpp.
+// registered with it in optim/cpu/step_ops.cpp, its loops compiled in optim/cpu/step_pieces_*.cpp.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -88,7 +88,7 @@ struct StepLoop {
         grad[i] = S(g);
       }
       g = g * clip_coefficient;
-      Rule::template update<VARIANT>(p, g, st, k);
+      Rule::template update<VARIANT, St::kTorchRounding>(p, g, st, k);
       store_param<St>(p, param[i], master_value);
       if constexpr (kHasMaster) master[i] = master_value;
       for (int s = 0; s < kSlots; ++s) {

@@ -2,7 +2,8 @@
 // master, state...) with 16-byte vector accesses, one launch for params of every dtype, master
 // copy and state dtype (optim/step_storage.h). Step counts, a tensor lr, grad_scale, found_inf and
 // the grad norm are read from device memory, so the whole step can be captured in a CUDA graph.
-// Every rule of the op table is registered with it in optim/cuda/step_ops.cu.
+// Every rule of the op table is registered with it in optim/cuda/step_ops.cu, its kernels
+// compiled in optim/cuda/step_kernels_*.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -130,7 +131,7 @@ struct StepFunctor {
         g_stored = S(g);
       }
       g = g * clip;
-      Rule::template update<VARIANT>(p, g, st, k);
+      Rule::template update<VARIANT, St::kTorchRounding>(p, g, st, k);
       store_param<St>(p, p_stored, m_stored);
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
