@@ -3,6 +3,7 @@ per model)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,7 +57,7 @@ def table(result: DemoResult) -> str:
 def figure(result: DemoResult, path: Path) -> Path:
     """Writes the PNG: the loss of every step of every run (fine-tuning after the dense
     training), and each model's test accuracy and latency. Returns its path."""
-    fig = Figure(figsize=(13, 4), layout="constrained")
+    fig = Figure(figsize=(13, 5), layout="constrained")
     losses, accuracy, latency = fig.subplots(1, 3, width_ratios=[1.3, 1, 1])
     for row in result.rows:
         if row.run is None:
@@ -65,12 +66,13 @@ def figure(result: DemoResult, path: Path) -> Path:
         steps = range(start, start + len(row.run.losses))
         label = row.trained_with if row.model == "dense" else f"{row.model}"
         style = "--" if row.trained_with == variants.SOURCE else "-"
-        losses.plot(steps, row.run.losses, style, label=label, linewidth=1)
+        losses.plot(steps, row.run.losses, style, label=_wrapped(label), linewidth=1)
     losses.set_yscale("log")
     losses.set_xlabel("optimizer step")
     losses.set_title("training loss (cross-entropy)", fontsize=10)
-    losses.legend(fontsize=7, loc="upper right")
-    labels = [_short(row) for row in result.rows]
+    # Below the plot: the curves fill the whole axes, and the labels are long.
+    losses.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    labels = [_wrapped(_short(row)) for row in result.rows]
     accuracy.barh(labels, [row.accuracy * 100 for row in result.rows], color="tab:green")
     accuracy.set_xlim(left=max(0.0, min(row.accuracy for row in result.rows) * 100 - 10))
     accuracy.set_title("test accuracy (%)", fontsize=10)
@@ -94,6 +96,11 @@ def figure(result: DemoResult, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     return path
+
+
+def _wrapped(label: str) -> str:
+    """A long label on several lines, so that it does not squeeze the plots."""
+    return "\n".join(textwrap.wrap(label, 40))
 
 
 def _short(row) -> str:
