@@ -107,8 +107,8 @@ struct AdamRule {
     }
     // Division is the slowest arithmetic of the step (it and sqrt share one unit, on CPUs and
     // GPUs alike): where the stored values are rounded to 16 bits, dividing by the constant
-    // bias_correction2_sqrt becomes a multiplication by its reciprocal, at most an ulp of float32
-    // away from torch's correctly rounded quotient.
+    // bias_correction2_sqrt becomes a multiplication by its reciprocal (two roundings instead of
+    // one: within about an ulp of float32 of torch's correctly rounded quotient).
     const C scaled_sqrt = TORCH_ROUNDING ? sqrt(second_moment) / k.bias_correction2_sqrt
                                          : sqrt(second_moment) * k.inverse_bias_correction2_sqrt;
     const C denom = scaled_sqrt + k.eps;

@@ -14,7 +14,7 @@
 //   update<VARIANT, TORCH_ROUNDING>(param, grad, state[kStateSlots], coefficients): the math of
 //       one element, with the grad already unscaled; where TORCH_ROUNDING is false (the param or
 //       its state is stored in 16 bits: Storage::kTorchRounding), it may trade an operation
-//       torch rounds correctly for a cheaper one within an ulp of float32.
+//       torch rounds correctly for a cheaper one within about an ulp of float32.
 // The op's signature and kernels follow from it (optim/step_op.h); the CPU driver
 // (optim/cpu/multi_tensor_step.h) and the CUDA one (optim/cuda/multi_tensor_step.cuh) do
 // everything else: checks, scheduling, unscaling, clipping, found_inf, step counts, a tensor lr,
