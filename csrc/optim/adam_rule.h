@@ -53,8 +53,9 @@ FASTOPT_HOST_DEVICE inline AdamCoefficients<C> adam_coefficients(const AdamOptio
   k.beta2 = C(o.beta2);
   k.one_minus_beta2 = C(1.0 - o.beta2);
   k.step_size = C(lr / (1.0 - pow(o.beta1, step)));
-  k.bias_correction2_sqrt = C(sqrt(1.0 - pow(o.beta2, step)));
-  k.inverse_bias_correction2_sqrt = C(1.0 / sqrt(1.0 - pow(o.beta2, step)));
+  const double bias_correction2_sqrt = sqrt(1.0 - pow(o.beta2, step));
+  k.bias_correction2_sqrt = C(bias_correction2_sqrt);
+  k.inverse_bias_correction2_sqrt = C(1.0 / bias_correction2_sqrt);
   k.eps = C(o.eps);
   return k;
 }
