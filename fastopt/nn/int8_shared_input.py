@@ -70,9 +70,7 @@ class Int8LinearGroup(nn.Module):
         first = linears[0]
         if any(type(layer) is not nn.Linear for layer in linears):
             raise TypeError("Int8LinearGroup.from_float takes nn.Linear layers")
-        if any(layer.in_features != first.in_features for layer in linears) or any(
-            (layer.bias is None) != (first.bias is None) for layer in linears
-        ):
+        if not _same_input_and_bias(linears):
             raise ValueError(
                 "Int8LinearGroup.from_float: the layers must have the same in_features, and a "
                 "bias all or none of them"
@@ -120,6 +118,16 @@ class Int8LinearGroup(nn.Module):
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features}"
+
+
+def _same_input_and_bias(linears: list[nn.Linear]) -> bool:
+    """Whether `linears` take one input size and have a bias all or none of them: what one GEMM
+    over their concatenated weights needs."""
+    first = linears[0]
+    return all(
+        layer.in_features == first.in_features and (layer.bias is None) == (first.bias is None)
+        for layer in linears
+    )
 
 
 def _version(t: Tensor) -> int | None:
@@ -174,10 +182,8 @@ def group_shared_inputs_(
             if any(prefix + name in input_absmax for name in names):
                 continue  # SmoothQuant: each layer scales its input its own way
             first = members[0]
-            if any(
-                layer.in_features != first.in_features
-                or (layer.bias is None) != (first.bias is None)
-                or layer.weight.dtype != first.weight.dtype
+            if not _same_input_and_bias(members) or any(
+                layer.weight.dtype != first.weight.dtype
                 or layer.weight.device != first.weight.device
                 for layer in members
             ):
