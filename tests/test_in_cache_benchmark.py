@@ -1,0 +1,27 @@
+"""benchmarks/in_cache/run.sh still builds against csrc/ and runs: it includes the element loop's
+headers directly, so a change to the loop's interface would otherwise break it unseen."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers.cpu_isa import supported_cpu_isas
+
+RUN_SH = Path(__file__).resolve().parents[1] / "benchmarks" / "in_cache" / "run.sh"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.skipif("avx512" not in supported_cpu_isas(), reason="the harness runs avx512 code")
+def test_the_in_cache_loop_benchmark_builds_and_times_every_layout():
+    result = subprocess.run(
+        ["sh", str(RUN_SH), "256"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+    timings = re.findall(r"^(.+?)\s+([0-9.]+) ns/param$", result.stdout, re.MULTILINE)
+    assert len(timings) == 6, result.stdout
+    assert all(float(ns) > 0 for _, ns in timings), result.stdout
