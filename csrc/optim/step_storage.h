@@ -136,13 +136,24 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_key(uint32_t seed, uint32_t
   return mix32(seed ^ mix32(step * 8u + uint32_t(stream) + 0x9e3779b9u));
 }
 
-// The 16 random bits (in the low half) of element `index` of state slot `slot`, from stream
-// slot / 2, whose key is keys[slot / 2] (a hashed Weyl sequence). The index is taken modulo 2^32:
-// a 32-bit index vectorizes better, and only its low bits matter to the hash's quality.
+// The step of the Weyl sequence the random streams hash: element `index` of a stream hashes its
+// key plus index * kWeylStep (mod 2^32).
+constexpr uint32_t kWeylStep = 0x9e3779b9u;
+
+// The 16 random bits (in the low half) of state slot `slot` of the element whose Weyl term is
+// `weyl` (index * kWeylStep), from stream slot / 2, whose key is keys[slot / 2]. Taking the Weyl
+// term lets a loop add it up rather than multiply for every element.
+FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits_at_weyl(const uint32_t* keys, int slot,
+                                                                  uint32_t weyl) {
+  const uint32_t stream_bits = mix32(keys[slot / 2] + weyl);
+  return (slot % 2 == 0 ? stream_bits : stream_bits >> 16) & 0xffffu;
+}
+
+// The same for element `index`. The index is taken modulo 2^32: a 32-bit index vectorizes
+// better, and only its low bits matter to the hash's quality.
 FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits(const uint32_t* keys, int slot,
                                                           uint32_t index) {
-  const uint32_t stream_bits = mix32(keys[slot / 2] + index * 0x9e3779b9u);
-  return (slot % 2 == 0 ? stream_bits : stream_bits >> 16) & 0xffffu;
+  return rounding_bits_at_weyl(keys, slot, index * kWeylStep);
 }
 
 // -- stores -----------------------------------------------------------------------------------

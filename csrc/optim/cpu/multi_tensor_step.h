@@ -54,6 +54,18 @@ struct StepPiece {
   int64_t end;
 };
 
+// The Weyl term (step_storage.h) of each offset j within a block of prefetched_loop: j *
+// kWeylStep. Read from this table, an element's Weyl term is the block's plus one vector load;
+// written as a product, the compiler folds block * kWeylStep + j * kWeylStep back into
+// (block + j) * kWeylStep, a vector multiplication for every 16 elements.
+constexpr std::array<uint32_t, kPrefetchBlock> weyl_terms_of_block_offsets() {
+  std::array<uint32_t, kPrefetchBlock> terms{};
+  for (uint32_t j = 0; j < uint32_t(kPrefetchBlock); ++j) terms[j] = j * kWeylStep;
+  return terms;
+}
+inline constexpr std::array<uint32_t, kPrefetchBlock> kBlockOffsetWeyl =
+    weyl_terms_of_block_offsets();
+
 template <typename Rule, int VARIANT, bool UNSCALE>
 struct StepLoop {
   static constexpr int kSlots = Rule::kStateSlots;
@@ -73,7 +85,8 @@ struct StepLoop {
     Master* __restrict__ master = static_cast<Master*>(t.master);
     std::array<T*, kSlots> state;
     for (int s = 0; s < kSlots; ++s) state[s] = static_cast<T*>(t.state[s]);
-    const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
+    const auto element = [&](int64_t block, int32_t j) FASTOPT_INLINE_LAMBDA {
+      const int64_t i = block + j;
       constexpr bool kHasMaster = St::kMaster != MasterKind::kNone;
       Master master_value{};
       if constexpr (kHasMaster) master_value = master[i];
@@ -94,8 +107,9 @@ struct StepLoop {
       for (int s = 0; s < kSlots; ++s) {
         if (Rule::uses_state(VARIANT, s)) {
           // Two slots' bits come from one hash of i: the compiler computes it once.
+          const uint32_t weyl = uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j];
           const uint32_t random =
-              St::kStochastic ? rounding_bits(t.rounding_keys.data(), s, uint32_t(i)) : 0;
+              St::kStochastic ? rounding_bits_at_weyl(t.rounding_keys.data(), s, weyl) : 0;
           state[s][i] = store_state<St>(st[s], random);
         }
       }

@@ -27,27 +27,38 @@ FASTOPT_INLINE void prefetch_block_ahead(const T* stream, int64_t block_begin) {
   }
 }
 
-// Calls body(i) for every i in [begin, end), prefetching `streams` (null ones skipped) ahead.
-// `body` must be always-inline, as it runs inside a per-instruction-set variant (isa.h), and may
-// touch only element i of each stream (the streams may be the same array, not overlap otherwise).
-template <typename Body, typename... Streams>
-FASTOPT_INLINE void prefetched_loop(int64_t begin, int64_t end, const Body& body,
-                                    const Streams*... streams) {
-  for (int64_t block = begin; block < end; block += kPrefetchBlock) {
-    (prefetch_block_ahead(streams, block), ...);
-    // A 32-bit counter within the block lets the vectorized loop keep 32-bit index lanes where
-    // the body narrows the index (stochastic rounding hashes it as 32 bits) instead of 64-bit
-    // lanes it would have to narrow for every vector.
-    const int32_t block_size = int32_t(std::min(kPrefetchBlock, end - block));
-    // Element i reads and writes index i of every stream only, so no iteration depends on
-    // another: this spares the vectorized loop the run-time overlap checks between every pair of
-    // streams that the compiler otherwise emits before each block (the streams' restrict
-    // qualifiers do not reach it through the body's captures).
+// body(block, j) for j in [0, count).
+template <typename Body>
+FASTOPT_INLINE void for_each_offset(int64_t block, int32_t count, const Body& body) {
+  // Element i reads and writes index i of every stream only, so no iteration depends on
+  // another: this spares the vectorized loop the run-time overlap checks between every pair of
+  // streams that the compiler otherwise emits before each block (the streams' restrict
+  // qualifiers do not reach it through the body's captures).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC ivdep
 #endif
-    for (int32_t j = 0; j < block_size; ++j) body(block + j);
+  for (int32_t j = 0; j < count; ++j) body(block, j);
+}
+
+// Calls body(block, j) for every element i = block + j in [begin, end), where `block` is the
+// start of the element's block and j its offset in it (below kPrefetchBlock), prefetching
+// `streams` (null ones skipped) ahead. The offset is a 32-bit counter so that a body that hashes
+// the index (stochastic rounding) keeps 32-bit index lanes instead of narrowing 64-bit ones for
+// every vector. `body` must be always-inline, as it runs inside a per-instruction-set variant
+// (isa.h), and may touch only element i of each stream (the streams may be the same array, not
+// overlap otherwise).
+template <typename Body, typename... Streams>
+FASTOPT_INLINE void prefetched_loop(int64_t begin, int64_t end, const Body& body,
+                                    const Streams*... streams) {
+  // Whole blocks run a loop of a constant trip count, which the compiler unrolls into straight
+  // vector code with its constants set up once for all blocks; a loop of a run-time count
+  // (the last block's) sets them up again on every entry.
+  int64_t block = begin;
+  for (; block + kPrefetchBlock <= end; block += kPrefetchBlock) {
+    (prefetch_block_ahead(streams, block), ...);
+    for_each_offset(block, int32_t(kPrefetchBlock), body);
   }
+  for_each_offset(block, int32_t(end - block), body);
 }
 
 }  // namespace fastopt::cpu

@@ -70,14 +70,15 @@ struct ProbeLoop {
                                     std::index_sequence<R...>) {
     // Runtime factors 1 and 0: the compiler cannot drop the arithmetic or the stores.
     const float keep = a.keep, add = a.add;
-    const auto element = [&](int64_t i) FASTOPT_INLINE_LAMBDA {
+    const auto element = [&](int64_t block, int32_t j) FASTOPT_INLINE_LAMBDA {
+      const int64_t i = block + j;
       const float read_sum = (a.read[R][i] + ...);
       ((a.updated[U][i] = a.updated[U][i] * keep + read_sum * add), ...);
     };
     if (a.prefetch) {
       prefetched_loop(a.begin, a.end, element, a.updated[U]..., a.read[R]...);
     } else {
-      for (int64_t i = a.begin; i < a.end; ++i) element(i);
+      for (int64_t i = a.begin; i < a.end; ++i) element(i, 0);
     }
   }
 
