@@ -26,9 +26,11 @@ _lib.define(
 # The roofline of the optimizer benchmarks: reads each `updated` and `read` tensor once and
 # writes each `updated` one once (leaving them as they were), with the kernels' own partition and
 # loop (float32, contiguous). Each list holds its streams one after the other, `tensors` tensors
-# each (tensor i of one size in every stream); `prefetch` picks the loop form.
+# each (tensor i of one size in every stream); `prefetch` picks the loop form. With no updated
+# stream it only reads, and writes the sum of what it read into `total` (one float32 element).
 _lib.define(
-    "traffic_probe_(Tensor(a!)[] updated, Tensor[] read, int tensors=1, bool prefetch=True) -> ()"
+    "traffic_probe_(Tensor(a!)[] updated, Tensor[] read, int tensors=1, bool prefetch=True, "
+    "Tensor(b!)? total=None) -> ()"
 )
 
 
@@ -61,7 +63,7 @@ def _sparse_adagrad_step_fake(
 
 
 @torch.library.register_fake("fastopt::traffic_probe_")
-def _traffic_probe_fake(updated, read, tensors=1, prefetch=True) -> None:
+def _traffic_probe_fake(updated, read, tensors=1, prefetch=True, total=None) -> None:
     return None
 
 

@@ -137,14 +137,16 @@ PROBE_FORMS = {"plain loop": False, "prefetched loop": True}
 def probes(updated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]) -> dict:
     """{name: fn} of the CPU traffic probe over these streams (each a list of fp32 tensors, tensor
     i of one size in every stream), one per loop form: each reads every tensor once and writes
-    the updated ones back unchanged."""
-    tensors = len(updated[0])
+    the updated ones back unchanged. With no updated stream the probe only reads (into a sum of
+    its own)."""
+    tensors = len(read[0])
     flat_updated = [t for stream in updated for t in stream]
     flat_read = [t for stream in read for t in stream]
+    total = None if updated else torch.zeros(1)
     probe = torch.ops.fastopt.traffic_probe_
     return {
         f"{ROOFLINE}, {form}": (
-            lambda prefetch=prefetch: probe(flat_updated, flat_read, tensors, prefetch)
+            lambda prefetch=prefetch: probe(flat_updated, flat_read, tensors, prefetch, total)
         )
         for form, prefetch in PROBE_FORMS.items()
     }

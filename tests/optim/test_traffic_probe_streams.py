@@ -1,5 +1,7 @@
-"""The traffic probe over many tensors per stream (the roofline of a step over many tensors), and
-the benchmark's wiring of it to fastopt's own step tensors."""
+"""The traffic probe over many tensors per stream (the roofline of a step over many tensors), with
+updated streams or only reading, and the benchmarks' wiring of it to fastopt's own step tensors
+(the optimizer table's roofline, the precision table's reads of an fp32 step and the least cost
+of clipping derived from them)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 from helpers.rng import generator
 
 import fastopt
-from fastopt.benchmarking import optimizers
+from fastopt.benchmarking import optimizers, precision
 
 SIZES = (1, 7, 0, 4097, 33000, 16)
 
@@ -93,3 +95,93 @@ def test_step_streams_refuse_an_optimizer_with_other_state():
     optimizer.step()
     with pytest.raises(ValueError, match="expected 2 state tensors per param"):
         optimizers.step_streams(optimizer, optimizers.FAMILIES["adam"])
+
+
+def _integer_streams(n_read: int, sizes, seed: int):
+    """Read streams of small whole numbers: their float32 sum is exact in any order."""
+    gen = generator(seed)
+    return [
+        [torch.randint(0, 4, (n,), generator=gen).float() for n in sizes] for _ in range(n_read)
+    ]
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("n_read", [1, 2, 3, 4])
+def test_probe_without_updated_streams_reads_every_element(n_read, prefetch):
+    """With no updated stream the probe only reads, and its total is the exact sum of every
+    element of every read tensor (one element left out would change it)."""
+    read = _integer_streams(n_read, SIZES, seed=20 + n_read)
+    before = [t.clone() for t in _flat(read)]
+    total = torch.full((1,), -1.0)
+    torch.ops.fastopt.traffic_probe_([], _flat(read), len(SIZES), prefetch, total)
+    assert total.item() == sum(t.sum().item() for t in _flat(read))
+    for t, b in zip(_flat(read), before, strict=True):
+        assert torch.equal(t, b)
+
+
+def test_probe_without_updated_streams_opcheck():
+    read = _integer_streams(4, (5, 4097, 1), seed=3)
+    torch.library.opcheck(
+        torch.ops.fastopt.traffic_probe_, ([], _flat(read), 3, True, torch.zeros(1))
+    )
+
+
+def test_probe_takes_a_total_exactly_when_it_only_reads():
+    updated, read = _streams(1, 1, (5, 6), seed=4)
+    probe = torch.ops.fastopt.traffic_probe_
+    total = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="pass `total`"):
+        probe([], _flat(read), 2)
+    with pytest.raises(RuntimeError, match="pass `total`"):
+        probe(_flat(updated), _flat(read), 2, True, total)
+    with pytest.raises(RuntimeError, match="one-element float32"):
+        probe([], _flat(read), 2, True, torch.zeros(2))
+    with pytest.raises(RuntimeError, match="1 to 4 read"):
+        probe([], _flat(read) * 5, 2, True, total)
+    assert total.item() == 0.0
+
+
+def test_probes_helper_reads_only_without_updated_streams():
+    """optimizers.probes with no updated stream: every loop form reads and changes nothing."""
+    read = _integer_streams(4, SIZES, seed=5)
+    before = [t.clone() for t in _flat(read)]
+    forms = optimizers.probes([], read)
+    assert len(forms) == len(optimizers.PROBE_FORMS)
+    for fn in forms.values():
+        fn()
+    for t, b in zip(_flat(read), before, strict=True):
+        assert torch.equal(t, b)
+
+
+@pytest.mark.parametrize("mode", precision.STEP_READS, ids=lambda m: m.name)
+def test_precision_step_reads_change_nothing(mode):
+    params = precision.make_params(torch.float32, 9000, "cpu")
+    read = mode.make(params)
+    before = [p.clone() for p in params] + [p.grad.clone() for p in params]
+    read()
+    after = list(params) + [p.grad for p in params]
+    for t, b in zip(after, before, strict=True):
+        assert torch.equal(t, b)
+    assert mode.bytes_per_param == 16 and (mode.updated, mode.read) == (0, 4)
+
+
+def _result(mode, ms, roofline_ms):
+    return precision.Result(mode, ms, roofline_ms)
+
+
+def test_clipping_line_sets_the_least_cost_against_the_measured_one():
+    """The least cost is the faster read of the step's 16 bytes (on its tensors or the probe's
+    own), scaled to the grads' 4, over the fp32 step's roofline time."""
+    modes = {m.name: m for m in precision.MODES}
+    step = _result(modes["fastopt fp32"], 10.0, 9.0)
+    clipped = _result(modes["fastopt fp32, clipped"], 12.5, 9.9)
+    plain, prefetched = precision.STEP_READS
+    slow = [_result(plain, 14.0, 16.0), _result(prefetched, 15.0, 12.0)]
+    line = precision.clipping_line([step, clipped, *slow])
+    assert "2.50 ms to the fp32 step (+25%)" in line
+    assert "(12.00 ms for all 16), 3.00 ms = 33% of the fp32 step's roofline time (9.00 ms)" in line
+    assert "out of reach here" in line
+    fast = [_result(plain, 4.4, 5.0), _result(prefetched, 4.0, 4.8)]
+    line = precision.clipping_line([step, clipped, *fast])
+    assert "1.00 ms = 11%" in line and "within reach here" in line
+    assert precision.clipping_line([step, clipped]) is None

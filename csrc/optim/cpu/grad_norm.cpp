@@ -15,6 +15,12 @@
 // infinite or NaN), and where float32 underflow may matter (the block's largest magnitude is
 // below 2^-50, so that its squares are below float32's normal range; above, what underflows is
 // below 2^-37 of the sum).
+//
+// A thread reads several blocks of its piece at once, a turn of each in turn: one sequential
+// stream per thread reads memory slower than the several streams an optimizer step reads, and the
+// pass exists only to read. Each block keeps its own accumulators and takes its elements in the
+// same order as when read alone, so its slot value does not depend on which blocks it is read
+// with.
 #include "optim/grad_norm.h"
 
 #include <ATen/core/Tensor.h>
@@ -62,49 +68,133 @@ FASTOPT_INLINE double combine_lanes(double (&lanes)[kLanes]) {
   return lanes[0];
 }
 
-// The accumulated value of x[begin, end), every element added in float64.
-template <NormKind K, typename S>
-FASTOPT_INLINE double accumulate_in_double(const S* __restrict__ x, int64_t begin, int64_t end,
-                                           double p) {
+// Elements a block's accumulators take per turn: a whole number of float32 runs of every lane.
+constexpr int64_t kTurn = kLanes * kFloatRun;
+static_assert(kNormBlock % kTurn == 0, "only a tensor's last block may end in a partial turn");
+
+// One block accumulated with every element added in float64, lane j taking the elements whose
+// offset in the block is j modulo kLanes.
+template <NormKind K>
+struct DoubleLanes {
   double lanes[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] = NormMath<K>::add(lanes[j], double(x[i + j]), p);
+
+  // Adds the kTurn elements at x.
+  template <typename S>
+  FASTOPT_INLINE void add_turn(const S* __restrict__ x, double p) {
+    for (int r = 0; r < kFloatRun; ++r) {
+      for (int j = 0; j < kLanes; ++j) {
+        lanes[j] = NormMath<K>::add(lanes[j], double(x[r * kLanes + j]), p);
+      }
+    }
   }
-  for (int j = 0; i < end; ++i, ++j) lanes[j] = NormMath<K>::add(lanes[j], double(x[i]), p);
-  return combine_lanes<K>(lanes);
+
+  // The block's accumulated value, once its first `done` elements (whole turns) of `size` are in.
+  template <typename S>
+  FASTOPT_INLINE double finish(const S* __restrict__ block, int64_t done, int64_t size, double p) {
+    int64_t i = done;
+    for (; i + kLanes <= size; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lanes[j] = NormMath<K>::add(lanes[j], double(block[i + j]), p);
+      }
+    }
+    for (int j = 0; i < size; ++i, ++j) lanes[j] = NormMath<K>::add(lanes[j], double(block[i]), p);
+    return combine_lanes<K>(lanes);
+  }
+};
+
+// The accumulated value of the `size` elements at x, every element added in float64.
+template <NormKind K, typename S>
+FASTOPT_INLINE double accumulate_in_double(const S* __restrict__ x, int64_t size, double p) {
+  DoubleLanes<K> block;
+  int64_t done = 0;
+  for (; done + kTurn <= size; done += kTurn) block.add_turn(x + done, p);
+  return block.finish(x, done, size, p);
 }
 
-// The accumulated value of x[begin, end) summed in float32 runs, if that is exact enough (see
-// top); nullopt if the block must be summed in float64.
-template <NormKind K, typename S>
-FASTOPT_INLINE std::optional<double> accumulate_in_float_runs(const S* __restrict__ x,
-                                                              int64_t begin, int64_t end) {
+// One block accumulated in float32 runs (see top): in each turn, lane j sums its kFloatRun
+// elements in float32 and adds the run in float64; the block is summed again in float64 where
+// that is not exact enough.
+template <NormKind K>
+struct FloatRunLanes {
   double lanes[kLanes] = {};
   float largest[kLanes] = {};
-  int64_t i = begin;
-  for (; i + kLanes * kFloatRun <= end; i += kLanes * kFloatRun) {
+
+  template <typename S>
+  FASTOPT_INLINE void add_turn(const S* __restrict__ x, double) {
     float runs[kLanes] = {};
     for (int r = 0; r < kFloatRun; ++r) {
       for (int j = 0; j < kLanes; ++j) {
-        const float v = std::fabs(float(x[i + r * kLanes + j]));
+        const float v = std::fabs(float(x[r * kLanes + j]));
         runs[j] += K == NormKind::kTwo ? v * v : v;
         largest[j] = std::max(largest[j], v);
       }
     }
     for (int j = 0; j < kLanes; ++j) lanes[j] += double(runs[j]);
   }
-  for (int j = 0; i < end; ++i, j = (j + 1) % kLanes) {
-    const float v = std::fabs(float(x[i]));
-    lanes[j] = NormMath<K>::add(lanes[j], double(v), 0.0);
-    largest[j] = std::max(largest[j], v);
+
+  template <typename S>
+  FASTOPT_INLINE double finish(const S* __restrict__ block, int64_t done, int64_t size, double p) {
+    for (int64_t i = done, j = 0; i < size; ++i, j = (j + 1) % kLanes) {
+      const float v = std::fabs(float(block[i]));
+      lanes[j] = NormMath<K>::add(lanes[j], double(v), 0.0);
+      largest[j] = std::max(largest[j], v);
+    }
+    const double accumulated = combine_lanes<K>(lanes);
+    const float top = *std::max_element(largest, largest + kLanes);
+    // Summed again where a run may have lost something (see top). A NaN element makes the sum NaN
+    // (std::max may skip it), an infinite one makes it infinite; a largest magnitude of zero
+    // means every element is zero.
+    const bool exact = std::isfinite(accumulated) && (top >= kFloatRunSmallest || top == 0.0f);
+    return exact ? accumulated : accumulate_in_double<K>(block, size, p);
   }
-  const double accumulated = combine_lanes<K>(lanes);
-  const float top = *std::max_element(largest, largest + kLanes);
-  // A NaN element makes the sum NaN (std::max may skip it), an infinite one makes it infinite.
-  if (!std::isfinite(accumulated)) return std::nullopt;
-  if (top < kFloatRunSmallest && top != 0.0f) return std::nullopt;  // zero: every element is
-  return accumulated;
+};
+
+// Blocks a thread reads at once (see top): enough streams to read at the rate of a step's.
+constexpr int kConcurrentBlocks = 4;
+
+// Accumulates the `count` blocks blocks[0, count) of a piece together, a turn of each in turn,
+// into their slots, each with its own `Lanes`.
+template <typename Lanes, typename S>
+FASTOPT_INLINE void accumulate_blocks_together(const NormPiece& a, const S* __restrict__ x,
+                                               const int64_t (&blocks)[kConcurrentBlocks],
+                                               int count) {
+  Lanes lanes[kConcurrentBlocks];
+  int64_t size[kConcurrentBlocks];
+  int64_t common_turns = kNormBlock / kTurn;
+  for (int k = 0; k < count; ++k) {
+    size[k] = std::min(kNormBlock, a.numel - blocks[k] * kNormBlock);
+    common_turns = std::min(common_turns, size[k] / kTurn);
+  }
+  for (int64_t turn = 0; turn < common_turns; ++turn) {
+    for (int k = 0; k < count; ++k) {
+      lanes[k].add_turn(x + blocks[k] * kNormBlock + turn * kTurn, a.p);
+    }
+  }
+  // Only the tensor's last block can be shorter than the others.
+  for (int k = 0; k < count; ++k) {
+    const S* block = x + blocks[k] * kNormBlock;
+    int64_t done = common_turns * kTurn;
+    for (; done + kTurn <= size[k]; done += kTurn) lanes[k].add_turn(block + done, a.p);
+    a.slots[blocks[k]] = lanes[k].finish(block, done, size[k], a.p);
+  }
+}
+
+// The piece's blocks cut into kConcurrentBlocks consecutive ranges of (up to) `per_range` blocks,
+// read together: the first block of each range, then the second of each, and so on.
+template <typename Lanes, typename S>
+FASTOPT_INLINE void accumulate_piece(const NormPiece& a) {
+  const S* __restrict__ x = static_cast<const S*>(a.data);
+  const int64_t per_range =
+      (a.end_block - a.first_block + kConcurrentBlocks - 1) / kConcurrentBlocks;
+  for (int64_t step = 0; step < per_range; ++step) {
+    int64_t blocks[kConcurrentBlocks];
+    int count = 0;
+    for (int k = 0; k < kConcurrentBlocks; ++k) {
+      const int64_t block = a.first_block + k * per_range + step;
+      if (block < a.end_block) blocks[count++] = block;
+    }
+    accumulate_blocks_together<Lanes>(a, x, blocks, count);
+  }
 }
 
 template <NormKind K>
@@ -113,17 +203,10 @@ struct NormPieceLoop {
   FASTOPT_INLINE static void run(const NormPiece& a) {
     constexpr bool kFloatRuns =
         (K == NormKind::kTwo || K == NormKind::kOne) && !std::is_same_v<S, double>;
-    const S* __restrict__ x = static_cast<const S*>(a.data);
-    for (int64_t block = a.first_block; block < a.end_block; ++block) {
-      const int64_t begin = block * kNormBlock;
-      const int64_t end = std::min(a.numel, begin + kNormBlock);
-      std::optional<double> accumulated;
-      if constexpr (kFloatRuns) {
-        if (a.float_runs) accumulated = accumulate_in_float_runs<K>(x, begin, end);
-      }
-      a.slots[block] =
-          accumulated.has_value() ? *accumulated : accumulate_in_double<K>(x, begin, end, a.p);
+    if constexpr (kFloatRuns) {
+      if (a.float_runs) return accumulate_piece<FloatRunLanes<K>, S>(a);
     }
+    accumulate_piece<DoubleLanes<K>, S>(a);
   }
 };
 
