@@ -4,13 +4,16 @@ rows in L1-sized chunks (256, 128 and 64 rows for blocks of 16, 32 and 64) and t
 in groups of block rows by block column (a group's dY panels fill about 1 MiB, so a batch of
 1100 rows makes groups of 14, 7 and 3 block rows). The cases put the batch around the chunk
 sizes, the layouts across several groups with empty block rows and columns, and the blocks in
-any order."""
+any order. The dsd products (forward, grad_input) sum each output block entry after entry in
+tiles whose sums wait in a per-panel buffer; output block columns without entries (empty block
+rows for the forward, empty block columns for grad_input) are zeros plus the bias."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers.blocksparse_reference import assert_close_to_reference, make_case, make_mask
+from helpers.blocksparse_run import run_with_autograd
 
 import fastopt.functional.blocksparse as bs
 
@@ -73,3 +76,16 @@ def test_empty_batch_gives_zero_blocks(cpu_isa, dtype):
     result = grad_values(case, 32)
     assert result.shape == (int(mask.sum()), 32, 32) and result.dtype == dtype
     assert torch.equal(result, torch.zeros_like(result))
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("batch", [1, 23, 49, 97])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dsd_with_empty_block_rows_and_columns(cpu_isa, block, batch, dtype):
+    gen = torch.Generator().manual_seed(block * batch)
+    mask = torch.rand((5, 4), generator=gen) < 0.6
+    mask[1] = False  # an empty block row: forward output columns of bias only
+    mask[:, 2] = False  # an empty block column: zero grad_input columns
+    mask[0, 0] = mask[4, 3] = True
+    case = make_case(mask, block, (batch,), dtype, seed=block + batch)
+    assert_close_to_reference(run_with_autograd(case), case)

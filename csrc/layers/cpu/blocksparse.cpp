@@ -126,10 +126,12 @@ FASTOPT_INLINE void pack_panel(const DsdShare& s, int64_t p, float* panel) {
 // thread's block columns: read from the panel, each weight serves kPanel batch rows and each
 // panel element only kRows features, so the panel is the operand to keep close, and the weights
 // are the one to stream (prefetched a block ahead). For output block column j and the panel's
-// rows: tiles of kRows features by kPanel rows, accumulated over the entries of j, each
-// broadcasting weights from its block and loading batch rows from the panel; stored as the
-// panel's [block, rows] piece of the output, which is then written transposed, whole rows of the
-// output at a time (and, j after j, whole rows of the output in turn).
+// rows: the panel's [block, rows] piece of the output, summed over the entries of j, entry after
+// entry, in tiles of kRows features by kPanel rows, each broadcasting weights from the entry's
+// block and loading batch rows from the panel's B rows of the entry, which stay in L1 for all the
+// tiles of the entry (tiles outer, entries inner would read them from L2 once per tile); the
+// tiles' sums wait in the piece, which is then written transposed, whole rows of the output at a
+// time (and, j after j, whole rows of the output in turn).
 template <typename V, int kBlock, bool kWide, bool kByRows>
 FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   using T = DsdTile<V, kBlock, kWide>;
@@ -159,24 +161,24 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
     }
     for (int64_t j = s.column_cuts[c]; j < s.column_cuts[c + 1]; ++j) {
       const int64_t begin = s.offsets[j], end = s.offsets[j + 1];
-      for (int f0 = 0; f0 < kBlock; f0 += kRows) {
-        zero_tile<V>(acc);
-        for (int64_t e = begin; e < end; ++e) {
-          const int64_t stored = s.order ? s.order[e] : e;
-          const float* weights = s.values + stored * kBlock * kBlock + f0 * kRowStride;
-          // The next entry's weights and panel rows (the next f0 starts over at `begin`).
-          const int64_t next = e + 1 < end ? e + 1 : begin;
-          const char* next_weights = reinterpret_cast<const char*>(
-              s.values + (s.order ? s.order[next] : next) * kBlock * kBlock +
-              (e + 1 < end ? f0 : f0 + kRows) % kBlock * kRowStride);
+      if (begin == end) std::fill(piece, piece + kBlock * kPanel, 0.0f);
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t stored = s.order ? s.order[e] : e;
+        const float* rows = panel + s.indices[e] * kBlock * kPanel;
+        // The next entry's weights and panel rows (the last entry's: those of the first).
+        const int64_t next = e + 1 < end ? e + 1 : begin;
+        const float* next_block = s.values + (s.order ? s.order[next] : next) * kBlock * kBlock;
+        for (int f0 = 0; f0 < kBlock; f0 += kRows) {
+          e == begin ? zero_tile<V>(acc) : load_tile<V>(acc, piece + f0 * kPanel, kPanel);
+          const char* next_weights = reinterpret_cast<const char*>(next_block + f0 * kRowStride);
           for (int l = 0; l < kTileWeightLines; ++l) {
             __builtin_prefetch(next_weights + l * kTileWeightLineStride);
           }
-          accumulate_tile<V, kRowStride>(acc, weights, kDepthStride,
-                                         panel + s.indices[e] * kBlock * kPanel, kPanel, kBlock,
-                                         panel + s.indices[next] * kBlock * kPanel);
+          accumulate_tile<V, kRowStride>(
+              acc, s.values + stored * kBlock * kBlock + f0 * kRowStride, kDepthStride, rows,
+              kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr);
+          store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
         }
-        store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
       }
       const int valid = int(std::min<int64_t>(kPanel, s.rows - p * kPanel));
       const int64_t offset = p * kPanel * s.out_width + j * kBlock;
