@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -603,9 +604,16 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
   const int64_t* block_rows = row_indices.const_data_ptr<int64_t>();
   const int64_t* block_cols = col_indices.const_data_ptr<int64_t>();
   const int64_t panel_bytes = std::max<int64_t>(1, x.size(0) * block * int64_t(sizeof(float)));
-  const std::vector<int64_t> order =
-      sdd_block_order(block_rows, block_cols, nnz, x.size(1) / block,
-                      std::max<int64_t>(1, kSddGroupPanelBytes / panel_bytes));
+  // When all of X's panels (as floats) fit in the budget they stay in L2 in any order, and the
+  // layout's order writes the output blocks one after the other (a small batch is bound by that
+  // write).
+  std::vector<int64_t> order(nnz);
+  if (x.numel() * int64_t(sizeof(float)) <= kSddGroupPanelBytes) {
+    std::iota(order.begin(), order.end(), int64_t(0));
+  } else {
+    order = sdd_block_order(block_rows, block_cols, nnz, x.size(1) / block,
+                            std::max<int64_t>(1, kSddGroupPanelBytes / panel_bytes));
+  }
   const SddShare base{pack_column_panels(dy, block, 0),
                       pack_column_panels(x, block, 1),
                       order.data(),
