@@ -508,8 +508,9 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
   return out;
 }
 
-// The dY panels of one group of sdd_block_order: half of a core's L2 (1-2 MiB), leaving the
-// rest to the X panel in use and the output.
+// The dY panels of one group of sdd_block_order: half of a 2 MiB L2 per core, leaving the rest
+// to the X panel in use and the output (on a core with less L2 the groups stay correct, only
+// less of their panels stays cached).
 constexpr int64_t kSddGroupPanelBytes = int64_t(1) << 20;
 
 constexpr const char* kForward = "fastopt.blocksparse_linear";
