@@ -188,6 +188,14 @@ FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const
   }
 }
 
+// acc = the tile at p (row stride ld).
+template <typename V, int kRows, int kVectors>
+FASTOPT_INLINE void load_tile(typename V::T (&acc)[kRows][kVectors], const float* p, int64_t ld) {
+  for (int m = 0; m < kRows; ++m) {
+    for (int v = 0; v < kVectors; ++v) acc[m][v] = V::load(p + m * ld + v * V::kLanes);
+  }
+}
+
 // Writes acc to out (row stride ldo) as float, the first `rows` rows only.
 template <typename V, int kRows, int kVectors>
 FASTOPT_INLINE void store_tile(const typename V::T (&acc)[kRows][kVectors], float* out, int64_t ldo,
