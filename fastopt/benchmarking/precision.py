@@ -99,8 +99,8 @@ MODES = [
     Mode("fastopt fp32", FP32, _fastopt(), 28, 3, 1),
     # The norm reads the grads once before the step.
     Mode("fastopt fp32, clipped", FP32, _fastopt(max_grad_norm=1.0), 32, 3, 1),
-    # Clipping's own pass, alone: it only reads, at the rate this machine reads one stream per
-    # thread, which can be below the rate of the step's mixed streams (the roofline's).
+    # Clipping's own pass, alone: it only reads, so its share is of a roofline for traffic it
+    # does not have (the step's mixed streams); the probe rows below give its real bound.
     Mode("fastopt grad_norm alone (clipping's pass)", FP32, _fastopt_norm, 4, 3, 1, False),
     Mode("torch get_total_norm alone", FP32, _torch_norm, 4, 3, 1, False),
     Mode("fastopt fp32 + bf16 state", FP32, _fastopt(state_dtype=BF16), 8 + 4 + 8, 3, 1),
