@@ -104,10 +104,10 @@ struct StepLoop {
       Rule::template update<VARIANT, St::kTorchRounding>(p, g, st, k);
       store_param<St>(p, param[i], master_value);
       if constexpr (kHasMaster) master[i] = master_value;
+      // Element i's Weyl term, shared by every slot's random bits (two slots share one hash).
+      const uint32_t weyl = uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j];
       for (int s = 0; s < kSlots; ++s) {
         if (Rule::uses_state(VARIANT, s)) {
-          // Two slots' bits come from one hash of i: the compiler computes it once.
-          const uint32_t weyl = uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j];
           const uint32_t random =
               St::kStochastic ? rounding_bits_at_weyl(t.rounding_keys.data(), s, weyl) : 0;
           state[s][i] = store_state<St>(st[s], random);
