@@ -25,9 +25,10 @@ _lib.define(
 )
 # The roofline of the optimizer benchmarks: reads each `updated` and `read` tensor once and
 # writes each `updated` one once (leaving them as they were), with the kernels' own partition and
-# loop (float32, contiguous). Each list holds its streams one after the other, `tensors` tensors
-# each (tensor i of one size in every stream); `prefetch` picks the loop form. With no updated
-# stream it only reads, and writes the sum of what it read into `total` (one float32 element).
+# loop (float32 or bfloat16 tensors, contiguous; one bfloat16 read stream at most). Each list holds
+# its streams one after the other, `tensors` tensors each (tensor i of one size in every stream);
+# `prefetch` picks the loop form. With no updated stream it only reads, and writes the sum of what
+# it read into `total` (one float32 element).
 _lib.define(
     "traffic_probe_(Tensor(a!)[] updated, Tensor[] read, int tensors=1, bool prefetch=True, "
     "Tensor(b!)? total=None) -> ()"

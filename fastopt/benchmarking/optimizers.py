@@ -135,10 +135,10 @@ PROBE_FORMS = {"plain loop": False, "prefetched loop": True}
 
 
 def probes(updated: list[list[torch.Tensor]], read: list[list[torch.Tensor]]) -> dict:
-    """{name: fn} of the CPU traffic probe over these streams (each a list of fp32 tensors, tensor
-    i of one size in every stream), one per loop form: each reads every tensor once and writes
-    the updated ones back unchanged. With no updated stream the probe only reads (into a sum of
-    its own)."""
+    """{name: fn} of the CPU traffic probe over these streams (each a list of float32 or bfloat16
+    tensors, tensor i of one size in every stream), one per loop form: each reads every tensor
+    once and writes the updated ones back unchanged. With no updated stream the probe only reads
+    (into a sum of its own)."""
     tensors = len(read[0])
     flat_updated = [t for stream in updated for t in stream]
     flat_read = [t for stream in read for t in stream]
@@ -186,13 +186,20 @@ def roofline(family: Family, numel: int, device: str) -> tuple[Callable[[], obje
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
+def probe_ms(updated: Sequence[torch.dtype], read: Sequence[torch.dtype], numel: int) -> float:
+    """The time the CPU traffic probe takes over streams of these dtypes (float32 or bfloat16),
+    one tensor of `numel` elements each, on tensors of its own: the faster of its loop forms."""
+    updated_streams = [[torch.randn(numel).to(dtype)] for dtype in updated]
+    read_streams = [[torch.randn(numel).to(dtype)] for dtype in read]
+    return min(interleaved_medians(probes(updated_streams, read_streams), "cpu").values())
+
+
 def roofline_ms(family: Family, numel: int, device: str) -> float:
     """The time the roofline takes to move an fp32 step's bytes for `numel` params (on the CPU,
-    the faster of the probe's loop forms, on tensors of its own)."""
+    the probe over the step's streams)."""
     if device == "cpu":
-        updated = [[torch.randn(numel)] for _ in range(family.updated)]
-        read = [[torch.randn(numel)] for _ in range(family.read)]
-        return min(interleaved_medians(probes(updated, read), device).values())
+        fp32 = torch.float32
+        return probe_ms((fp32,) * family.updated, (fp32,) * family.read, numel)
     fn, nbytes = roofline(family, numel, device)
     return median_ms(fn, device) * family.bytes_per_param * numel / nbytes
 

@@ -2,9 +2,12 @@
 torch's fused AdamW, in bytes per param and ms, for `python -m fastopt bench` and
 benchmarks/test_precision_step.py.
 
-Each mode's roofline on the CPU is the traffic probe (`torch.ops.fastopt.traffic_probe_`) with
-the mode's streams (tensors updated, tensors only read) in fp32, scaled to the mode's bytes per
-param; on CUDA, the device's copy bandwidth (as for the optimizer table).
+Each mode's roofline on the CPU is the traffic probe (`torch.ops.fastopt.traffic_probe_`) over
+the mode's own streams (tensors updated, tensors only read), each in its dtype: float32 or 16
+bits, so the probe moves the mode's bytes with its mix of reads and writes, which need not cost
+the same. A mode with a pass of its own besides (clipping's norm) has its bytes per param scaled
+from those of the step. On CUDA, the device's copy bandwidth scaled to the bytes (as for the
+optimizer table).
 
 On the CPU the table also times the probe reading an fp32 step's four streams without writing
 any, in each of its loop forms, in the same rounds as the steps. Clipping must read the grads once
@@ -30,6 +33,7 @@ from .optimizers import (
     ROOFLINE,
     Family,
     mixed_sizes,
+    probe_ms,
     probes,
     roofline_ms,
     step_streams,
@@ -51,13 +55,19 @@ class Mode:
     param_dtype: torch.dtype
     make: Callable[[list[torch.Tensor]], Step]  # params (with grads) -> one step
     bytes_per_param: int
-    updated: int  # streams read and written
-    read: int  # streams only read
+    updated: tuple[torch.dtype, ...]  # streams read and written, each in its dtype
+    read: tuple[torch.dtype, ...]  # streams only read
     is_step: bool = True  # False for the norm pass alone
 
     @property
     def is_torch(self) -> bool:
         return self.name.startswith("torch")
+
+    @property
+    def stream_bytes(self) -> int:
+        """Bytes per param the streams move in one pass (bytes_per_param adds other passes)."""
+        size = {torch.float32: 4, torch.bfloat16: 2}
+        return 2 * sum(size[d] for d in self.updated) + sum(size[d] for d in self.read)
 
 
 def _fastopt(**options) -> Callable[[list[torch.Tensor]], Step]:
@@ -89,37 +99,53 @@ def _torch_clip_then_fused(ps: list[torch.Tensor]) -> Step:
 
 
 BF16, FP32 = torch.bfloat16, torch.float32
-# Bytes per param: param read and written, grad read, master read and written, each of the two
-# moments read and written, in each one's dtype.
+# Streams per param, in their dtypes: updated (param, master, moments: read and written), read
+# (grad). A bfloat16 remainder moves the bytes of a bfloat16 stream.
+FP32_STEP = (FP32, FP32, FP32), (FP32,)
+# Bytes per param: the streams', plus those of other passes where a mode has some.
 MODES = [
-    Mode("torch AdamW(fused) fp32", FP32, _torch_fused, 8 + 4 + 16, 3, 1),
-    Mode("torch AdamW(fused) bf16", BF16, _torch_fused, 4 + 2 + 8, 3, 1),
+    Mode("torch AdamW(fused) fp32", FP32, _torch_fused, 28, *FP32_STEP),
+    Mode("torch AdamW(fused) bf16", BF16, _torch_fused, 14, (BF16, BF16, BF16), (BF16,)),
     # clip_grad_norm_ reads the grads for the norm, then scales them in place.
-    Mode("torch clip_grad_norm_ + AdamW(fused) fp32", FP32, _torch_clip_then_fused, 40, 3, 1),
-    Mode("fastopt fp32", FP32, _fastopt(), 28, 3, 1),
+    Mode("torch clip_grad_norm_ + AdamW(fused) fp32", FP32, _torch_clip_then_fused, 40, *FP32_STEP),
+    Mode("fastopt fp32", FP32, _fastopt(), 28, *FP32_STEP),
     # The norm reads the grads once before the step.
-    Mode("fastopt fp32, clipped", FP32, _fastopt(max_grad_norm=1.0), 32, 3, 1),
+    Mode("fastopt fp32, clipped", FP32, _fastopt(max_grad_norm=1.0), 32, *FP32_STEP),
     # Clipping's own pass, alone: it only reads, so its share is of a roofline for traffic it
     # does not have (the step's mixed streams); the probe rows below give its real bound.
-    Mode("fastopt grad_norm alone (clipping's pass)", FP32, _fastopt_norm, 4, 3, 1, False),
-    Mode("torch get_total_norm alone", FP32, _torch_norm, 4, 3, 1, False),
-    Mode("fastopt fp32 + bf16 state", FP32, _fastopt(state_dtype=BF16), 8 + 4 + 8, 3, 1),
-    Mode("fastopt bf16 + fp32 master + fp32 state", BF16, _fastopt(master_weights=True), 30, 4, 1),
+    Mode("fastopt grad_norm alone (clipping's pass)", FP32, _fastopt_norm, 4, *FP32_STEP, False),
+    Mode("torch get_total_norm alone", FP32, _torch_norm, 4, *FP32_STEP, False),
+    Mode(
+        "fastopt fp32 + bf16 state",
+        FP32,
+        _fastopt(state_dtype=BF16),
+        20,
+        (FP32, BF16, BF16),
+        (FP32,),
+    ),
+    Mode(
+        "fastopt bf16 + fp32 master + fp32 state",
+        BF16,
+        _fastopt(master_weights=True),
+        30,
+        (BF16, FP32, FP32, FP32),
+        (BF16,),
+    ),
     Mode(
         "fastopt bf16 + fp32 master + bf16 state",
         BF16,
         _fastopt(master_weights=True, state_dtype=BF16),
-        4 + 2 + 8 + 8,
-        4,
-        1,
+        22,
+        (BF16, FP32, BF16, BF16),
+        (BF16,),
     ),
     Mode(
         "fastopt bf16 + remainder + bf16 state",
         BF16,
         _fastopt(master_weights="remainder", state_dtype=BF16),
-        4 + 2 + 4 + 8,
-        4,
-        1,
+        18,
+        (BF16, BF16, BF16, BF16),
+        (BF16,),
     ),
 ]
 
@@ -139,7 +165,15 @@ def _step_reads(form: str) -> Callable[[list[torch.Tensor]], Step]:
 
 # On the CPU only (the probe is a CPU kernel): 16 bytes per param, all read.
 STEP_READS = [
-    Mode(f"probe: fp32 step's streams only read, {form}", FP32, _step_reads(form), 16, 0, 4, False)
+    Mode(
+        f"probe: fp32 step's streams only read, {form}",
+        FP32,
+        _step_reads(form),
+        16,
+        (),
+        (FP32,) * 4,
+        False,
+    )
     for form in PROBE_FORMS
 ]
 GRAD_BYTES = 4  # what clipping reads more than the step, per fp32 param
@@ -158,16 +192,20 @@ def make_params(dtype: torch.dtype, numel: int, device: str) -> list[torch.Tenso
 
 def rooflines_ms(modes: list[Mode], numel: int, device: str) -> dict[str, float]:
     """{mode name: the roofline's time for the mode's bytes over `numel` params}. The probe is
-    timed once per distinct stream count (most modes share one), so that modes with the same
-    streams are measured against the same time."""
-    probe_ms: dict[tuple[int, int], float] = {}
+    timed once per distinct set of streams (several modes share one), so that modes with the
+    same streams are measured against the same time."""
+    streams_ms: dict[tuple, float] = {}
     rooflines = {}
     for mode in modes:
-        probe = Family(mode.name, mode.updated, mode.read, {})
         streams = (mode.updated, mode.read)
-        if streams not in probe_ms:
-            probe_ms[streams] = roofline_ms(probe, numel, device)
-        rooflines[mode.name] = probe_ms[streams] * mode.bytes_per_param / probe.bytes_per_param
+        if streams not in streams_ms:
+            if device == "cpu":
+                streams_ms[streams] = probe_ms(mode.updated, mode.read, numel)
+            else:  # copy bandwidth, scaled from an fp32 step's bytes to the streams'
+                fp32 = Family(mode.name, len(mode.updated), len(mode.read), {})
+                copy_ms = roofline_ms(fp32, numel, device)
+                streams_ms[streams] = copy_ms * mode.stream_bytes / fp32.bytes_per_param
+        rooflines[mode.name] = streams_ms[streams] * mode.bytes_per_param / mode.stream_bytes
     return rooflines
 
 

@@ -162,7 +162,7 @@ def test_precision_step_reads_change_nothing(mode):
     after = list(params) + [p.grad for p in params]
     for t, b in zip(after, before, strict=True):
         assert torch.equal(t, b)
-    assert mode.bytes_per_param == 16 and (mode.updated, mode.read) == (0, 4)
+    assert mode.bytes_per_param == 16 and (mode.updated, mode.read) == ((), (torch.float32,) * 4)
 
 
 def _result(mode, ms, roofline_ms):
