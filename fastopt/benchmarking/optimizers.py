@@ -186,20 +186,13 @@ def roofline(family: Family, numel: int, device: str) -> tuple[Callable[[], obje
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
-def probe_ms(updated: Sequence[torch.dtype], read: Sequence[torch.dtype], numel: int) -> float:
-    """The time the CPU traffic probe takes over streams of these dtypes (float32 or bfloat16),
-    one tensor of `numel` elements each, on tensors of its own: the faster of its loop forms."""
-    updated_streams = [[torch.randn(numel).to(dtype)] for dtype in updated]
-    read_streams = [[torch.randn(numel).to(dtype)] for dtype in read]
-    return min(interleaved_medians(probes(updated_streams, read_streams), "cpu").values())
-
-
 def roofline_ms(family: Family, numel: int, device: str) -> float:
     """The time the roofline takes to move an fp32 step's bytes for `numel` params (on the CPU,
-    the probe over the step's streams)."""
+    the faster of the probe's loop forms, on tensors of its own)."""
     if device == "cpu":
-        fp32 = torch.float32
-        return probe_ms((fp32,) * family.updated, (fp32,) * family.read, numel)
+        updated = [[torch.randn(numel)] for _ in range(family.updated)]
+        read = [[torch.randn(numel)] for _ in range(family.read)]
+        return min(interleaved_medians(probes(updated, read), device).values())
     fn, nbytes = roofline(family, numel, device)
     return median_ms(fn, device) * family.bytes_per_param * numel / nbytes
 

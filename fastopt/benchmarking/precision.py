@@ -33,7 +33,6 @@ from .optimizers import (
     ROOFLINE,
     Family,
     mixed_sizes,
-    probe_ms,
     probes,
     roofline_ms,
     step_streams,
@@ -190,23 +189,48 @@ def make_params(dtype: torch.dtype, numel: int, device: str) -> list[torch.Tenso
     return params
 
 
-def rooflines_ms(modes: list[Mode], numel: int, device: str) -> dict[str, float]:
-    """{mode name: the roofline's time for the mode's bytes over `numel` params}. The probe is
-    timed once per distinct set of streams (several modes share one), so that modes with the
-    same streams are measured against the same time."""
-    streams_ms: dict[tuple, float] = {}
-    rooflines = {}
+Streams = tuple[tuple[torch.dtype, ...], tuple[torch.dtype, ...]]  # (updated, read)
+
+
+def _streams(mode: Mode) -> Streams:
+    return mode.updated, mode.read
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ",".join(str(dtype).removeprefix("torch.") for dtype in dtypes) or "none"
+
+
+def probe_runs(modes: list[Mode], numel: int) -> dict[str, tuple[Streams, Step]]:
+    """The CPU traffic probe over each distinct set of the modes' streams (several modes share
+    one), on tensors of its own (one of `numel` elements per stream), in each loop form:
+    {run name: (streams, fn)}. Tensors of its own: a bfloat16 remainder's bits, passed as
+    bfloat16, need not survive the probe's float32 round trip (a signalling NaN's are quieted)."""
+    runs = {}
+    for updated, read in dict.fromkeys(_streams(mode) for mode in modes):
+        fns = probes(
+            [[torch.randn(numel).to(dtype)] for dtype in updated],
+            [[torch.randn(numel).to(dtype)] for dtype in read],
+        )
+        described = f"updated {_names(updated)}; read {_names(read)}"
+        for name, fn in fns.items():
+            runs[f"{name}: {described}"] = ((updated, read), fn)
+    return runs
+
+
+def rooflines_ms(modes: list[Mode], streams_ms: dict[Streams, float]) -> dict[str, float]:
+    """{mode name: the roofline's time for the mode's bytes}, from the roofline's time for each
+    set of streams: scaled to the bytes of the mode's other passes, where it has some."""
+    return {m.name: streams_ms[_streams(m)] * m.bytes_per_param / m.stream_bytes for m in modes}
+
+
+def copy_rooflines_ms(modes: list[Mode], numel: int, device: str) -> dict[Streams, float]:
+    """On a GPU: the device's copy bandwidth, for each set of the modes' streams."""
+    streams_ms = {}
     for mode in modes:
-        streams = (mode.updated, mode.read)
-        if streams not in streams_ms:
-            if device == "cpu":
-                streams_ms[streams] = probe_ms(mode.updated, mode.read, numel)
-            else:  # copy bandwidth, scaled from an fp32 step's bytes to the streams'
-                fp32 = Family(mode.name, len(mode.updated), len(mode.read), {})
-                copy_ms = roofline_ms(fp32, numel, device)
-                streams_ms[streams] = copy_ms * mode.stream_bytes / fp32.bytes_per_param
-        rooflines[mode.name] = streams_ms[streams] * mode.bytes_per_param / mode.stream_bytes
-    return rooflines
+        fp32 = Family(mode.name, len(mode.updated), len(mode.read), {})
+        copy_ms = roofline_ms(fp32, numel, device)
+        streams_ms[_streams(mode)] = copy_ms * mode.stream_bytes / fp32.bytes_per_param
+    return streams_ms
 
 
 @dataclass(frozen=True)
@@ -218,15 +242,27 @@ class Result:
 
 def run(device: str, numel: int = NUMEL, repeats: int = 10) -> list[Result]:
     """Every mode (and on the CPU the step's reads alone) timed in interleaved rounds, one
-    process, with its roofline."""
+    process, with its roofline: on the CPU the probe over the mode's streams, timed in the same
+    rounds."""
     modes = MODES + (STEP_READS if device == "cpu" else [])
     steps = {}
     for mode in modes:
         step = mode.make(make_params(mode.param_dtype, numel, device))
         step()  # creates the state
         steps[mode.name] = step
-    medians = interleaved_medians(steps, device, repeats)
-    rooflines = rooflines_ms(modes, numel, device)
+    runs = probe_runs(modes, numel) if device == "cpu" else {}
+    medians = interleaved_medians(
+        steps | {name: fn for name, (_, fn) in runs.items()},
+        device,
+        repeats,
+    )
+    if device == "cpu":
+        streams_ms: dict[Streams, float] = {}
+        for name, (streams, _) in runs.items():  # the faster loop form
+            streams_ms[streams] = min(medians[name], streams_ms.get(streams, float("inf")))
+    else:
+        streams_ms = copy_rooflines_ms(modes, numel, device)
+    rooflines = rooflines_ms(modes, streams_ms)
     return [Result(m, medians[m.name], rooflines[m.name]) for m in modes]
 
 

@@ -9,7 +9,7 @@ import torch
 from helpers.rng import generator
 
 import fastopt
-from fastopt.benchmarking import precision
+from fastopt.benchmarking import optimizers, precision
 
 F32, BF16 = torch.float32, torch.bfloat16
 SIZES = (1, 7, 0, 4097, 33000, 16)
@@ -108,20 +108,20 @@ def test_precision_modes_declare_their_steps_own_streams(name):
     assert mode.bytes_per_param == mode.stream_bytes
 
 
-def test_precision_rooflines_run_each_modes_streams(monkeypatch):
-    """One probe per distinct set of streams, scaled to a mode's bytes where it has other passes."""
-    timed = []
-
-    def fake_probe_ms(updated, read, numel):
-        timed.append((updated, read))
-        return float(len(timed))
-
-    monkeypatch.setattr(precision, "probe_ms", fake_probe_ms)
-    rooflines = precision.rooflines_ms(precision.MODES, 1000, "cpu")
-    distinct = {(m.updated, m.read) for m in precision.MODES}
-    assert len(timed) == len(distinct) and set(timed) == distinct
-    for mode in precision.MODES:
-        probe = 1 + timed.index((mode.updated, mode.read))
-        assert rooflines[mode.name] == pytest.approx(
-            probe * mode.bytes_per_param / mode.stream_bytes
-        )
+def test_precision_probe_runs_cover_each_set_of_streams_once_per_loop_form():
+    """One probe per distinct set of the modes' streams and loop form, over tensors of those
+    dtypes; a mode's roofline is its streams' time, scaled to the bytes of its other passes."""
+    modes = precision.MODES + precision.STEP_READS
+    runs = precision.probe_runs(modes, 100)
+    distinct = {(m.updated, m.read) for m in modes}
+    assert len(runs) == len(distinct) * len(optimizers.PROBE_FORMS)
+    assert {streams for streams, _ in runs.values()} == distinct
+    for _, fn in runs.values():
+        fn()  # runs: the streams' dtypes are the probe's to take
+    streams_ms = {streams: float(i + 1) for i, streams in enumerate(sorted(distinct, key=str))}
+    rooflines = precision.rooflines_ms(modes, streams_ms)
+    for mode in modes:
+        expected = streams_ms[(mode.updated, mode.read)] * mode.bytes_per_param / mode.stream_bytes
+        assert rooflines[mode.name] == pytest.approx(expected)
+    clipped = next(m for m in modes if m.name == "fastopt fp32, clipped")
+    assert rooflines[clipped.name] == pytest.approx(rooflines["fastopt fp32"] * 32 / 28)
