@@ -292,7 +292,10 @@ def run_sparse_adagrad(
     repeats: int = 10,
 ) -> list[SparseRow]:
     """FusedAdagrad against torch.optim.Adagrad (whose sparse path is its single-tensor one) on
-    an fp32 embedding with a sparse gradient of `lookups` random rows, duplicates included."""
+    an fp32 embedding with a sparse gradient of `lookups` random rows, duplicates included. On the
+    CPU the caches are evicted before each timed call: a step touches the same rows every call
+    here, which the call before (the other contender's, on the same embedding) would otherwise
+    leave in the last-level cache, where a training step's rows, those of a new batch, are not."""
     gen = torch.Generator(device=device).manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(num_embeddings, dim, device=device, generator=gen))
     fast = fastopt.FusedAdagrad([weight])
@@ -303,7 +306,7 @@ def run_sparse_adagrad(
         values = torch.randn(n, dim, device=device, generator=gen)
         weight.grad = torch.sparse_coo_tensor(indices, values, weight.shape)
         contenders = {"fastopt": fast.step, "torch": reference.step}
-        times = interleaved_medians(contenders, device, repeats)
+        times = interleaved_medians(contenders, device, repeats, before_each=evict_caches(device))
         rows.append(SparseRow(n, dim, times["fastopt"], times["torch"]))
     return rows
 
