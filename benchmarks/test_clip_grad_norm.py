@@ -54,7 +54,7 @@ def _bandwidth_ms(kind: str, numel: int, device: str) -> float:
     of a buffer larger than any cache (reading only); on CUDA the copy bandwidth."""
     bytes_per_param = KINDS[kind][0]
     if device == "cuda":
-        fn, nbytes = benchmarking.roofline(next(iter(benchmarking.FAMILIES.values())), 0, device)
+        fn, nbytes = benchmarking.copy_roofline(device)
         return benchmarking.median_ms(fn, device) * bytes_per_param * numel / nbytes
     if kind == "clip":
         updated, read = torch.randn(numel), torch.randn(numel)

@@ -172,15 +172,9 @@ def step_streams(
     return updated, [[p.grad for p in params]]
 
 
-def roofline(family: Family, numel: int, device: str) -> tuple[Callable[[], object], float]:
-    """(fn, bytes_per_call) of the roofline for an fp32 step of `family` over `numel` params in
-    one tensor, on tensors of its own: on the CPU the traffic probe with that traffic (the
-    prefetched loop form), on CUDA a copy of a buffer larger than any cache."""
-    if device == "cpu":
-        updated = [torch.randn(numel) for _ in range(family.updated)]
-        read = [torch.randn(numel) for _ in range(family.read)]
-        fn = lambda: torch.ops.fastopt.traffic_probe_(updated, read)  # noqa: E731
-        return fn, family.bytes_per_param * numel
+def copy_roofline(device: str) -> tuple[Callable[[], object], float]:
+    """(fn, bytes moved per call) of the roofline on a GPU: a copy of a buffer larger than any
+    cache. (On the CPU the roofline is the traffic probe: `probes`, `roofline_ms`.)"""
     src = torch.empty(64 * 2**20, device=device)
     dst = torch.empty_like(src)
     return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
@@ -193,7 +187,7 @@ def roofline_ms(family: Family, numel: int, device: str) -> float:
         updated = [[torch.randn(numel)] for _ in range(family.updated)]
         read = [[torch.randn(numel)] for _ in range(family.read)]
         return min(interleaved_medians(probes(updated, read), device).values())
-    fn, nbytes = roofline(family, numel, device)
+    fn, nbytes = copy_roofline(device)
     return median_ms(fn, device) * family.bytes_per_param * numel / nbytes
 
 
@@ -242,7 +236,7 @@ def run_case(family: Family, case: Case, device: str, repeats: int = 10) -> list
         roof_fns = probes(*step_streams(fastopt_optimizer, family))
         roof_bytes = nbytes
     else:
-        roof_fn, roof_bytes = roofline(family, case.numel, device)
+        roof_fn, roof_bytes = copy_roofline(device)
         roof_fns = {ROOFLINE: roof_fn}
     times = interleaved_medians(
         contenders | roof_fns, device, repeats, before_each=evict_caches(device)
