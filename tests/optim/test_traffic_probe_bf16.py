@@ -125,3 +125,20 @@ def test_precision_probe_runs_cover_each_set_of_streams_once_per_loop_form():
         assert rooflines[mode.name] == pytest.approx(expected)
     clipped = next(m for m in modes if m.name == "fastopt fp32, clipped")
     assert rooflines[clipped.name] == pytest.approx(rooflines["fastopt fp32"] * 32 / 28)
+
+
+def test_precision_rooflines_on_a_gpu_are_the_copy_bandwidth_scaled_to_each_modes_bytes(
+    monkeypatch,
+):
+    """Off the CPU there is no probe: each mode's roofline is the device's copy time for an fp32
+    step's bytes (roofline_ms), scaled to the mode's streams' bytes, then to its own."""
+    copy_ms_per_fp32_byte = 0.5
+    monkeypatch.setattr(
+        precision,
+        "roofline_ms",
+        lambda family, numel, device: copy_ms_per_fp32_byte * family.bytes_per_param,
+    )
+    streams_ms = precision.copy_rooflines_ms(precision.MODES, 1000, "cuda")
+    rooflines = precision.rooflines_ms(precision.MODES, streams_ms)
+    for mode in precision.MODES:
+        assert rooflines[mode.name] == pytest.approx(copy_ms_per_fp32_byte * mode.bytes_per_param)
