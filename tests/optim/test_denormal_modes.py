@@ -1,0 +1,68 @@
+"""torch.set_flush_denormal holds in every thread of a fastopt step, also when it is set after
+torch's thread pool has started (whose threads otherwise keep the modes they started with), and
+a step without it leaves subnormal values as torch does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastopt
+
+N = 300_001  # several pieces: every thread of the pool takes part
+SUBNORMAL = torch.finfo(torch.float32).tiny / 4
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _adam_over_subnormal_moments():
+    """A FusedAdam and its param whose grads are zero and whose exp_avg is subnormal everywhere
+    (a param whose grads stopped long ago), after a first step that started the thread pool."""
+    param = torch.nn.Parameter(torch.zeros(N))
+    param.grad = torch.zeros(N)
+    optimizer = fastopt.FusedAdam([param], lr=1e-3)
+    optimizer.step()
+    optimizer.state[param]["exp_avg"].fill_(SUBNORMAL)
+    return param, optimizer
+
+
+def test_flush_denormal_set_after_the_pool_started_holds_in_every_thread(two_threads):
+    param, optimizer = _adam_over_subnormal_moments()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        optimizer.step()
+    finally:
+        torch.set_flush_denormal(False)
+    # Read as zero (denormals-are-zero) in every element, whichever thread updated it.
+    assert bool((optimizer.state[param]["exp_avg"] == 0).all())
+    assert bool((param.detach() == 0).all())
+
+
+def test_without_flush_denormal_a_step_keeps_subnormals_as_torch_does(two_threads):
+    if torch.set_flush_denormal(True):  # the pool's threads may have started flushing
+        torch.set_flush_denormal(False)
+    param, optimizer = _adam_over_subnormal_moments()
+    reference = torch.nn.Parameter(param.detach().clone())
+    reference.grad = param.grad.clone()
+    torch_optimizer = torch.optim.Adam([reference], lr=1e-3, foreach=False)
+    torch_optimizer.step()
+    torch_optimizer.state[reference]["exp_avg"].copy_(optimizer.state[param]["exp_avg"])
+    torch_optimizer.state[reference]["exp_avg_sq"].copy_(optimizer.state[param]["exp_avg_sq"])
+    optimizer.step()
+    torch_optimizer.step()
+    exp_avg = optimizer.state[param]["exp_avg"]
+    assert bool((exp_avg != 0).all()) and bool(
+        (exp_avg.abs() < torch.finfo(torch.float32).tiny).all()
+    )
+    torch.testing.assert_close(exp_avg, torch_optimizer.state[reference]["exp_avg"], rtol=0, atol=0)
+    # The update from the subnormal moments reached every element (torch multiplies by the step
+    # size before it divides, which loses bits in the subnormal range: equal to a tolerance).
+    assert bool((param.detach() != 0).all())
+    torch.testing.assert_close(param.detach(), reference.detach())
