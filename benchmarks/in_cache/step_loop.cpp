@@ -78,4 +78,6 @@ int main(int argc, char** argv) {
   report<BF16, float, MasterKind::kFloat, false>("bf16 + fp32 master + fp32 state", n);
   report<BF16, BF16, MasterKind::kFloat, true>("bf16 + fp32 master + bf16 state", n);
   report<BF16, BF16, MasterKind::kBf16Remainder, true>("bf16 + remainder + bf16 state", n);
+  // A bf16 model stepped with the default options: state in bf16, rounded to nearest.
+  report<BF16, BF16, MasterKind::kNone, false>("bf16 + bf16 state (nearest)", n);
 }

@@ -108,6 +108,8 @@ MODES = [
     # clip_grad_norm_ reads the grads for the norm, then scales them in place.
     Mode("torch clip_grad_norm_ + AdamW(fused) fp32", FP32, _torch_clip_then_fused, 40, *FP32_STEP),
     Mode("fastopt fp32", FP32, _fastopt(), 28, *FP32_STEP),
+    # A bf16 model with the default options: state in bf16 (torch's too), rounded to nearest.
+    Mode("fastopt bf16", BF16, _fastopt(), 14, (BF16, BF16, BF16), (BF16,)),
     # The norm reads the grads once before the step.
     Mode("fastopt fp32, clipped", FP32, _fastopt(max_grad_norm=1.0), 32, *FP32_STEP),
     # Clipping's own pass, alone: it only reads, so its share is of a roofline for traffic it

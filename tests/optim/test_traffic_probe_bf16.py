@@ -84,6 +84,7 @@ def test_probe_refuses_other_dtypes_and_a_second_bf16_read_stream():
 
 _OPTIONS = {
     "fastopt fp32": {},
+    "fastopt bf16": {},
     "fastopt fp32 + bf16 state": {"state_dtype": BF16},
     "fastopt bf16 + fp32 master + fp32 state": {"master_weights": True},
     "fastopt bf16 + fp32 master + bf16 state": {"master_weights": True, "state_dtype": BF16},
