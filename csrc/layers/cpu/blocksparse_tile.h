@@ -90,7 +90,7 @@ struct VecAvx2 : VecGcc<Floats8, Ints8> {
 };
 
 struct VecAvx512 : VecGcc<Floats16, Ints16> {
-  static constexpr int kMaxVectors = 4;     // a whole block of 64 columns
+  static constexpr int kMaxVectors = 2;
   static constexpr int kAccumulators = 24;  // of 32 registers, leaving room for loads
 };
 
