@@ -145,6 +145,7 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   constexpr int kLine = 64;
   constexpr int kTileWeightLines = kByRows ? kRows * kBlock * int(sizeof(float)) / kLine : kBlock;
   constexpr int kTileWeightLineStride = kByRows ? kLine : kBlock * int(sizeof(float));
+  static_assert(kTileWeightLines <= kBlock, "one line per step of a tile");
   TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
   float* panel = workspace(0, s.depth * kPanel);
   alignas(64) float piece[kBlock * kPanel];
@@ -171,13 +172,13 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
         const float* next_block = s.values + (s.order ? s.order[next] : next) * kBlock * kBlock;
         for (int f0 = 0; f0 < kBlock; f0 += kRows) {
           e == begin ? zero_tile<V>(acc) : load_tile<V>(acc, piece + f0 * kPanel, kPanel);
-          const char* next_weights = reinterpret_cast<const char*>(next_block + f0 * kRowStride);
-          for (int l = 0; l < kTileWeightLines; ++l) {
-            __builtin_prefetch(next_weights + l * kTileWeightLineStride);
-          }
+          const PrefetchLines next_weights{
+              reinterpret_cast<const char*>(next_block + f0 * kRowStride), kTileWeightLineStride,
+              kTileWeightLines};
           accumulate_tile<V, kRowStride>(
               acc, s.values + stored * kBlock * kBlock + f0 * kRowStride, kDepthStride, rows,
-              kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr);
+              kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr,
+              next_weights);
           store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
         }
       }
