@@ -252,7 +252,10 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
   using T = SddTile<V, kBlock>;
   constexpr int kRows = T::kRows, kColumns = T::kColumns;
   constexpr int64_t kChunkRows = kSddChunkBytes / (kBlock * int64_t(sizeof(float)));
-  constexpr int kLineFloats = 64 / int(sizeof(float));
+  // The cache lines of one panel's chunk, and each tile's share of them.
+  constexpr int64_t kLine = 64;
+  constexpr int64_t kTiles = (kBlock / kRows) * (kBlock / kColumns);
+  constexpr int64_t kTileChunkLines = (kSddChunkBytes / kLine + kTiles - 1) / kTiles;
   const bool float_out = s.out_dtype == c10::ScalarType::Float;
   alignas(64) float converted[kBlock * kBlock];
   typename V::T acc[kRows][T::kVectors];
@@ -264,9 +267,9 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
     for (int64_t k0 = 0; k0 == 0 || k0 < s.rows; k0 += kChunkRows) {
       const int64_t depth = std::min(kChunkRows, s.rows - k0);
       // The chunk that follows (this block's next, or the next block's first), prefetched while
-      // this one is summed: the tiles of the first tile row take the right chunk's lines, a row
-      // per step, and those starting a line of the left rows take that line of each left row
-      // (past a shorter last chunk, a prefetch reads nothing that matters: it never faults).
+      // this one is summed, each tile taking its share of the lines of both panels' chunks, a
+      // line of each per step (past a shorter last chunk, a prefetch reads nothing that matters:
+      // it never faults).
       const float *next_left = nullptr, *next_right = nullptr;
       if (k0 + kChunkRows < s.rows) {
         next_left = left + (k0 + kChunkRows) * kBlock;
@@ -276,17 +279,19 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
         next_left = s.left + s.block_rows[next] * s.rows * kBlock;
         next_right = s.right + s.block_cols[next] * s.rows * kBlock;
       }
+      const int64_t share = next_left ? std::min(kTileChunkLines, depth) : 0;
+      int64_t tile_index = 0;
       for (int i0 = 0; i0 < kBlock; i0 += kRows) {
-        for (int c0 = 0; c0 < kBlock; c0 += kColumns) {
+        for (int c0 = 0; c0 < kBlock; c0 += kColumns, ++tile_index) {
           float* tile = sums + i0 * kBlock + c0;
           k0 == 0 ? zero_tile<V>(acc) : load_tile<V>(acc, tile, kBlock);
-          const bool left_line = next_left && c0 == 0 && i0 % kLineFloats == 0;
-          const PrefetchLines next_left_lines{
-              left_line ? reinterpret_cast<const char*>(next_left + i0) : nullptr,
-              kBlock * int64_t(sizeof(float)), left_line ? depth : 0};
+          const int64_t line = tile_index * kTileChunkLines * kLine;
+          const PrefetchLines left_lines{
+              share ? reinterpret_cast<const char*>(next_left) + line : nullptr, kLine, share};
+          const PrefetchLines right_lines{
+              share ? reinterpret_cast<const char*>(next_right) + line : nullptr, kLine, share};
           accumulate_tile<V, 1>(acc, left + k0 * kBlock + i0, kBlock, right + k0 * kBlock + c0,
-                                kBlock, depth, next_right && i0 == 0 ? next_right + c0 : nullptr,
-                                next_left_lines);
+                                kBlock, depth, nullptr, left_lines, right_lines);
           store_tile<V>(acc, tile, kBlock, kRows);
         }
       }

@@ -173,9 +173,9 @@ FASTOPT_INLINE void accumulate_rows(typename V::T (&acc)[sizeof...(kRow)][kVecto
 // being the kVectors vectors from b. Each step loads kVectors vectors of b once and broadcasts
 // kRows elements of a: kRows * kVectors FMAs for kRows + kVectors loads. With `next_b`, each
 // step also prefetches the b of the call that follows (same shape), whose memory the hardware
-// prefetcher cannot guess; `next_lines` (the first `next_lines.count` steps prefetch one line
-// each) spreads the prefetches of another operand of the next call over the steps: issued
-// together, more lines than the core can fetch at once would stall it.
+// prefetcher cannot guess; `next_lines` and `more_lines` (the first `count` steps prefetch one
+// line of each) spread the prefetches of other memory over the steps: issued together, more lines
+// than the core can fetch at once would stall it.
 struct PrefetchLines {
   const char* first = nullptr;
   int64_t stride = 0;
@@ -185,7 +185,8 @@ struct PrefetchLines {
 template <typename V, int kRowStride, int kRows, int kVectors>
 FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const float* a,
                                     int64_t lda, const float* b, int64_t ldb, int64_t depth,
-                                    const float* next_b = nullptr, PrefetchLines next_lines = {}) {
+                                    const float* next_b = nullptr, PrefetchLines next_lines = {},
+                                    PrefetchLines more_lines = {}) {
   for (int64_t k = 0; k < depth; ++k) {
     typename V::T bk[kVectors];
     for (int v = 0; v < kVectors; ++v) bk[v] = V::load(b + k * ldb + v * V::kLanes);
@@ -193,6 +194,7 @@ FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const
       for (int v = 0; v < kVectors; ++v) __builtin_prefetch(next_b + k * ldb + v * V::kLanes);
     }
     if (k < next_lines.count) __builtin_prefetch(next_lines.first + k * next_lines.stride);
+    if (k < more_lines.count) __builtin_prefetch(more_lines.first + k * more_lines.stride);
     accumulate_rows<V, kRowStride>(acc, a + k * lda, bk, std::make_integer_sequence<int, kRows>{});
   }
 }
