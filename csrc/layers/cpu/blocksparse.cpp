@@ -252,10 +252,8 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
   using T = SddTile<V, kBlock>;
   constexpr int kRows = T::kRows, kColumns = T::kColumns;
   constexpr int64_t kChunkRows = kSddChunkBytes / (kBlock * int64_t(sizeof(float)));
-  // The cache lines of one panel's chunk, and each tile's share of them.
   constexpr int64_t kLine = 64;
   constexpr int64_t kTiles = (kBlock / kRows) * (kBlock / kColumns);
-  constexpr int64_t kTileChunkLines = (kSddChunkBytes / kLine + kTiles - 1) / kTiles;
   const bool float_out = s.out_dtype == c10::ScalarType::Float;
   alignas(64) float converted[kBlock * kBlock];
   typename V::T acc[kRows][T::kVectors];
@@ -268,28 +266,32 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
       const int64_t depth = std::min(kChunkRows, s.rows - k0);
       // The chunk that follows (this block's next, or the next block's first), prefetched while
       // this one is summed, each tile taking its share of the lines of both panels' chunks, a
-      // line of each per step (past a shorter last chunk, a prefetch reads nothing that matters:
-      // it never faults).
-      const float *next_left = nullptr, *next_right = nullptr;
+      // line of each per step.
+      const char *next_left = nullptr, *next_right = nullptr;
+      int64_t next_rows = 0;
       if (k0 + kChunkRows < s.rows) {
-        next_left = left + (k0 + kChunkRows) * kBlock;
-        next_right = right + (k0 + kChunkRows) * kBlock;
+        next_left = reinterpret_cast<const char*>(left + (k0 + kChunkRows) * kBlock);
+        next_right = reinterpret_cast<const char*>(right + (k0 + kChunkRows) * kBlock);
+        next_rows = std::min(kChunkRows, s.rows - k0 - kChunkRows);
       } else if (position + 1 < s.last) {
         const int64_t next = s.order[position + 1];
-        next_left = s.left + s.block_rows[next] * s.rows * kBlock;
-        next_right = s.right + s.block_cols[next] * s.rows * kBlock;
+        next_left = reinterpret_cast<const char*>(s.left + s.block_rows[next] * s.rows * kBlock);
+        next_right = reinterpret_cast<const char*>(s.right + s.block_cols[next] * s.rows * kBlock);
+        next_rows = std::min(kChunkRows, s.rows);
       }
-      const int64_t share = next_left ? std::min(kTileChunkLines, depth) : 0;
-      int64_t tile_index = 0;
+      // The lines of each panel's next chunk (its rows are whole lines: 16 | B), and each tile's.
+      const int64_t lines = next_rows * kBlock * int64_t(sizeof(float)) / kLine;
+      const int64_t share = (lines + kTiles - 1) / kTiles;
+      int64_t first_line = 0;
       for (int i0 = 0; i0 < kBlock; i0 += kRows) {
-        for (int c0 = 0; c0 < kBlock; c0 += kColumns, ++tile_index) {
+        for (int c0 = 0; c0 < kBlock; c0 += kColumns, first_line += share) {
           float* tile = sums + i0 * kBlock + c0;
           k0 == 0 ? zero_tile<V>(acc) : load_tile<V>(acc, tile, kBlock);
-          const int64_t line = tile_index * kTileChunkLines * kLine;
-          const PrefetchLines left_lines{
-              share ? reinterpret_cast<const char*>(next_left) + line : nullptr, kLine, share};
-          const PrefetchLines right_lines{
-              share ? reinterpret_cast<const char*>(next_right) + line : nullptr, kLine, share};
+          const int64_t count = std::clamp<int64_t>(lines - first_line, 0, std::min(share, depth));
+          const PrefetchLines left_lines{count ? next_left + first_line * kLine : nullptr, kLine,
+                                         count};
+          const PrefetchLines right_lines{count ? next_right + first_line * kLine : nullptr, kLine,
+                                          count};
           accumulate_tile<V, 1>(acc, left + k0 * kBlock + i0, kBlock, right + k0 * kBlock + c0,
                                 kBlock, depth, nullptr, left_lines, right_lines);
           store_tile<V>(acc, tile, kBlock, kRows);
