@@ -145,6 +145,7 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   constexpr int kLine = 64;
   constexpr int kTileWeightLines = kByRows ? kRows * kBlock * int(sizeof(float)) / kLine : kBlock;
   constexpr int kTileWeightLineStride = kByRows ? kLine : kBlock * int(sizeof(float));
+  static_assert(kTileWeightLines <= kBlock, "one line per step of a tile");
   TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
   float* panel = workspace(0, s.depth * kPanel);
   alignas(64) float piece[kBlock * kPanel];
@@ -171,13 +172,13 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
         const float* next_block = s.values + (s.order ? s.order[next] : next) * kBlock * kBlock;
         for (int f0 = 0; f0 < kBlock; f0 += kRows) {
           e == begin ? zero_tile<V>(acc) : load_tile<V>(acc, piece + f0 * kPanel, kPanel);
-          const char* next_weights = reinterpret_cast<const char*>(next_block + f0 * kRowStride);
-          for (int l = 0; l < kTileWeightLines; ++l) {
-            __builtin_prefetch(next_weights + l * kTileWeightLineStride);
-          }
+          const PrefetchLines next_weights{
+              reinterpret_cast<const char*>(next_block + f0 * kRowStride), kTileWeightLineStride,
+              kTileWeightLines};
           accumulate_tile<V, kRowStride>(
               acc, s.values + stored * kBlock * kBlock + f0 * kRowStride, kDepthStride, rows,
-              kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr);
+              kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr,
+              next_weights);
           store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
         }
       }
@@ -251,6 +252,8 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
   using T = SddTile<V, kBlock>;
   constexpr int kRows = T::kRows, kColumns = T::kColumns;
   constexpr int64_t kChunkRows = kSddChunkBytes / (kBlock * int64_t(sizeof(float)));
+  constexpr int64_t kLine = 64;
+  constexpr int64_t kTiles = (kBlock / kRows) * (kBlock / kColumns);
   const bool float_out = s.out_dtype == c10::ScalarType::Float;
   alignas(64) float converted[kBlock * kBlock];
   typename V::T acc[kRows][T::kVectors];
@@ -261,12 +264,36 @@ FASTOPT_INLINE void sdd_share(const SddShare& s) {
     float* sums = float_out ? static_cast<float*>(s.out) + e * kBlock * kBlock : converted;
     for (int64_t k0 = 0; k0 == 0 || k0 < s.rows; k0 += kChunkRows) {
       const int64_t depth = std::min(kChunkRows, s.rows - k0);
+      // The chunk that follows (this block's next, or the next block's first), prefetched while
+      // this one is summed, each tile taking its share of the lines of both panels' chunks, a
+      // line of each per step.
+      const char *next_left = nullptr, *next_right = nullptr;
+      int64_t next_rows = 0;
+      if (k0 + kChunkRows < s.rows) {
+        next_left = reinterpret_cast<const char*>(left + (k0 + kChunkRows) * kBlock);
+        next_right = reinterpret_cast<const char*>(right + (k0 + kChunkRows) * kBlock);
+        next_rows = std::min(kChunkRows, s.rows - k0 - kChunkRows);
+      } else if (position + 1 < s.last) {
+        const int64_t next = s.order[position + 1];
+        next_left = reinterpret_cast<const char*>(s.left + s.block_rows[next] * s.rows * kBlock);
+        next_right = reinterpret_cast<const char*>(s.right + s.block_cols[next] * s.rows * kBlock);
+        next_rows = std::min(kChunkRows, s.rows);
+      }
+      // The lines of each panel's next chunk (its rows are whole lines: 16 | B), and each tile's.
+      const int64_t lines = next_rows * kBlock * int64_t(sizeof(float)) / kLine;
+      const int64_t share = (lines + kTiles - 1) / kTiles;
+      int64_t first_line = 0;
       for (int i0 = 0; i0 < kBlock; i0 += kRows) {
-        for (int c0 = 0; c0 < kBlock; c0 += kColumns) {
+        for (int c0 = 0; c0 < kBlock; c0 += kColumns, first_line += share) {
           float* tile = sums + i0 * kBlock + c0;
           k0 == 0 ? zero_tile<V>(acc) : load_tile<V>(acc, tile, kBlock);
+          const int64_t count = std::clamp<int64_t>(lines - first_line, 0, std::min(share, depth));
+          const PrefetchLines left_lines{count ? next_left + first_line * kLine : nullptr, kLine,
+                                         count};
+          const PrefetchLines right_lines{count ? next_right + first_line * kLine : nullptr, kLine,
+                                          count};
           accumulate_tile<V, 1>(acc, left + k0 * kBlock + i0, kBlock, right + k0 * kBlock + c0,
-                                kBlock, depth);
+                                kBlock, depth, nullptr, left_lines, right_lines);
           store_tile<V>(acc, tile, kBlock, kRows);
         }
       }

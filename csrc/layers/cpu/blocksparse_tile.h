@@ -90,7 +90,9 @@ struct VecAvx2 : VecGcc<Floats8, Ints8> {
 };
 
 struct VecAvx512 : VecGcc<Floats16, Ints16> {
-  static constexpr int kMaxVectors = 4;     // a whole block of 64 columns
+  // 8 x 2 vectors for blocks of 64 too: a step of 4 x 4 reads four lines of the right panel
+  // rather than two, and measured slower with the same 16 accumulators.
+  static constexpr int kMaxVectors = 2;
   static constexpr int kAccumulators = 24;  // of 32 registers, leaving room for loads
 };
 
@@ -173,17 +175,28 @@ FASTOPT_INLINE void accumulate_rows(typename V::T (&acc)[sizeof...(kRow)][kVecto
 // being the kVectors vectors from b. Each step loads kVectors vectors of b once and broadcasts
 // kRows elements of a: kRows * kVectors FMAs for kRows + kVectors loads. With `next_b`, each
 // step also prefetches the b of the call that follows (same shape), whose memory the hardware
-// prefetcher cannot guess.
+// prefetcher cannot guess; `next_lines` and `more_lines` (the first `count` steps prefetch one
+// line of each) spread the prefetches of other memory over the steps: issued together, more lines
+// than the core can fetch at once would stall it.
+struct PrefetchLines {
+  const char* first = nullptr;
+  int64_t stride = 0;
+  int64_t count = 0;
+};
+
 template <typename V, int kRowStride, int kRows, int kVectors>
 FASTOPT_INLINE void accumulate_tile(typename V::T (&acc)[kRows][kVectors], const float* a,
                                     int64_t lda, const float* b, int64_t ldb, int64_t depth,
-                                    const float* next_b = nullptr) {
+                                    const float* next_b = nullptr, PrefetchLines next_lines = {},
+                                    PrefetchLines more_lines = {}) {
   for (int64_t k = 0; k < depth; ++k) {
     typename V::T bk[kVectors];
     for (int v = 0; v < kVectors; ++v) bk[v] = V::load(b + k * ldb + v * V::kLanes);
     if (next_b) {
       for (int v = 0; v < kVectors; ++v) __builtin_prefetch(next_b + k * ldb + v * V::kLanes);
     }
+    if (k < next_lines.count) __builtin_prefetch(next_lines.first + k * next_lines.stride);
+    if (k < more_lines.count) __builtin_prefetch(more_lines.first + k * more_lines.stride);
     accumulate_rows<V, kRowStride>(acc, a + k * lda, bk, std::make_integer_sequence<int, kRows>{});
   }
 }
