@@ -20,9 +20,10 @@
 // element, the further ahead of its reads the core runs, and the closer they come to the memory's
 // rate.
 //
-// A thread reads several blocks of its piece at once, a turn of each in turn: one sequential
-// stream per thread reads memory slower than the several streams an optimizer step reads, and the
-// pass exists only to read. Each block keeps its own accumulators and takes its elements in the
+// A thread reads several blocks of its piece at once, a turn of each in turn, and asks for each
+// block's cache lines ahead of its reads, as the optimizer steps do: one sequential stream per
+// thread reads memory slower than the several streams an optimizer step reads, and the pass
+// exists only to read. Each block keeps its own accumulators and takes its elements in the
 // same order as when read alone, so its slot value does not depend on which blocks it is read
 // with.
 #include "optim/grad_norm.h"
@@ -41,6 +42,7 @@
 #include "cpu/dtype_switch.h"
 #include "cpu/isa.h"
 #include "optim/cpu/multi_tensor.h"
+#include "optim/cpu/prefetched_loop.h"
 
 namespace fastopt::cpu {
 namespace {
@@ -179,7 +181,11 @@ FASTOPT_INLINE void accumulate_blocks_together(const NormPiece& a, const S* __re
   }
   for (int64_t turn = 0; turn < common_turns; ++turn) {
     for (int k = 0; k < count; ++k) {
-      lanes[k].add_turn(x + blocks[k] * kNormBlock + turn * kTurn, a.p);
+      const int64_t begin = blocks[k] * kNormBlock + turn * kTurn;
+      for (int64_t ahead = 0; ahead < kTurn; ahead += kPrefetchBlock) {
+        prefetch_block_ahead(x, begin + ahead);
+      }
+      lanes[k].add_turn(x + begin, a.p);
     }
   }
   // Only the tensor's last block can be shorter than the others.
