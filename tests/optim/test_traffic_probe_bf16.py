@@ -112,7 +112,7 @@ def test_precision_modes_declare_their_steps_own_streams(name):
 def test_precision_probe_runs_cover_each_set_of_streams_once_per_loop_form():
     """One probe per distinct set of the modes' streams and loop form, over tensors of those
     dtypes; a mode's roofline is its streams' time, scaled to the bytes of its other passes."""
-    modes = precision.MODES + precision.STEP_READS
+    modes = precision.MODES + precision.STEP_READS + precision.GRAD_READS
     runs = precision.probe_runs(modes, 100)
     distinct = {(m.updated, m.read) for m in modes}
     assert len(runs) == len(distinct) * len(optimizers.PROBE_FORMS)

@@ -170,18 +170,47 @@ def _result(mode, ms, roofline_ms):
 
 
 def test_clipping_line_sets_the_least_cost_against_the_measured_one():
-    """The least cost is the faster read of the step's 16 bytes (on its tensors or the probe's
-    own), scaled to the grads' 4, over the fp32 step's roofline time."""
+    """The least cost is the faster probe reading the grads alone, over the fp32 step's roofline
+    time; the line also gives the norm pass's own time."""
     modes = {m.name: m for m in precision.MODES}
     step = _result(modes["fastopt fp32"], 10.0, 9.0)
     clipped = _result(modes["fastopt fp32, clipped"], 12.5, 9.9)
-    plain, prefetched = precision.STEP_READS
-    slow = [_result(plain, 14.0, 16.0), _result(prefetched, 15.0, 12.0)]
-    line = precision.clipping_line([step, clipped, *slow])
-    assert "2.50 ms to the fp32 step (+25%)" in line
-    assert "(12.00 ms for all 16), 3.00 ms = 33% of the fp32 step's roofline time (9.00 ms)" in line
+    norm = _result(modes["fastopt grad_norm alone (clipping's pass)"], 2.2, 1.0)
+    plain, prefetched = precision.GRAD_READS
+    slow = [_result(plain, 3.5, 1.0), _result(prefetched, 3.0, 1.0)]
+    line = precision.clipping_line([step, clipped, norm, *slow])
+    assert "2.50 ms to the fp32 step (+25%); its norm pass alone takes 2.20 ms" in line
+    assert "(3.00 ms), 33% of the fp32 step's roofline time (9.00 ms)" in line
     assert "out of reach here" in line
-    fast = [_result(plain, 4.4, 5.0), _result(prefetched, 4.0, 4.8)]
-    line = precision.clipping_line([step, clipped, *fast])
-    assert "1.00 ms = 11%" in line and "within reach here" in line
-    assert precision.clipping_line([step, clipped]) is None
+    fast = [_result(plain, 1.0, 1.0), _result(prefetched, 1.2, 1.0)]
+    line = precision.clipping_line([step, clipped, norm, *fast])
+    assert "(1.00 ms), 11%" in line and "within reach here" in line
+    assert precision.clipping_line([step, clipped, norm]) is None
+
+
+@pytest.mark.parametrize("mode", precision.GRAD_READS, ids=lambda m: m.name)
+def test_precision_grad_reads_read_every_grad_in_quarters_and_change_nothing(mode, monkeypatch):
+    """The probe reads four quarter ranges of each grad (views, no copy) and nothing else."""
+    params = precision.make_params(torch.float32, 9001, "cpu")
+    seen = []
+    real_probes = precision.probes
+
+    def recording_probes(updated, read):
+        seen.append((updated, read))
+        return real_probes(updated, read)
+
+    monkeypatch.setattr(precision, "probes", recording_probes)
+    read = mode.make(params)
+    before = [p.clone() for p in params] + [p.grad.clone() for p in params]
+    read()
+    ((updated, streams),) = seen
+    assert updated == [] and len(streams) == 4
+    for p, *quarters in zip(params, *streams, strict=True):
+        q = p.numel() // 4
+        for k, view in enumerate(quarters):
+            assert view.numel() == q
+            assert q == 0 or view.data_ptr() == p.grad.data_ptr() + 4 * k * q
+    after = list(params) + [p.grad for p in params]
+    for t, b in zip(after, before, strict=True):
+        assert torch.equal(t, b)
+    assert mode.bytes_per_param == 4
