@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.threads import num_threads
 
 import fastopt
 
@@ -15,10 +16,8 @@ SUBNORMAL = torch.finfo(torch.float32).tiny / 4
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with num_threads(2):
+        yield
 
 
 def _adam_over_subnormal_moments():

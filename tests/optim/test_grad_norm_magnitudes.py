@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.rng import generator
+from helpers.threads import at_thread_counts
 
 INF = float("inf")
 NAN = float("nan")
@@ -162,14 +163,7 @@ def test_bits_do_not_depend_on_the_thread_count(dtype, norm_type):
         for b in range(0, size, BLOCK):
             t[b : b + BLOCK] *= magnitudes[(i + b // BLOCK) % len(magnitudes)]
         tensors.append(t.to(dtype))
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(grad_norm(tensors, norm_type))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: grad_norm(tensors, norm_type))
     assert_matches_torch(results[0], tensors, norm_type)
     for r in results[1:]:
         assert_same_bits(r, results[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.rng import generator
+from helpers.threads import at_thread_counts, num_threads
 
 INF = float("inf")
 NAN = float("nan")
@@ -59,10 +60,8 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
 @pytest.fixture
 def one_thread():
     """One thread: each tensor is one piece, all its blocks read by one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with num_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
@@ -127,14 +126,7 @@ def test_bit_identical_whatever_the_thread_count(dtype, norm_type):
     gen = generator(35)
     sizes = [40 * BLOCK + 17, 3, 9 * BLOCK, 23 * BLOCK - 1, 5 * BLOCK + 1]
     tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(grad_norm(tensors, norm_type))
-    finally:
-        torch.set_num_threads(threads)
+    results = at_thread_counts(lambda: grad_norm(tensors, norm_type))
     assert_matches_torch(results[0], tensors, norm_type)
     for r in results[1:]:
         assert_same_bits(r, results[0])
