@@ -119,26 +119,20 @@ struct ProbeLoop {
       ((a.updated_bf16[U16][i] = truncated(float(a.updated_bf16[U16][i]) * keep + sum * add)), ...);
     };
     if (a.prefetch) {
-      prefetch_streams(a, element, std::make_index_sequence<R>(), std::make_index_sequence<RB>());
+      prefetched(a, element, std::make_index_sequence<U>(), std::make_index_sequence<UB>(),
+                 std::make_index_sequence<R>(), std::make_index_sequence<RB>());
     } else {
       for (int64_t i = a.begin; i < a.end; ++i) element(i, 0);
     }
   }
 
-  template <typename Element, size_t... R32, size_t... R16>
-  FASTOPT_INLINE static void prefetch_streams(const ProbePiece& a, const Element& element,
-                                              std::index_sequence<R32...>,
-                                              std::index_sequence<R16...>) {
-    prefetched_streams_loop(a, element, std::make_index_sequence<U>(),
-                            std::make_index_sequence<UB>(), a.read[R32]..., a.read_bf16[R16]...);
-  }
-
-  template <typename Element, size_t... U32, size_t... U16, typename... Reads>
-  FASTOPT_INLINE static void prefetched_streams_loop(const ProbePiece& a, const Element& element,
-                                                     std::index_sequence<U32...>,
-                                                     std::index_sequence<U16...>,
-                                                     const Reads*... reads) {
-    prefetched_loop(a.begin, a.end, element, a.updated[U32]..., a.updated_bf16[U16]..., reads...);
+  // prefetched_loop over every stream, each pack of indices from its own sequence.
+  template <typename Element, size_t... U32, size_t... U16, size_t... R32, size_t... R16>
+  FASTOPT_INLINE static void prefetched(const ProbePiece& a, const Element& element,
+                                        std::index_sequence<U32...>, std::index_sequence<U16...>,
+                                        std::index_sequence<R32...>, std::index_sequence<R16...>) {
+    prefetched_loop(a.begin, a.end, element, a.updated[U32]..., a.updated_bf16[U16]...,
+                    a.read[R32]..., a.read_bf16[R16]...);
   }
 
   // Reads in prefetched_loop's blocks, with its prefetches ahead or without.
