@@ -33,13 +33,12 @@ from .optimizers import (
     FAMILIES,
     PROBE_FORMS,
     ROOFLINE,
-    Family,
+    copy_roofline,
     mixed_sizes,
     probes,
-    roofline_ms,
     step_streams,
 )
-from .timing import interleaved_medians
+from .timing import interleaved_medians, median_ms
 
 FEATURE = "precision"
 NUMEL = 20_000_000
@@ -153,17 +152,30 @@ MODES = [
 ]
 
 
-def _step_reads(form: str) -> Callable[[list[torch.Tensor]], Step]:
-    """The traffic probe, in loop form `form`, reading every stream of an fp32 AdamW step over
-    these params (param, grad and both moments, after a first step made them) and writing none."""
+StreamsOf = Callable[[list[torch.Tensor]], list[list[torch.Tensor]]]
 
-    def make(ps: list[torch.Tensor]) -> Step:
-        optimizer = fastopt.FusedAdamW(ps, lr=1e-4)
-        optimizer.step()
-        updated, read = step_streams(optimizer, FAMILIES["adam"])
-        return probes([], updated + read)[f"{ROOFLINE}, {form}"]
 
-    return make
+def _reading(streams_of: StreamsOf, form: str) -> Callable[[list[torch.Tensor]], Step]:
+    """params -> the traffic probe, in loop form `form`, reading the streams `streams_of` gives
+    for them and writing none."""
+    return lambda ps: probes([], streams_of(ps))[f"{ROOFLINE}, {form}"]
+
+
+def _step_streams(ps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Every stream of an fp32 AdamW step over these params (param, grad and both moments, after
+    a first step made them)."""
+    optimizer = fastopt.FusedAdamW(ps, lr=1e-4)
+    optimizer.step()
+    updated, read = step_streams(optimizer, FAMILIES["adam"])
+    return updated + read
+
+
+def _grad_quarters(ps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """These params' grads as 4 streams of a quarter of each grad: the ranges grad_norm reads at
+    once (a sequential stream per thread reads memory slower than several). The last elements of
+    a grad whose size is not a multiple of 4 (3 at most) are left out."""
+    flat = [p.grad.view(-1) for p in ps]
+    return [[g[k * (g.numel() // 4) : (k + 1) * (g.numel() // 4)] for g in flat] for k in range(4)]
 
 
 # On the CPU only (the probe is a CPU kernel): 16 bytes per param, all read.
@@ -171,7 +183,7 @@ STEP_READS = [
     Mode(
         f"probe: fp32 step's streams only read, {form}",
         FP32,
-        _step_reads(form),
+        _reading(_step_streams, form),
         16,
         (),
         (FP32,) * 4,
@@ -179,27 +191,17 @@ STEP_READS = [
     )
     for form in PROBE_FORMS
 ]
-
-
-def _grad_reads(form: str) -> Callable[[list[torch.Tensor]], Step]:
-    """The traffic probe, in loop form `form`, reading these params' grads and nothing else, as 4
-    streams of a quarter of each grad: the ranges grad_norm reads at once (a sequential stream per
-    thread reads memory slower than several). The last elements of a grad whose size is not a
-    multiple of 4 (3 at most) are left out."""
-
-    def make(ps: list[torch.Tensor]) -> Step:
-        flat = [p.grad.view(-1) for p in ps]
-        quarters = [
-            [g[k * (g.numel() // 4) : (k + 1) * (g.numel() // 4)] for g in flat] for k in range(4)
-        ]
-        return probes([], quarters)[f"{ROOFLINE}, {form}"]
-
-    return make
-
-
 # On the CPU only: the least time a second read of the grads (clipping's norm pass) can take.
 GRAD_READS = [
-    Mode(f"probe: the grads only read, {form}", FP32, _grad_reads(form), 4, (), (FP32,) * 4, False)
+    Mode(
+        f"probe: the grads only read, {form}",
+        FP32,
+        _reading(_grad_quarters, form),
+        4,
+        (),
+        (FP32,) * 4,
+        False,
+    )
     for form in PROBE_FORMS
 ]
 CLIPPING_TARGET = 0.15  # the most clipping may add to an fp32 step's time on the CPU
@@ -250,13 +252,11 @@ def rooflines_ms(modes: list[Mode], streams_ms: dict[Streams, float]) -> dict[st
 
 
 def copy_rooflines_ms(modes: list[Mode], numel: int, device: str) -> dict[Streams, float]:
-    """On a GPU: the device's copy bandwidth, for each set of the modes' streams."""
-    streams_ms = {}
-    for mode in modes:
-        fp32 = Family(mode.name, len(mode.updated), len(mode.read), {})
-        copy_ms = roofline_ms(fp32, numel, device)
-        streams_ms[_streams(mode)] = copy_ms * mode.stream_bytes / fp32.bytes_per_param
-    return streams_ms
+    """On a GPU: each set of the modes' streams moved at the device's copy bandwidth, timed once
+    for all of them."""
+    copy, copy_bytes = copy_roofline(device)
+    ms_per_byte = median_ms(copy, device) / copy_bytes
+    return {_streams(m): ms_per_byte * m.stream_bytes * numel for m in modes}
 
 
 @dataclass(frozen=True)

@@ -131,15 +131,15 @@ def test_precision_probe_runs_cover_each_set_of_streams_once_per_loop_form():
 def test_precision_rooflines_on_a_gpu_are_the_copy_bandwidth_scaled_to_each_modes_bytes(
     monkeypatch,
 ):
-    """Off the CPU there is no probe: each mode's roofline is the device's copy time for an fp32
-    step's bytes (roofline_ms), scaled to the mode's streams' bytes, then to its own."""
-    copy_ms_per_fp32_byte = 0.5
-    monkeypatch.setattr(
-        precision,
-        "roofline_ms",
-        lambda family, numel, device: copy_ms_per_fp32_byte * family.bytes_per_param,
-    )
-    streams_ms = precision.copy_rooflines_ms(precision.MODES, 1000, "cuda")
+    """Off the CPU there is no probe: each mode's roofline is its bytes moved at the device's copy
+    bandwidth, the copy timed once for all modes."""
+    timed = []
+    monkeypatch.setattr(precision, "copy_roofline", lambda device: ("copy", 2000))
+    monkeypatch.setattr(precision, "median_ms", lambda fn, device: timed.append(fn) or 3.0)
+    numel = 1000
+    streams_ms = precision.copy_rooflines_ms(precision.MODES, numel, "cuda")
     rooflines = precision.rooflines_ms(precision.MODES, streams_ms)
+    assert timed == ["copy"]
     for mode in precision.MODES:
-        assert rooflines[mode.name] == pytest.approx(copy_ms_per_fp32_byte * mode.bytes_per_param)
+        expected = 3.0 / 2000 * mode.bytes_per_param * numel
+        assert rooflines[mode.name] == pytest.approx(expected)
