@@ -144,6 +144,8 @@ class FusedAdagrad(FusedOptimizer):
         else:
             dense_columns = columns
 
+        has_dense = len(sparse) < len(grads)
+
         def run_all(found_inf: Tensor | None) -> None:
             for i in sparse:
                 functional.sparse_adagrad_step_(
@@ -152,16 +154,18 @@ class FusedAdagrad(FusedOptimizer):
                     found_inf=found_inf,
                     **options,
                 )
-            functional.adagrad_step_(
-                *dense_columns,
-                weight_decay=group["weight_decay"],
-                **(shared | {"found_inf": found_inf}),
-                **options,
-            )
+            if has_dense:
+                functional.adagrad_step_(
+                    *dense_columns,
+                    weight_decay=group["weight_decay"],
+                    **(shared | {"found_inf": found_inf}),
+                    **options,
+                )
 
-        if sparse and not torch.compiler.is_compiling():
+        if len(sparse) + has_dense > 1 and not torch.compiler.is_compiling():
             # Several ops run for this group: all of them first check their inputs as a skipped
             # step (found_inf set), so that a bad input in one leaves the others unchanged too.
+            # (One op alone checks everything before it changes anything.)
             run_all(self._skip_flag(params[0].device))
         run_all(shared["found_inf"])
 

@@ -632,6 +632,22 @@ def test_bad_state_next_to_a_sparse_grad_changes_nothing(bad_first):
     assert_unchanged(opt, params, before)
 
 
+def test_a_lone_sparse_grad_with_bad_state_changes_nothing():
+    """A group whose only op is one sparse step runs no check-only pass first: the op must check
+    everything before it writes. A loaded sum of the wrong shape: a clear error, nothing changed."""
+    gen = generator(34)
+    embedding = torch.randn(20, 4, generator=gen).requires_grad_()
+    opt = fastopt.FusedAdagrad([embedding], lr=0.1)
+    _give(_hand_made_grad("rows", gen), embedding)
+    opt.step()
+    opt.state[embedding]["sum"] = torch.zeros(20, 3)
+    _give(_hand_made_grad("rows", gen), embedding)
+    before = snapshot(opt, [embedding])
+    with pytest.raises(RuntimeError, match=r"state_sum"):
+        opt.step()
+    assert_unchanged(opt, [embedding], before)
+
+
 def _lookup_model(kind: str) -> nn.Module:
     if kind == "embedding-padding_idx":
         return nn.Embedding(30, 5, sparse=True, padding_idx=0)
