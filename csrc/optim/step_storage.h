@@ -109,10 +109,6 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE float bits_float(uint32_t bits) {
 #endif
 }
 
-FASTOPT_HOST_DEVICE FASTOPT_INLINE bool is_nan_bits(uint32_t bits) {
-  return (bits & 0x7fffffffu) > 0x7f800000u;
-}
-
 // A 32-bit integer hash with good avalanche (every input bit flips each output bit with
 // probability about 1/2): two multiply-xorshift rounds.
 FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t mix32(uint32_t x) {
@@ -164,8 +160,9 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits(const uint32_t* keys, 
 // becomes bfloat16's quiet NaN, as round-to-nearest makes it, rather than a carry out of its
 // payload.
 FASTOPT_HOST_DEVICE FASTOPT_INLINE c10::BFloat16 bf16_round_stochastic(float v, uint32_t random) {
-  const uint32_t bits = float_bits(v);
-  const uint16_t rounded = is_nan_bits(bits) ? uint16_t(0x7fc0u) : uint16_t((bits + random) >> 16);
+  // NaN tested as a float comparison (one vector instruction) rather than on the bits.
+  const bool is_nan = v != v;
+  const uint16_t rounded = is_nan ? uint16_t(0x7fc0u) : uint16_t((float_bits(v) + random) >> 16);
   return c10::BFloat16(rounded, c10::BFloat16::from_bits());
 }
 
@@ -190,7 +187,7 @@ struct Bf16WithRemainder {
 
 FASTOPT_HOST_DEVICE FASTOPT_INLINE Bf16WithRemainder split_master(float master) {
   const uint32_t bits = float_bits(master);
-  if (is_nan_bits(bits)) return {uint16_t(0x7fc0u | (bits >> 16)), 0};
+  if (master != master) return {uint16_t(0x7fc0u | (bits >> 16)), 0};  // NaN
   // No overflow: the largest non-NaN bit pattern is -inf, 0xff800000.
   const uint32_t upper = (bits + 0x8000u) >> 16;
   return {uint16_t(upper), int16_t(int32_t(bits - (upper << 16)))};
