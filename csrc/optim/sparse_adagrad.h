@@ -89,6 +89,24 @@ inline SparseRows check_sparse_adagrad_call(const at::Tensor& param, const at::T
   return layout;
 }
 
+// Refuses a gradient entry outside the param, as torch's sparse Adagrad does (an IndexError):
+// the kernels would write outside it. A sparse tensor made without torch's invariant checks
+// (their default) can hold such entries. On CUDA the bounds come back to the host, a
+// synchronization, as torch's coalesce of the gradient makes one too.
+inline void check_sparse_indices_in_bounds(const at::Tensor& grad) {
+  if (grad._nnz() == 0) return;
+  const auto [low, high] = at::aminmax(grad._indices(), /*dim=*/1);
+  const at::Tensor bounds = at::stack({low, high}).cpu();
+  const auto bound = bounds.accessor<int64_t, 2>();
+  for (int64_t d = 0; d < grad.sparse_dim(); ++d) {
+    const int64_t outside = bound[0][d] < 0 ? bound[0][d] : bound[1][d];
+    TORCH_CHECK_INDEX(bound[0][d] >= 0 && bound[1][d] < grad.size(d),
+                      op_display_name(kSparseAdagradStepName), ": grad has an entry at index ",
+                      outside, " of dimension ", d, ", out of bounds for the param's size ",
+                      grad.size(d), "; a sparse grad may only hold indices within its param");
+  }
+}
+
 // The row of every entry of a checked gradient, an int64 tensor [nnz] on its device.
 inline at::Tensor sparse_entry_rows(const at::Tensor& grad) {
   const at::Tensor indices = grad._indices();

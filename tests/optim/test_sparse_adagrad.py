@@ -648,6 +648,34 @@ def test_a_lone_sparse_grad_with_bad_state_changes_nothing():
     assert_unchanged(opt, [embedding], before)
 
 
+# (param shape, indices, the out-of-bounds index, its dimension): torch.sparse_coo_tensor checks
+# no bounds by default. In the last case the row-major row (2 * 3 + 3 = 9) is inside the param.
+OUTSIDE = {
+    "past-the-end": ((20, 4), [[3, 20, 5]], 20, 0),
+    "negative": ((20, 4), [[3, -1, 5]], -1, 0),
+    "second-sparse-dim": ((50, 3, 4), [[1, 2, 0], [0, 3, 1]], 3, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_an_index_outside_the_param_is_refused_before_anything_changes(device, case):
+    """torch's Adagrad raises an IndexError for such an entry; fastopt must too, rather than
+    write outside the param (or into the wrong row)."""
+    shape, indices, outside, dim = OUTSIDE[case]
+    gen = generator(35)
+    param = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    opt = fastopt.FusedAdagrad([param], lr=0.1)
+    values = torch.randn(len(indices[0]), *shape[len(indices) :], generator=gen)
+    outside_grad = torch.sparse_coo_tensor(
+        torch.tensor(indices), values, shape, check_invariants=False
+    )
+    param.grad = outside_grad.to(device)
+    before = snapshot(opt, [param])
+    with pytest.raises(IndexError, match=rf"index {outside} of dimension {dim}, out of bounds"):
+        opt.step()
+    assert_unchanged(opt, [param], before)
+
+
 def _lookup_model(kind: str) -> nn.Module:
     if kind == "embedding-padding_idx":
         return nn.Embedding(30, 5, sparse=True, padding_idx=0)

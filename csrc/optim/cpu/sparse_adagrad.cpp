@@ -148,6 +148,7 @@ void sparse_adagrad_step_cpu(const at::Tensor& param, const at::Tensor& grad,
                              const std::optional<at::Tensor>& found_inf) {
   const SparseRows layout = check_sparse_adagrad_call(param, grad, state_sum, step, lr_tensor,
                                                       grad_scale, found_inf, c10::DeviceType::CPU);
+  check_sparse_indices_in_bounds(grad);
   if (found_inf.has_value() && found_inf->item<double>() != 0) return;
   if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
   const float new_step = *step.const_data_ptr<float>() + 1.0f;

@@ -147,6 +147,7 @@ void sparse_adagrad_step_cuda(const at::Tensor& param, const at::Tensor& grad,
                               const std::optional<at::Tensor>& found_inf) {
   const SparseRows layout = check_sparse_adagrad_call(param, grad, state_sum, step, lr_tensor,
                                                       grad_scale, found_inf, kKernelDevice);
+  check_sparse_indices_in_bounds(grad);
   const DeviceGuard guard(param.device());
   // The kernel walks the values as [nnz, row_size]; a strided copy is stored back after.
   const at::Tensor values = grad._values().contiguous();
