@@ -65,3 +65,23 @@ def test_without_flush_denormal_a_step_keeps_subnormals_as_torch_does(two_thread
     # size before it divides, which loses bits in the subnormal range: equal to a tolerance).
     assert bool((param.detach() != 0).all())
     torch.testing.assert_close(param.detach(), reference.detach())
+
+
+def test_flush_denormal_holds_in_every_thread_of_a_sparse_adagrad_step(two_threads):
+    """The sparse Adagrad step runs its own parallel region: the same there, over sums in the
+    subnormal range and zero grads in every row (enough rows for every thread to take some)."""
+    rows, width = 4000, 64
+    param = torch.nn.Parameter(torch.zeros(rows, width))
+    optimizer = fastopt.FusedAdagrad([param], lr=0.1)
+    every_row = torch.arange(rows).unsqueeze(0)
+    zeros = torch.zeros(rows, width)
+    param.grad = torch.sparse_coo_tensor(every_row, zeros, (rows, width), check_invariants=True)
+    optimizer.step()
+    optimizer.state[param]["sum"].fill_(SUBNORMAL)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        optimizer.step()
+    finally:
+        torch.set_flush_denormal(False)
+    assert bool((optimizer.state[param]["sum"] == 0).all())
