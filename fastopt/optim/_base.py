@@ -57,20 +57,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.grad_norm: Tensor | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a param group, as torch.optim does; refuses ``master_weights`` for a group with
-        no float16/bfloat16 param, which has nothing to keep a master copy of."""
+        """Adds a param group, as torch.optim does; checks the precision options it gives
+        (as the constructor checks its own) and refuses ``master_weights`` for a group with no
+        float16/bfloat16 param, which has nothing to keep a master copy of."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        master_weights = _precision.option(group, "master_weights")
-        if master_weights and not any(p.dtype in _HALF for p in group["params"]):
+        name, index = type(self).__name__, len(self.param_groups) - 1
+        try:
+            options = {k: _precision.option(group, k) for k in _precision.GROUP_DEFAULTS}
+            PrecisionOptions(**options).check(f"{name}: param_groups[{index}]")
+            master_weights = options["master_weights"]
+            if master_weights and not any(p.dtype in _HALF for p in group["params"]):
+                dtypes = sorted({str(p.dtype) for p in group["params"]})
+                raise ValueError(
+                    f"{name}: master_weights={master_weights!r} but param_groups[{index}] has no "
+                    f"float16 or bfloat16 param (its dtypes: {', '.join(dtypes)}); master copies "
+                    "are for 16-bit params: convert the model first (model.bfloat16()), or drop "
+                    "master_weights"
+                )
+        except ValueError:
             self.param_groups.pop()
-            dtypes = sorted({str(p.dtype) for p in group["params"]})
-            raise ValueError(
-                f"{type(self).__name__}: master_weights={master_weights!r} but "
-                f"param_groups[{len(self.param_groups)}] has no float16 or bfloat16 param (its "
-                f"dtypes: {', '.join(dtypes)}); master copies are for 16-bit params: convert "
-                "the model first (model.bfloat16()), or drop master_weights"
-            )
+            raise
 
     # -- what a subclass provides -------------------------------------------------------------
 

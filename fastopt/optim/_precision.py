@@ -152,9 +152,21 @@ def complete_state(p: Tensor, group: dict[str, Any], state: dict[str, Any]):
     seed = None
     if option(group, "state_dtype") == torch.bfloat16:
         if SEED_KEY not in state:
-            state[SEED_KEY] = int(torch.randint(0, 2**62, ()).item())
+            state[SEED_KEY] = _new_seed()
         seed = state[SEED_KEY]
     return master, seed
+
+
+def _new_seed() -> int:
+    """A rounding seed drawn from torch's generator."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+# A step compiled before the state exists draws its seeds while tracing, as constants of the
+# graph: traced, the draw would be a data-dependent int (`.item()`), which the op's int[] argument
+# cannot take. What torch.compiler.assume_constant_result marks, set without importing torch._dynamo
+# (as for fastopt._dtensor.enable).
+_new_seed._dynamo_marked_constant = True
 
 
 def step_arguments(group, states, grad_norm: Tensor | None, device) -> dict[str, Any]:

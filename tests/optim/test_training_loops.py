@@ -1,0 +1,98 @@
+"""The precision options in a bfloat16 training loop as users write it: the step compiled with
+torch.compile from the very first step (before any state exists), and param groups added with
+their own options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.optim_cases import OPTIMIZERS
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import fastopt
+
+# Options that reach every precision path at once: master copies (remainders for the bfloat16
+# params), bfloat16 state with its rounding seeds, clipping.
+PRECISION = dict(master_weights="remainder", state_dtype=torch.bfloat16, max_grad_norm=0.05)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)).bfloat16()
+
+
+def _backward(model: nn.Module, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    model(torch.randn(5, 8, generator=gen).bfloat16()).float().square().mean().backward()
+
+
+def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    torch.manual_seed(1)  # the rounding seeds: alike for both runs
+    return getattr(fastopt, f"Fused{name}")(model.parameters(), lr=1e-2, **PRECISION)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_compiled_from_the_first_step_matches_eager(name):
+    """torch.compile(opt.step, fullgraph=True) called before any step: the state (master
+    remainders, bfloat16 moments, rounding seeds) is created while tracing. The run must be the
+    eager run bit for bit, returned norms and seeds included."""
+    torch._dynamo.reset()
+    eager_model, model = _model(), _model()
+    eager, opt = _optimizer(name, eager_model), _optimizer(name, model)
+    torch.manual_seed(2)
+    counter = CompileCounterWithBackend("inductor")
+    compiled_step = torch.compile(opt.step, fullgraph=True, backend=counter)
+    for step in range(3):
+        _backward(eager_model, step)
+        _backward(model, step)
+        torch.manual_seed(2 + step)  # each run draws what seeds it creates from the same state
+        eager_norm = eager.step()
+        torch.manual_seed(2 + step)
+        norm = compiled_step()
+        assert torch.equal(norm, eager_norm), (step, norm, eager_norm)
+        eager.zero_grad()
+        opt.zero_grad()
+        for p, q in zip(eager_model.parameters(), model.parameters(), strict=True):
+            assert torch.equal(p, q), step
+            assert opt.state[q].keys() == eager.state[p].keys(), step
+            for key, value in eager.state[p].items():
+                other = opt.state[q][key]
+                same = (
+                    torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+                )
+                assert same, (step, key)
+    assert counter.frame_count >= 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(state_dtype=torch.float16),
+        dict(state_dtype="bfloat16"),
+        dict(max_grad_norm=0.0),
+        dict(max_grad_norm=-1.0),
+        dict(master_weights="yes"),
+        dict(norm_type=-2.0),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("where", ["add_param_group", "constructor"])
+def test_param_group_options_are_checked(options, where):
+    """A param group's own precision options are checked as the constructor's are: a clear error
+    naming the group and the option, and the optimizer as it was (not an error at the first
+    step, or a bad option taken silently)."""
+    model = _model()
+    key = next(iter(options))
+    if where == "constructor":
+        groups = [{"params": model[0].parameters()}, {"params": model[3].parameters(), **options}]
+        with pytest.raises(ValueError, match=rf"FusedAdamW: param_groups\[1\]: {key} must be"):
+            fastopt.FusedAdamW(groups, lr=1e-2)
+        return
+    opt = fastopt.FusedAdamW(model[0].parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match=rf"FusedAdamW: param_groups\[1\]: {key} must be"):
+        opt.add_param_group({"params": list(model[3].parameters()), **options})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": list(model[3].parameters())})  # the params are still free
+    _backward(model, 0)
+    opt.step()
