@@ -111,6 +111,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key in _precision.GROUP_DEFAULTS:
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])
+            if "state_dtype" in group:
+                group["state_dtype"] = _precision.state_dtype_of_saved(group["state_dtype"])
         # A checkpoint may come from torch.optim with its step counts on the CPU (or, from old
         # torch versions, as Python numbers), and from a model whose params had another memory
         # layout (contiguous, then channels_last); the kernels read the counts on the param's
@@ -131,6 +133,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                         # The kernels also take strides that differ in dimensions of size 1
                         # (csrc/optim/optimizer_checks.h); the param's exact layout is simpler.
                         p_state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, with fastopt's entries in the value types that
+        ``torch.distributed.checkpoint`` and its collectives take: a param group's
+        ``state_dtype`` by name (``"torch.bfloat16"``), and each ``"master_remainder"``'s int16
+        bits viewed as bfloat16. ``load_state_dict`` reads both back."""
+        return _precision.saveable(super().state_dict())
 
     @torch.no_grad()
     def step(self, closure=None):

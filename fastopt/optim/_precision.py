@@ -207,6 +207,8 @@ def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor
             continue
         if key in MASTER_KEYS:
             if has_master(p, group) and key == master_key(p, group):
+                if key == "master_remainder":  # saved as bfloat16 bits (`saveable`), or int16
+                    value = value.view(torch.int16)
                 state[key] = _laid_out_as(p, value, value.dtype)
             else:
                 state.pop(key, None)
@@ -214,6 +216,33 @@ def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor
             dtype = state_dtype(p, group)
             if state[key].dtype != dtype:
                 state[key] = _laid_out_as(p, value, dtype)
+
+
+def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` (torch.optim's, of a fastopt optimizer) in the value types that
+    torch.distributed.checkpoint and every collective take, which `load_state_dict` reads back:
+    a param group's ``state_dtype`` by name (``"torch.bfloat16"``: DCP's full state dicts take
+    no torch.dtype), and each ``"master_remainder"``'s int16 bits viewed as bfloat16 (gathering
+    a full state dict needs a collective, and neither gloo nor NCCL moves int16)."""
+    for group in state_dict["param_groups"]:  # copies of the optimizer's groups
+        if isinstance(group.get("state_dtype"), torch.dtype):
+            group["state_dtype"] = str(group["state_dtype"])
+    state_dict["state"] = {
+        i: s | {"master_remainder": s["master_remainder"].view(torch.bfloat16)}
+        if "master_remainder" in s
+        else s
+        for i, s in state_dict["state"].items()
+    }
+    return state_dict
+
+
+def state_dtype_of_saved(value: Any) -> Any:
+    """A param group's ``state_dtype`` as `saveable` wrote it (or as it was): the torch.dtype."""
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
 
 
 def _laid_out_as(p: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:

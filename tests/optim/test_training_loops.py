@@ -1,8 +1,10 @@
 """The precision options in a bfloat16 training loop as users write it: the step compiled with
-torch.compile from the very first step (before any state exists), and param groups added with
-their own options."""
+torch.compile from the very first step (before any state exists), param groups added with their
+own options, and checkpoints of an earlier fastopt."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -96,3 +98,30 @@ def test_param_group_options_are_checked(options, where):
     opt.add_param_group({"params": list(model[3].parameters())})  # the params are still free
     _backward(model, 0)
     opt.step()
+
+
+def test_checkpoint_of_an_earlier_fastopt_loads():
+    """A state_dict as fastopt wrote it before its entries were made DCP-friendly (a torch.dtype
+    state_dtype, int16 remainders) still loads and resumes identically."""
+    model = _model()
+    opt = _optimizer("AdamW", model)
+    for step in range(2):
+        _backward(model, step)
+        opt.step()
+        opt.zero_grad()
+    earlier = copy.deepcopy(opt.state_dict())
+    for group in earlier["param_groups"]:
+        group["state_dtype"] = torch.bfloat16
+    for state in earlier["state"].values():
+        state["master_remainder"] = state["master_remainder"].view(torch.int16)
+    resumed_model = copy.deepcopy(model)
+    resumed = _optimizer("AdamW", resumed_model)
+    resumed.load_state_dict(earlier)
+    for m, o in ((model, opt), (resumed_model, resumed)):
+        _backward(m, 2)
+        o.step()
+    for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert resumed.state[q]["master_remainder"].dtype == torch.int16
+        assert torch.equal(resumed.state[q]["master_remainder"], opt.state[p]["master_remainder"])
+    assert resumed.param_groups[0]["state_dtype"] == torch.bfloat16
