@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -342,16 +343,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         fastopt optimizer keeps in another dtype (master copies, float32 or bfloat16 state) is
         loaded as it was saved instead, and converted to the dtype the param group's options
         give it. Master copies missing from the state_dict (one saved by torch.optim) are made
-        from the params at the next step.
+        from the params at the next step; so are those torch.optim has carried along (it
+        casts them to the params' dtype, and its steps leave them behind), with a warning.
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         params = (p for g in self.param_groups for p in g["params"])
         groups = (g for g in self.param_groups for _ in g["params"])
+        stale = False
         for saved_id, p, group in zip(saved_ids, params, groups, strict=True):
             if saved_id in saved and p in self.state:
-                _precision.restore_state_dtypes(self.state[p], saved[saved_id], p, group)
+                stale |= _precision.restore_state_dtypes(self.state[p], saved[saved_id], p, group)
+        if stale:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: the state_dict holds float32 master "
+                "copies in the params' own dtype, as torch.optim saves them (its load_state_dict "
+                "casts them, and its steps leave them behind the params); they are dropped and "
+                "made again from the params at the next step",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 class _AmpTensors:

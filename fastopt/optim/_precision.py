@@ -197,16 +197,22 @@ def clipping(param_groups, name: str) -> float | None:
     return norm_types.pop() if norm_types else None
 
 
-def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor, group) -> None:
+def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor, group) -> bool:
     """After torch.optim's load_state_dict cast every float state tensor to `p`'s dtype: `p`'s
     state as saved, converted to the dtypes the group's options give it, laid out as `p`. A
     master copy the options do not use (or use in another form) is dropped, and remade from the
-    param."""
+    param; so is a float32 master copy saved in the param's dtype, which says that it went
+    through torch.optim (whose load_state_dict casts it so, and whose steps leave it behind the
+    params). Returns whether such a master copy was dropped."""
+    stale = False
     for key, value in saved.items():
         if key == "step" or not isinstance(value, Tensor):
             continue
         if key in MASTER_KEYS:
-            if has_master(p, group) and key == master_key(p, group):
+            if key == "master_param" and value.dtype != torch.float32:
+                stale = True
+                state.pop(key, None)
+            elif has_master(p, group) and key == master_key(p, group):
                 if key == "master_remainder":  # saved as bfloat16 bits (`saveable`), or int16
                     value = value.view(torch.int16)
                 state[key] = _laid_out_as(p, value, value.dtype)
@@ -216,6 +222,7 @@ def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor
             dtype = state_dtype(p, group)
             if state[key].dtype != dtype:
                 state[key] = _laid_out_as(p, value, dtype)
+    return stale
 
 
 def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:

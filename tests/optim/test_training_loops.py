@@ -26,7 +26,8 @@ def _model() -> nn.Module:
 
 def _backward(model: nn.Module, step: int) -> None:
     gen = torch.Generator().manual_seed(step)
-    model(torch.randn(5, 8, generator=gen).bfloat16()).float().square().mean().backward()
+    x = torch.randn(5, 8, generator=gen).to(next(model.parameters()).dtype)
+    model(x).float().square().mean().backward()
 
 
 def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -125,3 +126,39 @@ def test_checkpoint_of_an_earlier_fastopt_loads():
         assert resumed.state[q]["master_remainder"].dtype == torch.int16
         assert torch.equal(resumed.state[q]["master_remainder"], opt.state[p]["master_remainder"])
     assert resumed.param_groups[0]["state_dtype"] == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_through_torch_optim_and_back(name):
+    """fastopt's state_dict with master copies loaded into torch.optim as it is (which the README
+    allows: torch keeps the extra keys, cast to the params' dtype), torch.optim trains on, and its
+    state_dict comes back into fastopt: the master copies torch carried along are behind the
+    params and must not be used; the run continues as from torch's state without them."""
+    model = _model()
+    kwargs = dict(lr=1e-2, master_weights=True)
+    opt = getattr(fastopt, f"Fused{name}")(model.parameters(), **kwargs)
+    for step in range(2):
+        _backward(model, step)
+        opt.step()
+        opt.zero_grad()
+    torch_opt = getattr(torch.optim, name)(model.parameters(), lr=1e-2)
+    torch_opt.load_state_dict(opt.state_dict())
+    for step in range(2, 5):
+        _backward(model, step)
+        torch_opt.step()
+        torch_opt.zero_grad()
+    # Copies, as if written to disk: a state_dict holds the live step counts (torch.optim's too).
+    saved = copy.deepcopy(torch_opt.state_dict())
+    expected_model = copy.deepcopy(model)
+    expected = getattr(fastopt, f"Fused{name}")(expected_model.parameters(), **kwargs)
+    with pytest.warns(UserWarning, match="dropping the float32 master copies"):
+        expected.load_state_dict(fastopt.optim.to_torch_state_dict(saved))
+    resumed = getattr(fastopt, f"Fused{name}")(model.parameters(), **kwargs)
+    with pytest.warns(UserWarning, match="made again from the params"):
+        resumed.load_state_dict(copy.deepcopy(saved))
+    for m, o in ((expected_model, expected), (model, resumed)):
+        _backward(m, 5)
+        o.step()
+    for p, q in zip(expected_model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(expected.state[p]["master_param"], resumed.state[q]["master_param"])
