@@ -149,6 +149,10 @@ def complete_state(p: Tensor, group: dict[str, Any], state: dict[str, Any]):
             else:
                 state[key] = p.detach().to(torch.float32, copy=True)
         master = state[key]
+        if master.dtype == torch.bfloat16 and key == "master_remainder":
+            # A remainder as a state_dict holds it (`saveable`), put in place by code that
+            # bypasses load_state_dict (ZeroRedundancyOptimizer does).
+            state[key] = master = master.view(torch.int16)
     seed = None
     if option(group, "state_dtype") == torch.bfloat16:
         if SEED_KEY not in state:
