@@ -59,8 +59,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a param group, as torch.optim does; checks the precision options it gives
-        (as the constructor checks its own) and refuses ``master_weights`` for a group with no
-        float16/bfloat16 param, which has nothing to keep a master copy of."""
+        (as the constructor checks its own), refuses ``master_weights`` for a group with no
+        float16/bfloat16 param, which has nothing to keep a master copy of, and bfloat16 state
+        for float16 params without master copies, which the kernels do not take."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         name, index = type(self).__name__, len(self.param_groups) - 1
@@ -75,6 +76,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"float16 or bfloat16 param (its dtypes: {', '.join(dtypes)}); master copies "
                     "are for 16-bit params: convert the model first (model.bfloat16()), or drop "
                     "master_weights"
+                )
+            half_params = any(p.dtype == torch.float16 for p in group["params"])
+            if options["state_dtype"] == torch.bfloat16 and half_params and not master_weights:
+                raise ValueError(
+                    f"{name}: state_dtype=torch.bfloat16 but param_groups[{index}] has float16 "
+                    "params and no master copies; bfloat16 state is for float32 and bfloat16 "
+                    "params, or float16 ones with master_weights=True: add master_weights=True, "
+                    "or put the float16 params in a group without state_dtype"
                 )
         except ValueError:
             self.param_groups.pop()

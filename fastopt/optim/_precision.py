@@ -96,7 +96,7 @@ PRECISION_DOC = """\
             with master weights), ``torch.float32``, or ``torch.bfloat16`` (stored with
             stochastic rounding, whose seed is drawn from torch's generator and kept in the
             state, so runs and resumed checkpoints are reproducible). float64 params keep
-            float64 state.
+            float64 state; float16 params take bfloat16 state only with master weights.
         max_grad_norm: clip the grads of all param groups by their total norm inside the step,
             as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type)`` before the
             step would (the grads themselves are left as they are); ``step()`` then returns the

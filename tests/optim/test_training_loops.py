@@ -162,3 +162,15 @@ def test_through_torch_optim_and_back(name):
     for p, q in zip(expected_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)
         assert torch.equal(expected.state[p]["master_param"], resumed.state[q]["master_param"])
+
+
+def test_bfloat16_state_for_float16_params_needs_master_weights():
+    """float16 params take bfloat16 state only with master copies (the kernels refuse it
+    otherwise): refused when the group is made, naming the fix, rather than at the first step."""
+    model = _model().half()
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has float16 params and no master"):
+        fastopt.FusedAdamW(model.parameters(), state_dtype=torch.bfloat16)
+    opt = fastopt.FusedAdamW(model.parameters(), state_dtype=torch.bfloat16, master_weights=True)
+    _backward(model, 0)
+    opt.step()
+    assert opt.state[model[0].weight]["exp_avg"].dtype == torch.bfloat16
