@@ -352,8 +352,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         fastopt optimizer keeps in another dtype (master copies, float32 or bfloat16 state) is
         loaded as it was saved instead, and converted to the dtype the param group's options
         give it. Master copies missing from the state_dict (one saved by torch.optim) are made
-        from the params at the next step; so are those torch.optim has carried along (it
-        casts them to the params' dtype, and its steps leave them behind), with a warning.
+        from the params at the next step; so are those that do not round to their params
+        (torch.optim carries them along cast to the params' dtype, and its steps leave them
+        behind), with a warning.
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -367,9 +368,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if stale:
             warnings.warn(
                 f"{type(self).__name__}.load_state_dict: the state_dict holds float32 master "
-                "copies in the params' own dtype, as torch.optim saves them (its load_state_dict "
-                "casts them, and its steps leave them behind the params); they are dropped and "
-                "made again from the params at the next step",
+                "copies that do not round to their params (torch.optim saves them cast to the "
+                "params' dtype and left behind by its steps; a torch.distributed.checkpoint "
+                "template keeps those of the fresh params where the checkpoint has none); they "
+                "are dropped and made again from the params at the next step",
                 UserWarning,
                 stacklevel=2,
             )

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _dtensor
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 MASTER_KEYS = ("master_param", "master_remainder")
@@ -205,15 +207,14 @@ def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor
     """After torch.optim's load_state_dict cast every float state tensor to `p`'s dtype: `p`'s
     state as saved, converted to the dtypes the group's options give it, laid out as `p`. A
     master copy the options do not use (or use in another form) is dropped, and remade from the
-    param; so is a float32 master copy saved in the param's dtype, which says that it went
-    through torch.optim (whose load_state_dict casts it so, and whose steps leave it behind the
-    params). Returns whether such a master copy was dropped."""
+    param; so is a float32 master copy that does not round to the param, which is no master of
+    it. Returns whether such a master copy was dropped."""
     stale = False
     for key, value in saved.items():
         if key == "step" or not isinstance(value, Tensor):
             continue
         if key in MASTER_KEYS:
-            if key == "master_param" and value.dtype != torch.float32:
+            if key == "master_param" and not _rounds_to(value, p):
                 stale = True
                 state.pop(key, None)
             elif has_master(p, group) and key == master_key(p, group):
@@ -227,6 +228,16 @@ def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor
             if state[key].dtype != dtype:
                 state[key] = _laid_out_as(p, value, dtype)
     return stale
+
+
+def _rounds_to(master: Tensor, p: Tensor) -> bool:
+    """Whether float32 `master` rounds to `p`, as the step leaves a master copy and its param,
+    compared on this rank's shards (no communication)."""
+    if master.dtype != torch.float32 or master.shape != p.shape:
+        return False
+    _dtensor.enable()  # what local_tensors knows DTensor by
+    master, p = _dtensor.local_tensors([master, p])
+    return torch.equal(master.to(device=p.device, dtype=p.dtype), p)
 
 
 def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:

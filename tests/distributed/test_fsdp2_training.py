@@ -2,7 +2,8 @@
 options (master weights or remainders, bfloat16 state, clipping), checkpointed and resumed as
 large-model trainers do: with torch.distributed.checkpoint (sharded), and through full state dicts
 (gathered, also offloaded to rank 0's CPU and broadcast back). The resumed run must continue bit
-for bit as the uninterrupted one, state included."""
+for bit as the uninterrupted one, state included. Also a sharded checkpoint of torch.optim loaded
+into fastopt with master weights."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from helpers.gloo_group import two_rank_tests
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -140,6 +142,41 @@ def resumes_bit_for_bit(name: str, options: dict, how: str) -> None:
     _assert_same_run(model, optimizer, resumed_model, resumed_optimizer, f"{name} {options} {how}")
 
 
+def loads_a_torch_checkpoint(options: dict) -> None:
+    """A sharded checkpoint of torch.optim.AdamW, loaded into FusedAdamW with master weights:
+    DCP then needs allow_partial_load (the checkpoint has no master copies or seeds), and leaves
+    the template's master copies, made from the fresh model, where the checkpoint has none; they
+    must not be used (they would put the fresh model's params back at the next step). The run
+    must continue as one loaded from torch's full state dict, which has no master copies."""
+    model = _model()
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, torch_optimizer, 0, 2)
+    directory = _shared_temporary_directory()
+    saved = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, torch_optimizer),
+    }
+    dcp.save(saved, checkpoint_id=directory)
+    full_options = StateDictOptions(full_state_dict=True)
+    full = copy.deepcopy(get_optimizer_state_dict(model, torch_optimizer, options=full_options))
+
+    resumed_model, expected_model = _model(), _model()
+    resumed = _optimizer(resumed_model, "FusedAdamW", options)
+    expected = _optimizer(expected_model, "FusedAdamW", options)
+    loaded = {
+        "model": get_model_state_dict(resumed_model),
+        "optim": get_optimizer_state_dict(resumed_model, resumed),
+    }
+    dcp.load(loaded, checkpoint_id=directory, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(resumed_model, loaded["model"])
+    set_optimizer_state_dict(resumed_model, resumed, loaded["optim"])
+    set_model_state_dict(expected_model, get_model_state_dict(model))
+    set_optimizer_state_dict(expected_model, expected, full, options=full_options)
+    for m, o in ((resumed_model, resumed), (expected_model, expected)):
+        _train(m, o, 2, 2)
+    _assert_same_run(expected_model, expected, resumed_model, resumed, f"from torch, {options}")
+
+
 _MASTER_BF16_CLIP = dict(master_weights=True, state_dtype=torch.bfloat16, max_grad_norm=1.0)
 _REMAINDER_BF16_CLIP = dict(
     master_weights="remainder", state_dtype=torch.bfloat16, max_grad_norm=1.0
@@ -163,6 +200,12 @@ CHECKS = {
     f"{run}-{how}": functools.partial(resumes_bit_for_bit, *_RUNS[run], how)
     for run in _RUNS
     for how in ("sharded", "full", "full-rank0")
+} | {
+    # float32 state: no rounding seeds, which each path draws at its own time
+    f"from-torch-{name}": functools.partial(
+        loads_a_torch_checkpoint, dict(master_weights=master_weights, max_grad_norm=1.0)
+    )
+    for name, master_weights in (("master", True), ("remainder", "remainder"))
 }
 
 
