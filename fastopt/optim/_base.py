@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -57,20 +58,36 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.grad_norm: Tensor | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a param group, as torch.optim does; refuses ``master_weights`` for a group with
-        no float16/bfloat16 param, which has nothing to keep a master copy of."""
+        """Adds a param group, as torch.optim does; checks the precision options it gives
+        (as the constructor checks its own), refuses ``master_weights`` for a group with no
+        float16/bfloat16 param, which has nothing to keep a master copy of, and bfloat16 state
+        for float16 params without master copies, which the kernels do not take."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        master_weights = _precision.option(group, "master_weights")
-        if master_weights and not any(p.dtype in _HALF for p in group["params"]):
+        name, index = type(self).__name__, len(self.param_groups) - 1
+        try:
+            options = {k: _precision.option(group, k) for k in _precision.GROUP_DEFAULTS}
+            PrecisionOptions(**options).check(f"{name}: param_groups[{index}]")
+            master_weights = options["master_weights"]
+            if master_weights and not any(p.dtype in _HALF for p in group["params"]):
+                dtypes = sorted({str(p.dtype) for p in group["params"]})
+                raise ValueError(
+                    f"{name}: master_weights={master_weights!r} but param_groups[{index}] has no "
+                    f"float16 or bfloat16 param (its dtypes: {', '.join(dtypes)}); master copies "
+                    "are for 16-bit params: convert the model first (model.bfloat16()), or drop "
+                    "master_weights"
+                )
+            half_params = any(p.dtype == torch.float16 for p in group["params"])
+            if options["state_dtype"] == torch.bfloat16 and half_params and not master_weights:
+                raise ValueError(
+                    f"{name}: state_dtype=torch.bfloat16 but param_groups[{index}] has float16 "
+                    "params and no master copies; bfloat16 state is for float32 and bfloat16 "
+                    "params, or float16 ones with master_weights=True: add master_weights=True, "
+                    "or put the float16 params in a group without state_dtype"
+                )
+        except ValueError:
             self.param_groups.pop()
-            dtypes = sorted({str(p.dtype) for p in group["params"]})
-            raise ValueError(
-                f"{type(self).__name__}: master_weights={master_weights!r} but "
-                f"param_groups[{len(self.param_groups)}] has no float16 or bfloat16 param (its "
-                f"dtypes: {', '.join(dtypes)}); master copies are for 16-bit params: convert "
-                "the model first (model.bfloat16()), or drop master_weights"
-            )
+            raise
 
     # -- what a subclass provides -------------------------------------------------------------
 
@@ -104,6 +121,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             for key in _precision.GROUP_DEFAULTS:
                 if key in self.defaults:
                     group.setdefault(key, self.defaults[key])
+            if "state_dtype" in group:
+                group["state_dtype"] = _precision.state_dtype_of_saved(group["state_dtype"])
         # A checkpoint may come from torch.optim with its step counts on the CPU (or, from old
         # torch versions, as Python numbers), and from a model whose params had another memory
         # layout (contiguous, then channels_last); the kernels read the counts on the param's
@@ -124,6 +143,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                         # The kernels also take strides that differ in dimensions of size 1
                         # (csrc/optim/optimizer_checks.h); the param's exact layout is simpler.
                         p_state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, with fastopt's entries in the value types that
+        ``torch.distributed.checkpoint`` and its collectives take: a param group's
+        ``state_dtype`` by name (``"torch.bfloat16"``), and each ``"master_remainder"``'s int16
+        bits viewed as bfloat16. ``load_state_dict`` reads both back."""
+        return _precision.saveable(super().state_dict())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -326,16 +352,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         fastopt optimizer keeps in another dtype (master copies, float32 or bfloat16 state) is
         loaded as it was saved instead, and converted to the dtype the param group's options
         give it. Master copies missing from the state_dict (one saved by torch.optim) are made
-        from the params at the next step.
+        from the params at the next step; so are those that do not round to their params
+        (torch.optim carries them along cast to the params' dtype, and its steps leave them
+        behind), with a warning.
         """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         params = (p for g in self.param_groups for p in g["params"])
         groups = (g for g in self.param_groups for _ in g["params"])
+        stale = False
         for saved_id, p, group in zip(saved_ids, params, groups, strict=True):
             if saved_id in saved and p in self.state:
-                _precision.restore_state_dtypes(self.state[p], saved[saved_id], p, group)
+                stale |= _precision.restore_state_dtypes(self.state[p], saved[saved_id], p, group)
+        if stale:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: the state_dict holds float32 master "
+                "copies that do not round to their params (torch.optim saves them cast to the "
+                "params' dtype and left behind by its steps; a torch.distributed.checkpoint "
+                "template keeps those of the fresh params where the checkpoint has none); they "
+                "are dropped and made again from the params at the next step",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 class _AmpTensors:

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import _dtensor
+
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 MASTER_KEYS = ("master_param", "master_remainder")
@@ -96,7 +98,7 @@ PRECISION_DOC = """\
             with master weights), ``torch.float32``, or ``torch.bfloat16`` (stored with
             stochastic rounding, whose seed is drawn from torch's generator and kept in the
             state, so runs and resumed checkpoints are reproducible). float64 params keep
-            float64 state.
+            float64 state; float16 params take bfloat16 state only with master weights.
         max_grad_norm: clip the grads of all param groups by their total norm inside the step,
             as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type)`` before the
             step would (the grads themselves are left as they are); ``step()`` then returns the
@@ -149,12 +151,28 @@ def complete_state(p: Tensor, group: dict[str, Any], state: dict[str, Any]):
             else:
                 state[key] = p.detach().to(torch.float32, copy=True)
         master = state[key]
+        if master.dtype == torch.bfloat16 and key == "master_remainder":
+            # A remainder as a state_dict holds it (`saveable`), put in place by code that
+            # bypasses load_state_dict (ZeroRedundancyOptimizer does).
+            state[key] = master = master.view(torch.int16)
     seed = None
     if option(group, "state_dtype") == torch.bfloat16:
         if SEED_KEY not in state:
-            state[SEED_KEY] = int(torch.randint(0, 2**62, ()).item())
+            state[SEED_KEY] = _new_seed()
         seed = state[SEED_KEY]
     return master, seed
+
+
+def _new_seed() -> int:
+    """A rounding seed drawn from torch's generator."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+# A step compiled before the state exists draws its seeds while tracing, as constants of the
+# graph: traced, the draw would be a data-dependent int (`.item()`), which the op's int[] argument
+# cannot take. What torch.compiler.assume_constant_result marks, set without importing torch._dynamo
+# (as for fastopt._dtensor.enable).
+_new_seed._dynamo_marked_constant = True
 
 
 def step_arguments(group, states, grad_norm: Tensor | None, device) -> dict[str, Any]:
@@ -185,16 +203,23 @@ def clipping(param_groups, name: str) -> float | None:
     return norm_types.pop() if norm_types else None
 
 
-def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor, group) -> None:
+def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor, group) -> bool:
     """After torch.optim's load_state_dict cast every float state tensor to `p`'s dtype: `p`'s
     state as saved, converted to the dtypes the group's options give it, laid out as `p`. A
     master copy the options do not use (or use in another form) is dropped, and remade from the
-    param."""
+    param; so is a float32 master copy that does not round to the param, which is no master of
+    it. Returns whether such a master copy was dropped."""
+    stale = False
     for key, value in saved.items():
         if key == "step" or not isinstance(value, Tensor):
             continue
         if key in MASTER_KEYS:
-            if has_master(p, group) and key == master_key(p, group):
+            if key == "master_param" and not _rounds_to(value, p):
+                stale = True
+                state.pop(key, None)
+            elif has_master(p, group) and key == master_key(p, group):
+                if key == "master_remainder":  # saved as bfloat16 bits (`saveable`), or int16
+                    value = value.view(torch.int16)
                 state[key] = _laid_out_as(p, value, value.dtype)
             else:
                 state.pop(key, None)
@@ -202,6 +227,44 @@ def restore_state_dtypes(state: dict[str, Any], saved: dict[str, Any], p: Tensor
             dtype = state_dtype(p, group)
             if state[key].dtype != dtype:
                 state[key] = _laid_out_as(p, value, dtype)
+    return stale
+
+
+def _rounds_to(master: Tensor, p: Tensor) -> bool:
+    """Whether float32 `master` rounds to `p`, as the step leaves a master copy and its param,
+    compared on this rank's shards (no communication)."""
+    if master.dtype != torch.float32 or master.shape != p.shape:
+        return False
+    _dtensor.enable()  # what local_tensors knows DTensor by
+    master, p = _dtensor.local_tensors([master, p])
+    return torch.equal(master.to(device=p.device, dtype=p.dtype), p)
+
+
+def saveable(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` (torch.optim's, of a fastopt optimizer) in the value types that
+    torch.distributed.checkpoint and every collective take, which `load_state_dict` reads back:
+    a param group's ``state_dtype`` by name (``"torch.bfloat16"``: DCP's full state dicts take
+    no torch.dtype), and each ``"master_remainder"``'s int16 bits viewed as bfloat16 (gathering
+    a full state dict needs a collective, and neither gloo nor NCCL moves int16)."""
+    for group in state_dict["param_groups"]:  # copies of the optimizer's groups
+        if isinstance(group.get("state_dtype"), torch.dtype):
+            group["state_dtype"] = str(group["state_dtype"])
+    state_dict["state"] = {
+        i: s | {"master_remainder": s["master_remainder"].view(torch.bfloat16)}
+        if "master_remainder" in s
+        else s
+        for i, s in state_dict["state"].items()
+    }
+    return state_dict
+
+
+def state_dtype_of_saved(value: Any) -> Any:
+    """A param group's ``state_dtype`` as `saveable` wrote it (or as it was): the torch.dtype."""
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
 
 
 def _laid_out_as(p: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
