@@ -182,9 +182,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             clipping = _precision.clipping(self.param_groups, type(self).__name__)
             grad_norm = None
-            if clipping is not None and work:
-                grads = [g for _, _, _, group_grads in work for g in group_grads]
-                grad_norm = grad_total_norm(grads, clipping, amp.grad_scale(grads[0].device))
+            # The total norm of the grads of the groups that clip (a group may set
+            # max_grad_norm=None), as clip_grad_norm_ over their params would take it.
+            clipped = [g for _, group, _, grads in work if _precision.clips(group) for g in grads]
+            if clipping is not None and clipped:
+                grad_scale = amp.grad_scale(clipped[0].device)
+                grad_norm = grad_total_norm(clipped, clipping, grad_scale)
             prepared = []
             for current in work:
                 _, group, params, _ = current

@@ -6,8 +6,9 @@
   (``"master_remainder"``) that together with the param holds the float32 master exactly.
 - ``state_dtype``: the dtype of the moment estimates (float32, or bfloat16 rounded
   stochastically with a per-param seed kept in the state as ``"rounding_seed"``).
-- ``max_grad_norm``, ``norm_type``: the grads of all param groups are clipped by their total norm
-  inside the step, as ``torch.nn.utils.clip_grad_norm_`` would clip them first.
+- ``max_grad_norm``, ``norm_type``: the grads of the param groups that clip (all, when the
+  constructor gives it) are clipped by their total norm inside the step, as
+  ``torch.nn.utils.clip_grad_norm_`` would clip them first.
 
 Each option that is not at its default is kept in every param group, so a state_dict records it
 and a group may differ; an optimizer with none of them has torch.optim's exact state_dict format.
@@ -102,7 +103,9 @@ PRECISION_DOC = """\
         max_grad_norm: clip the grads of all param groups by their total norm inside the step,
             as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm, norm_type)`` before the
             step would (the grads themselves are left as they are); ``step()`` then returns the
-            norm before clipping. Default None: no clipping.
+            norm before clipping. Default None: no clipping. A param group may give its own
+            (None: that group is not clipped): the norm is then over the grads of the groups
+            that clip, each clipped by its own ``max_grad_norm``.
         norm_type: the norm of ``max_grad_norm``: 2.0 (default), ``inf``, or another p > 0."""
 
 
@@ -184,17 +187,20 @@ def step_arguments(group, states, grad_norm: Tensor | None, device) -> dict[str,
         if option(group, "state_dtype") == torch.bfloat16
         else [],
     }
-    if grad_norm is not None and option(group, "max_grad_norm") is not None:
+    if grad_norm is not None and clips(group):
         arguments["grad_norm"] = grad_norm.to(device, non_blocking=True)
         arguments["max_grad_norm"] = option(group, "max_grad_norm")
     return arguments
 
 
+def clips(group) -> bool:
+    """Whether this param group's grads are clipped (and count in the total norm)."""
+    return option(group, "max_grad_norm") is not None
+
+
 def clipping(param_groups, name: str) -> float | None:
     """The norm type to clip by, or None if no group clips."""
-    norm_types = {
-        option(g, "norm_type") for g in param_groups if option(g, "max_grad_norm") is not None
-    }
+    norm_types = {option(g, "norm_type") for g in param_groups if clips(g)}
     if len(norm_types) > 1:
         raise ValueError(
             f"{name}: param groups clip by different norm_type values {sorted(norm_types)}; the "

@@ -190,6 +190,32 @@ def test_clipping_matches_clip_grad_norm_then_torch(name, norm_type):
         torch.testing.assert_close(p, r, rtol=0, atol=1e-10)
 
 
+def test_groups_that_clip_take_the_norm_of_their_own_grads():
+    """float64: a group with max_grad_norm and one without (None: not clipped): the norm is
+    over the clipped group's grads, as clip_grad_norm_ over its params alone takes it, and
+    the other group steps unclipped."""
+    models = [_model(torch.float64), _model(torch.float64)]
+    groups = [
+        [dict(params=m[0].parameters(), max_grad_norm=0.05), dict(params=m[2].parameters())]
+        for m in models
+    ]
+    groups[0][1]["max_grad_norm"] = None
+    fast = fastopt.FusedAdamW(groups[0], lr=1e-2)
+    torch_opt = torch.optim.AdamW(
+        [{k: v for k, v in g.items() if k == "params"} for g in groups[1]], lr=1e-2
+    )
+    x, y = _data()
+    for _ in range(5):
+        for model in models:
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x.double()), y).backward()
+        expected = nn.utils.clip_grad_norm_(models[1][0].parameters(), 0.05)
+        torch_opt.step()
+        torch.testing.assert_close(fast.step(), expected, rtol=1e-12, atol=0)
+    for p, r in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-10)
+
+
 def test_clipping_with_a_closure_returns_the_loss():
     model = _model(torch.float32)
     opt = fastopt.FusedAdam(model.parameters(), lr=1e-3, max_grad_norm=1.0)
