@@ -102,7 +102,6 @@ def test_every_source_is_compiled_for_every_target():
 # the list then).
 GENERAL_P_NORM = "chunk_values_kernelILNS_8NormKindE3E"
 KNOWN_SPILLS = {
-    ("sm_80", "StepFunctorINS_11AdagradRuleELi0ELb1E"),
     ("sm_90", "StepFunctorINS_11AdagradRuleELi0ELb0E"),
     ("sm_90", "StepFunctorINS_11RmspropRuleELi0ELb0E"),
     ("sm_80", GENERAL_P_NORM),
