@@ -1,9 +1,8 @@
-"""The CPU dsd products (forward, grad_input) sum an output block column's entries a group at a
-time, each tile's sums held in registers across the group (a group's panel rows fill a fixed
-share of L1: from one entry to dozens, by block size, tile width and instruction set). A triangular
-layout gives block rows (forward) and block columns (grad_input) of every entry count from 1
-to 26, across the groups' edges, at batches of the narrow tile, of one wide panel and of
-several; checked against a dense fp64 matmul with the masked weight on every instruction set."""
+"""The CPU dsd products (forward, grad_input) with an output block of every entry count: a
+triangular layout gives block rows (forward) and block columns (grad_input) of 1 to 26 entries,
+at batches of the narrow tile, of one wide panel and of several; checked against a dense fp64
+matmul with the masked weight on every instruction set (a way of taking the entries in groups,
+which was tried on branch bsfast5, must pass it at every group edge)."""
 
 from __future__ import annotations
 

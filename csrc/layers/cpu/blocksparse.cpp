@@ -129,18 +129,10 @@ FASTOPT_INLINE void pack_panel(const DsdShare& s, int64_t p, float* panel) {
 // are the one to stream (prefetched a block ahead). For output block column j and the panel's
 // rows: the panel's [block, rows] piece of the output, summed over the entries of j, entry after
 // entry, in tiles of kRows features by kPanel rows, each broadcasting weights from the entry's
-// block and loading batch rows from the panel's B rows of the entry. The entries are taken a
-// group at a time, tiles outer and the group's entries inner: the group's panel rows stay in L1
-// for all of its tiles (tiles outer over all the entries would read them from L2 once per tile),
-// and a tile's sums stay in registers across the group, waiting in the piece only between groups
-// (each element is still summed entry after entry, in order). The piece is then written
-// transposed, whole rows of the output at a time (and, j after j, whole rows of the output in
-// turn).
-//
-// The bytes of a group's panel rows: a quarter of a 48 KiB L1 data cache, leaving room for the
-// next group's panel rows and for both groups' weights, which are prefetched a group ahead.
-constexpr int64_t kDsdGroupPanelBytes = int64_t(12) << 10;
-
+// block and loading batch rows from the panel's B rows of the entry, which stay in L1 for all the
+// tiles of the entry (tiles outer, entries inner would read them from L2 once per tile); the
+// tiles' sums wait in the piece, which is then written transposed, whole rows of the output at a
+// time (and, j after j, whole rows of the output in turn).
 template <typename V, int kBlock, bool kWide, bool kByRows>
 FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   using T = DsdTile<V, kBlock, kWide>;
@@ -154,13 +146,10 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
   constexpr int kTileWeightLines = kByRows ? kRows * kBlock * int(sizeof(float)) / kLine : kBlock;
   constexpr int kTileWeightLineStride = kByRows ? kLine : kBlock * int(sizeof(float));
   static_assert(kTileWeightLines <= kBlock, "one line per step of a tile");
-  constexpr int64_t kGroup =
-      std::max<int64_t>(1, kDsdGroupPanelBytes / (kBlock * kPanel * int64_t(sizeof(float))));
   TORCH_INTERNAL_ASSERT(s.panel_rows == kPanel, "the instruction set changed during a call");
   float* panel = workspace(0, s.depth * kPanel);
   alignas(64) float piece[kBlock * kPanel];
   typename V::T acc[kRows][T::kVectors];
-  const int64_t entries = s.offsets[s.out_width / kBlock];
   int64_t packed = -1;
   for (int64_t u = s.first; u < s.last; ++u) {
     const int64_t p = u / s.chunks, c = u % s.chunks;
@@ -175,25 +164,21 @@ FASTOPT_INLINE void dsd_share(const DsdShare& s) {
     for (int64_t j = s.column_cuts[c]; j < s.column_cuts[c + 1]; ++j) {
       const int64_t begin = s.offsets[j], end = s.offsets[j + 1];
       if (begin == end) std::fill(piece, piece + kBlock * kPanel, 0.0f);
-      for (int64_t group = begin; group < end; group += kGroup) {
-        const int64_t group_end = std::min(group + kGroup, end);
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t stored = s.order ? s.order[e] : e;
+        const float* rows = panel + s.indices[e] * kBlock * kPanel;
+        // The next entry's weights and panel rows (the last entry's: those of the first).
+        const int64_t next = e + 1 < end ? e + 1 : begin;
+        const float* next_block = s.values + (s.order ? s.order[next] : next) * kBlock * kBlock;
         for (int f0 = 0; f0 < kBlock; f0 += kRows) {
-          group == begin ? zero_tile<V>(acc) : load_tile<V>(acc, piece + f0 * kPanel, kPanel);
-          for (int64_t e = group; e < group_end; ++e) {
-            const int64_t stored = s.order ? s.order[e] : e;
-            const float* rows = panel + s.indices[e] * kBlock * kPanel;
-            // The same entry of the next group, which is the next block column's past the last
-            // group: its weights for this tile, and (in the first tile) its panel rows.
-            const int64_t next = e + kGroup < entries ? e + kGroup : e;
-            const float* next_block = s.values + (s.order ? s.order[next] : next) * kBlock * kBlock;
-            const PrefetchLines next_weights{
-                reinterpret_cast<const char*>(next_block + f0 * kRowStride), kTileWeightLineStride,
-                kTileWeightLines};
-            accumulate_tile<V, kRowStride>(
-                acc, s.values + stored * kBlock * kBlock + f0 * kRowStride, kDepthStride, rows,
-                kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr,
-                next_weights);
-          }
+          e == begin ? zero_tile<V>(acc) : load_tile<V>(acc, piece + f0 * kPanel, kPanel);
+          const PrefetchLines next_weights{
+              reinterpret_cast<const char*>(next_block + f0 * kRowStride), kTileWeightLineStride,
+              kTileWeightLines};
+          accumulate_tile<V, kRowStride>(
+              acc, s.values + stored * kBlock * kBlock + f0 * kRowStride, kDepthStride, rows,
+              kPanel, kBlock, f0 == 0 ? panel + s.indices[next] * kBlock * kPanel : nullptr,
+              next_weights);
           store_tile<V>(acc, piece + f0 * kPanel, kPanel, kRows);
         }
       }
