@@ -31,14 +31,20 @@ def _adam_over_subnormal_moments():
     return param, optimizer
 
 
-def test_flush_denormal_set_after_the_pool_started_holds_in_every_thread(two_threads):
-    param, optimizer = _adam_over_subnormal_moments()
+def _step_flushing_denormals(optimizer) -> None:
+    """One step with torch.set_flush_denormal(True) set in this thread only (after the pool's
+    threads started), cleared after."""
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush subnormals")
     try:
         optimizer.step()
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_flush_denormal_set_after_the_pool_started_holds_in_every_thread(two_threads):
+    param, optimizer = _adam_over_subnormal_moments()
+    _step_flushing_denormals(optimizer)
     # Read as zero (denormals-are-zero) in every element, whichever thread updated it.
     assert bool((optimizer.state[param]["exp_avg"] == 0).all())
     assert bool((param.detach() == 0).all())
@@ -78,10 +84,5 @@ def test_flush_denormal_holds_in_every_thread_of_a_sparse_adagrad_step(two_threa
     param.grad = torch.sparse_coo_tensor(every_row, zeros, (rows, width), check_invariants=True)
     optimizer.step()
     optimizer.state[param]["sum"].fill_(SUBNORMAL)
-    if not torch.set_flush_denormal(True):
-        pytest.skip("this CPU cannot flush subnormals")
-    try:
-        optimizer.step()
-    finally:
-        torch.set_flush_denormal(False)
+    _step_flushing_denormals(optimizer)
     assert bool((optimizer.state[param]["sum"] == 0).all())
