@@ -9,6 +9,10 @@
 // work runs in the modes of the thread that called it instead.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
@@ -52,5 +56,14 @@ void with_denormal_modes(unsigned, const F& f) {
 }
 
 #endif
+
+// at::parallel_for(begin, end, grain, f), every chunk run in the calling thread's denormal modes.
+template <typename F>
+void parallel_for_in_callers_denormal_modes(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const unsigned callers_modes = denormal_modes();
+  at::parallel_for(begin, end, grain, [&](int64_t chunk_begin, int64_t chunk_end) {
+    with_denormal_modes(callers_modes, [&] { f(chunk_begin, chunk_end); });
+  });
+}
 
 }  // namespace fastopt::cpu

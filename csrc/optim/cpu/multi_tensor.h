@@ -6,8 +6,6 @@
 // caller's handling of subnormal floats (cpu/denormal_modes.h).
 #pragma once
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -36,20 +34,18 @@ void for_each_piece_in_parallel(const std::vector<int64_t>& numels, const PieceF
 
   const int64_t units = (total + kShareAlignment - 1) / kShareAlignment;
   const int64_t grain = std::max<int64_t>(1, min_per_thread / kShareAlignment);
-  const unsigned callers_denormal_modes = denormal_modes();
-  at::parallel_for(0, units, grain, [&](int64_t unit_begin, int64_t unit_end) {
-    with_denormal_modes(callers_denormal_modes, [&] {
-      int64_t begin = unit_begin * kShareAlignment;
-      const int64_t end = std::min(total, unit_end * kShareAlignment);
-      // The last tensor whose range starts at or before `begin`.
-      size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-      for (; begin < end; ++t) {
-        const int64_t piece_end = std::min(end, offsets[t + 1]);
-        if (piece_end > begin) piece(t, begin - offsets[t], piece_end - offsets[t]);
-        begin = piece_end;
-      }
-    });
-  });
+  parallel_for_in_callers_denormal_modes(
+      0, units, grain, [&](int64_t unit_begin, int64_t unit_end) {
+        int64_t begin = unit_begin * kShareAlignment;
+        const int64_t end = std::min(total, unit_end * kShareAlignment);
+        // The last tensor whose range starts at or before `begin`.
+        size_t t = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
+        for (; begin < end; ++t) {
+          const int64_t piece_end = std::min(end, offsets[t + 1]);
+          if (piece_end > begin) piece(t, begin - offsets[t], piece_end - offsets[t]);
+          begin = piece_end;
+        }
+      });
 }
 
 }  // namespace fastopt::cpu

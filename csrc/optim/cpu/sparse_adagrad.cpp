@@ -3,7 +3,6 @@
 #include "optim/sparse_adagrad.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -184,9 +183,8 @@ void sparse_adagrad_step_cpu(const at::Tensor& param, const at::Tensor& grad,
                              grad_scale.has_value() ? grad_scale->item<double>() : 1.0};
   const int64_t grain =
       std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, layout.row_size));
-  const unsigned modes = denormal_modes();  // torch.set_flush_denormal's, in every thread
-  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
-    with_denormal_modes(modes, [&] { sparse_adagrad_piece(SparseAdagradPiece{&job, begin, end}); });
+  parallel_for_in_callers_denormal_modes(0, segments, grain, [&](int64_t begin, int64_t end) {
+    sparse_adagrad_piece(SparseAdagradPiece{&job, begin, end});
   });
   store_back_unscaled_values(grad, values, grad_scale.has_value());
   *step.mutable_data_ptr<float>() = new_step;
