@@ -50,17 +50,17 @@ struct AdadeltaRule {
   }
 
   // state: square_avg, acc_delta.
-  template <int VARIANT, bool TORCH_ROUNDING, typename C>
-  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+  template <int VARIANT, bool TORCH_ROUNDING, typename V, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(V& param, V grad, V (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
-    C& square_avg = state[0];
-    C& acc_delta = state[1];
+    V& square_avg = state[0];
+    V& acc_delta = state[1];
     grad = grad * k.grad_sign;
     // Skipped without decay, as in torch: 0 * inf would turn an infinite param into NaN.
     if (k.weight_decay != C(0)) grad = grad + k.weight_decay * param;
     square_avg = square_avg * k.rho + k.one_minus_rho * grad * grad;
-    const C std = sqrt(square_avg + k.eps);
-    const C delta = sqrt(acc_delta + k.eps) / std * grad;
+    const V std = sqrt(square_avg + k.eps);
+    const V delta = sqrt(acc_delta + k.eps) / std * grad;
     acc_delta = acc_delta * k.rho + k.one_minus_rho * delta * delta;
     param = param + k.neg_lr * delta;
   }

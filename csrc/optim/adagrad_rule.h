@@ -56,15 +56,15 @@ struct AdagradRule {
   }
 
   // state: sum.
-  template <int VARIANT, bool TORCH_ROUNDING, typename C>
-  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+  template <int VARIANT, bool TORCH_ROUNDING, typename V, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(V& param, V grad, V (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
-    C& sum = state[0];
+    V& sum = state[0];
     grad = grad * k.grad_sign;
     // Skipped without decay, as in torch: 0 * inf would turn an infinite param into NaN.
     if (k.weight_decay != C(0)) grad = grad + k.weight_decay * param;
     sum = sum + grad * grad;
-    const C std = sqrt(sum) + k.eps;
+    const V std = sqrt(sum) + k.eps;
     param = param + k.neg_clr * grad / std;
   }
 };

@@ -90,18 +90,18 @@ struct AdamRule {
   }
 
   // state: exp_avg, exp_avg_sq, max_exp_avg_sq.
-  template <int VARIANT, bool TORCH_ROUNDING, typename C>
-  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+  template <int VARIANT, bool TORCH_ROUNDING, typename V, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(V& param, V grad, V (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
-    C& exp_avg = state[0];
-    C& exp_avg_sq = state[1];
+    V& exp_avg = state[0];
+    V& exp_avg_sq = state[1];
     grad = grad * k.grad_sign;
     param = param * k.param_decay;
     // Skipped without an L2 term, as in torch: 0 * inf would turn an infinite param into NaN.
     if (k.grad_decay != C(0)) grad = grad + k.grad_decay * param;
     exp_avg = lerp(exp_avg, grad, k.exp_avg_weight);
     exp_avg_sq = exp_avg_sq * k.beta2 + k.one_minus_beta2 * grad * grad;
-    C second_moment = exp_avg_sq;
+    V second_moment = exp_avg_sq;
     if constexpr ((VARIANT & kAmsgrad) != 0) {
       state[2] = nan_propagating_max(state[2], exp_avg_sq);
       second_moment = state[2];
@@ -110,9 +110,9 @@ struct AdamRule {
     // GPUs alike): where the stored values are rounded to 16 bits, dividing by the constant
     // bias_correction2_sqrt becomes a multiplication by its reciprocal (two roundings instead of
     // one: within about an ulp of float32 of torch's correctly rounded quotient).
-    const C scaled_sqrt = TORCH_ROUNDING ? sqrt(second_moment) / k.bias_correction2_sqrt
+    const V scaled_sqrt = TORCH_ROUNDING ? sqrt(second_moment) / k.bias_correction2_sqrt
                                          : sqrt(second_moment) * k.inverse_bias_correction2_sqrt;
-    const C denom = scaled_sqrt + k.eps;
+    const V denom = scaled_sqrt + k.eps;
     param = param + (-k.step_size) * (exp_avg / denom);
   }
 };

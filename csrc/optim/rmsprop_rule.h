@@ -65,17 +65,17 @@ struct RmspropRule {
   }
 
   // state: square_avg, momentum_buffer, grad_avg.
-  template <int VARIANT, bool TORCH_ROUNDING, typename C>
-  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(C& param, C grad, C (&state)[kStateSlots],
+  template <int VARIANT, bool TORCH_ROUNDING, typename V, typename C>
+  FASTOPT_HOST_DEVICE FASTOPT_INLINE static void update(V& param, V grad, V (&state)[kStateSlots],
                                                         const Coefficients<C>& k) {
-    C& square_avg = state[0];
+    V& square_avg = state[0];
     grad = grad * k.grad_sign;
     // Skipped without decay, as in torch: 0 * inf would turn an infinite param into NaN.
     if (k.weight_decay != C(0)) grad = grad + k.weight_decay * param;
     square_avg = square_avg * k.alpha + k.one_minus_alpha * grad * grad;
-    C avg;
+    V avg;
     if constexpr ((VARIANT & kCentered) != 0) {
-      C& grad_avg = state[2];
+      V& grad_avg = state[2];
       grad_avg = lerp(grad_avg, grad, k.one_minus_alpha);
       avg = sqrt(square_avg + C(-1) * grad_avg * grad_avg);
     } else {
@@ -83,7 +83,7 @@ struct RmspropRule {
     }
     avg = avg + k.eps;
     if constexpr ((VARIANT & kMomentum) != 0) {
-      C& buffer = state[1];
+      V& buffer = state[1];
       buffer = buffer * k.momentum + grad / avg;
       param = param + k.neg_lr * buffer;
     } else {
