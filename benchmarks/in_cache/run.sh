@@ -8,7 +8,7 @@ torch_lib=$(python -c "import os, torch; print(os.path.join(os.path.dirname(torc
 build=$(mktemp -d)
 trap 'rm -rf "$build"' EXIT
 binary="$build/step_loop"
-g++ -O3 -std=c++20 -DNDEBUG -fno-math-errno -Wall -Wextra -Wno-unused-parameter \
+g++ -O3 -std=c++20 -DNDEBUG -fno-math-errno -Wall -Wextra -Wno-unused-parameter -Wno-psabi \
   -I"$here/../../csrc" $includes "$here/step_loop.cpp" -o "$binary" \
   -L"$torch_lib" -lc10 -Wl,-rpath,"$torch_lib"
 "$binary" "$@"

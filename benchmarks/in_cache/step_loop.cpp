@@ -26,13 +26,13 @@ using fastopt::cpu::StepLoop;
 using fastopt::cpu::StepPiece;
 using fastopt::cpu::StepTensor;
 
-template <typename St>
+template <typename St, bool LANES>
 FASTOPT_TARGET_AVX512 __attribute__((noinline)) void run_piece(const StepPiece<AdamRule>& piece) {
-  StepLoop<AdamRule, 0, false>::run<St>(piece);
+  StepLoop<AdamRule, 0, false, LANES>::template run<St>(piece);
 }
 
 // ns per param of the loop over n params of layout St: the fastest of `rounds` rounds.
-template <typename St>
+template <typename St, bool LANES>
 double ns_per_param(int64_t n, int rounds) {
   using S = typename St::Param;
   using T = typename St::State;
@@ -52,9 +52,9 @@ double ns_per_param(int64_t n, int rounds) {
   const int calls = int(std::max<int64_t>(1, int64_t(2e8) / n));
   double best = 1e30;
   for (int round = 0; round < rounds; ++round) {
-    run_piece<St>(piece);  // warm the caches
+    run_piece<St, LANES>(piece);  // warm the caches
     const auto start = std::chrono::steady_clock::now();
-    for (int c = 0; c < calls; ++c) run_piece<St>(piece);
+    for (int c = 0; c < calls; ++c) run_piece<St, LANES>(piece);
     const std::chrono::duration<double, std::nano> took = std::chrono::steady_clock::now() - start;
     best = std::min(best, took.count() / calls / double(n));
   }
@@ -63,7 +63,9 @@ double ns_per_param(int64_t n, int rounds) {
 
 template <typename S, typename T, MasterKind M, bool STOCHASTIC>
 void report(const char* name, int64_t n) {
-  std::printf("%-40s %.3f ns/param\n", name, ns_per_param<Storage<S, T, M, STOCHASTIC>>(n, 5));
+  using St = Storage<S, T, M, STOCHASTIC>;
+  std::printf("| %s | %.3f | %.3f |\n", name, ns_per_param<St, false>(n, 5),
+              ns_per_param<St, true>(n, 5));
 }
 
 }  // namespace
@@ -71,7 +73,8 @@ void report(const char* name, int64_t n) {
 int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atol(argv[1]) : 4096;
   using BF16 = c10::BFloat16;
-  std::printf("AdamW element loop in cache, %ld params, one core\n", long(n));
+  std::printf("AdamW element loop in cache, %ld params, one core, ns per param\n", long(n));
+  std::printf("| layout | compiler-vectorized | 16 float lanes |\n|---|---:|---:|\n");
   report<float, float, MasterKind::kNone, false>("fp32", n);
   report<float, BF16, MasterKind::kNone, false>("fp32 + bf16 state (nearest)", n);
   report<float, BF16, MasterKind::kNone, true>("fp32 + bf16 state", n);

@@ -14,6 +14,7 @@
 #include "common/macros.h"
 #include "optim/cpu/multi_tensor.h"
 #include "optim/cpu/prefetched_loop.h"
+#include "optim/cpu/step_lanes_avx512.h"
 #include "optim/step_call.h"
 
 namespace fastopt::cpu {
@@ -66,7 +67,53 @@ constexpr std::array<uint32_t, kPrefetchBlock> weyl_terms_of_block_offsets() {
 inline constexpr std::array<uint32_t, kPrefetchBlock> kBlockOffsetWeyl =
     weyl_terms_of_block_offsets();
 
-template <typename Rule, int VARIANT, bool UNSCALE>
+// One element, index i, as the scalar loop's element body sees it (LanesAt in
+// optim/cpu/step_lanes_avx512.h is 16 of them).
+struct ElementAt {
+  int64_t i;
+  uint32_t weyl;  // the element's Weyl term (step_storage.h)
+
+  template <typename C>
+  using Value = C;
+
+  template <typename C, typename T>
+  FASTOPT_INLINE C load(const T* stream) const {
+    return C(stream[i]);
+  }
+
+  template <typename T, typename C>
+  FASTOPT_INLINE void store(T* stream, C x) const {
+    stream[i] = T(x);
+  }
+
+  template <typename St>
+  FASTOPT_INLINE typename St::Compute load_param(const typename St::Param* param,
+                                                 const MasterElement<St>* master) const {
+    MasterElement<St> master_value{};
+    if constexpr (St::kMaster != MasterKind::kNone) master_value = master[i];
+    return fastopt::load_param<St>(param[i], master_value);
+  }
+
+  template <typename St>
+  FASTOPT_INLINE void store_param(typename St::Compute p, typename St::Param* param,
+                                  MasterElement<St>* master) const {
+    MasterElement<St> master_value{};
+    fastopt::store_param<St>(p, param[i], master_value);
+    if constexpr (St::kMaster != MasterKind::kNone) master[i] = master_value;
+  }
+
+  template <typename St>
+  FASTOPT_INLINE void store_state(typename St::State* stream, typename St::Compute x,
+                                  const uint32_t* keys, int slot) const {
+    const uint32_t random = St::kStochastic ? rounding_bits_at_weyl(keys, slot, weyl) : 0;
+    stream[i] = fastopt::store_state<St>(x, random);
+  }
+};
+
+// The element loop of one piece. LANES picks how it runs: false, the compiler vectorizes the
+// scalar element body (every instruction set); true, the body runs on 16 float lanes at a time
+// (optim/cpu/step_lanes_avx512.h; AVX-512 variants only, float compute types only).
+template <typename Rule, int VARIANT, bool UNSCALE, bool LANES>
 struct StepLoop {
   static constexpr int kSlots = Rule::kStateSlots;
 
@@ -85,48 +132,57 @@ struct StepLoop {
     Master* __restrict__ master = static_cast<Master*>(t.master);
     std::array<T*, kSlots> state;
     for (int s = 0; s < kSlots; ++s) state[s] = static_cast<T*>(t.state[s]);
-    const auto element = [&](int64_t block, int32_t j) FASTOPT_INLINE_LAMBDA {
-      const int64_t i = block + j;
-      constexpr bool kHasMaster = St::kMaster != MasterKind::kNone;
-      Master master_value{};
-      if constexpr (kHasMaster) master_value = master[i];
-      C p = load_param<St>(param[i], master_value);
-      C g = C(grad[i]);
-      C st[kSlots] = {};
+    const auto rounding_keys = t.rounding_keys;
+    // The elements `at` (one, or 16 lanes): every stream is read and written at those only.
+    // Captured by value, so that a loop may keep its own copy (prefetched_lanes_loop).
+    const auto elements = [=](const auto& at) FASTOPT_INLINE_LAMBDA {
+      using V = typename std::decay_t<decltype(at)>::template Value<C>;
+      V p = at.template load_param<St>(param, master);
+      V g = at.template load<C>(grad);
+      V st[kSlots] = {};
       for (int s = 0; s < kSlots; ++s) {
-        if (Rule::uses_state(VARIANT, s)) st[s] = C(state[s][i]);
+        if (Rule::uses_state(VARIANT, s)) st[s] = at.template load<C>(state[s]);
       }
       if constexpr (UNSCALE) {
         g = g / grad_scale;
-        grad[i] = S(g);
+        at.store(grad, g);
       }
       g = g * clip_coefficient;
       Rule::template update<VARIANT, St::kTorchRounding>(p, g, st, k);
-      store_param<St>(p, param[i], master_value);
-      if constexpr (kHasMaster) master[i] = master_value;
-      // Element i's Weyl term, shared by every slot's random bits (two slots share one hash).
-      const uint32_t weyl = uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j];
+      at.template store_param<St>(p, param, master);
       for (int s = 0; s < kSlots; ++s) {
         if (Rule::uses_state(VARIANT, s)) {
-          const uint32_t random =
-              St::kStochastic ? rounding_bits_at_weyl(t.rounding_keys.data(), s, weyl) : 0;
-          state[s][i] = store_state<St>(st[s], random);
+          at.template store_state<St>(state[s], st[s], rounding_keys.data(), s);
         }
       }
     };
-    prefetched_loop_over_slots(a.begin, a.end, element, param, grad, master, state,
-                               std::make_index_sequence<kSlots>());
+#if defined(__x86_64__)
+    if constexpr (LANES && std::is_same_v<C, float>) {
+      with_streams(
+          [&](const auto*... streams) FASTOPT_INLINE_LAMBDA {
+            prefetched_lanes_loop(a.begin, a.end, elements, streams...);
+          },
+          param, grad, master, state, std::make_index_sequence<kSlots>());
+      return;
+    }
+#endif
+    const auto element = [&](int64_t block, int32_t j) FASTOPT_INLINE_LAMBDA {
+      // The Weyl term as the block's plus the offset's (kBlockOffsetWeyl).
+      elements(ElementAt{block + j, uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j]});
+    };
+    with_streams(
+        [&](const auto*... streams)
+            FASTOPT_INLINE_LAMBDA { prefetched_loop(a.begin, a.end, element, streams...); },
+        param, grad, master, state, std::make_index_sequence<kSlots>());
   }
 
-  // Unused state slots are null (as is a master that is not there), and prefetched_loop skips
-  // null streams.
-  template <typename S, typename Master, typename T, typename Element, size_t... SLOT>
-  FASTOPT_INLINE static void prefetched_loop_over_slots(int64_t begin, int64_t end,
-                                                        const Element& element, S* param, S* grad,
-                                                        Master* master,
-                                                        const std::array<T*, kSlots>& state,
-                                                        std::index_sequence<SLOT...>) {
-    prefetched_loop(begin, end, element, param, grad, master, state[SLOT]...);
+  // loop(streams...) with every stream the loop prefetches. Unused state slots are null (as is a
+  // master that is not there), and the loops skip null streams.
+  template <typename Loop, typename S, typename Master, typename T, size_t... SLOT>
+  FASTOPT_INLINE static void with_streams(const Loop& loop, S* param, S* grad, Master* master,
+                                          const std::array<T*, kSlots>& state,
+                                          std::index_sequence<SLOT...>) {
+    loop(param, grad, master, state[SLOT]...);
   }
 };
 
@@ -140,13 +196,14 @@ inline double clip_coefficient_on_cpu(const std::optional<at::Tensor>& grad_norm
   return clip_coefficient(grad_norm->item<float>(), max_grad_norm);
 }
 
-// Turns the run-time variant and unscale flag into template arguments, then the dtype.
-template <typename Rule, int VARIANT = 0>
+// Turns the run-time variant and unscale flag into template arguments, then the dtype. LANES as
+// in StepLoop.
+template <typename Rule, bool LANES, int VARIANT = 0>
 FASTOPT_INLINE void step_piece_body(const StepPiece<Rule>& a) {
   if constexpr (VARIANT < Rule::kVariants) {
-    if (a.variant != VARIANT) return step_piece_body<Rule, VARIANT + 1>(a);
-    a.unscale ? switch_storage<StepLoop<Rule, VARIANT, true>>(a.tensor->layout, a)
-              : switch_storage<StepLoop<Rule, VARIANT, false>>(a.tensor->layout, a);
+    if (a.variant != VARIANT) return step_piece_body<Rule, LANES, VARIANT + 1>(a);
+    a.unscale ? switch_storage<StepLoop<Rule, VARIANT, true, LANES>>(a.tensor->layout, a)
+              : switch_storage<StepLoop<Rule, VARIANT, false, LANES>>(a.tensor->layout, a);
   }
 }
 

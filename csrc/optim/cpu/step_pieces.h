@@ -15,7 +15,10 @@ namespace fastopt::cpu {
 
 template <typename Rule>
 struct StepPieces {
-  FASTOPT_DISPATCH_BY_ISA(piece, step_piece_body<Rule>, StepPiece<Rule>)
+  // AVX-512 runs the hand-vectorized loop (16 float lanes), the others the compiler's.
+  FASTOPT_DISPATCH_BY_VECTOR_WIDTH(piece, StepPiece<Rule>, (step_piece_body<Rule, true>(args)),
+                                   (step_piece_body<Rule, false>(args)),
+                                   (step_piece_body<Rule, false>(args)))
 };
 
 extern template struct StepPieces<AdamRule>;

@@ -1,0 +1,165 @@
+// The bit-level parts of the hand-vectorized step loop (csrc/optim/cpu/step_lanes_avx512.h)
+// against their scalar forms (csrc/optim/step_storage.h, c10's conversions), exactly: widening
+// loads, stores rounded to nearest, stochastic rounding and its random bits, and the bfloat16
+// remainder form, with masked lanes, under the default and the flush-to-zero floating-point
+// modes. The arithmetic between them is the rules' own code (test_step_lanes.py checks whole
+// steps). Built and run by test_step_lanes.py; prints the number of mismatches and exits non-zero
+// if there is one.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "optim/cpu/step_lanes_avx512.h"
+
+namespace {
+
+using c10::BFloat16;
+using c10::Half;
+using fastopt::cpu::lanes::FloatLanes;
+using fastopt::cpu::lanes::LaneMask;
+
+int mismatches = 0;
+
+void expect_equal(uint32_t got, uint32_t want, const char* what, uint32_t input) {
+  if (got == want) return;
+  if (++mismatches <= 20) {
+    std::printf("%s of 0x%08x: got 0x%08x, want 0x%08x\n", what, input, got, want);
+  }
+}
+
+uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+bool is_nan_bits(uint32_t b) {
+  return (b & 0x7fffffffu) > 0x7f800000u;
+}
+
+// Float bit patterns that reach every case of a conversion: all 2^16 upper halves, each with
+// lower halves around the rounding points of bfloat16 (ties included) and a random one; Half's
+// rounding points come from the upper halves' own spread.
+std::vector<uint32_t> float_patterns() {
+  std::mt19937 rng(7);
+  const uint32_t lows[] = {0x0000, 0x0001, 0x1000, 0x7fff, 0x8000, 0x8001, 0xffff};
+  std::vector<uint32_t> patterns;
+  for (uint32_t upper = 0; upper < 0x10000; ++upper) {
+    for (uint32_t low : lows) patterns.push_back(upper << 16 | low);
+    patterns.push_back(upper << 16 | (rng() & 0xffff));
+  }
+  while (patterns.size() % 16 != 0) patterns.push_back(rng());
+  return patterns;
+}
+
+// The lanes of `mask` only are stored: the others keep what was there.
+constexpr uint16_t kSomeLanes = 0xb5f3;
+
+FASTOPT_TARGET_AVX512 void check_loads() {
+  std::vector<uint16_t> words(0x10000);
+  for (uint32_t w = 0; w < 0x10000; ++w) words[w] = uint16_t(w);
+  for (uint32_t at = 0; at < 0x10000; at += 16) {
+    float widened[16];
+    _mm512_storeu_ps(widened,
+                     load_lanes(reinterpret_cast<const BFloat16*>(&words[at]), LaneMask{0xffff}).v);
+    for (int j = 0; j < 16; ++j) {
+      const BFloat16 x(words[at + j], BFloat16::from_bits());
+      expect_equal(bits_of(widened[j]), bits_of(float(x)), "bfloat16 load", at + j);
+    }
+    _mm512_storeu_ps(widened,
+                     load_lanes(reinterpret_cast<const Half*>(&words[at]), LaneMask{0xffff}).v);
+    for (int j = 0; j < 16; ++j) {
+      const Half x(words[at + j], Half::from_bits());
+      uint32_t want = bits_of(float(x));
+      // The instruction quiets a signalling NaN, c10 keeps it signalling; the loop only loads
+      // values into arithmetic, which quiets them anyway.
+      if (is_nan_bits(want)) want |= 0x00400000u;
+      expect_equal(bits_of(widened[j]), want, "Half load", at + j);
+    }
+  }
+  // Lanes outside the mask read as zero.
+  float widened[16];
+  _mm512_storeu_ps(
+      widened,
+      load_lanes(reinterpret_cast<const BFloat16*>(&words[0x3f80]), LaneMask{kSomeLanes}).v);
+  for (int j = 0; j < 16; ++j) {
+    const bool on = (kSomeLanes >> j) & 1;
+    expect_equal(bits_of(widened[j]), on ? uint32_t(0x3f80 + j) << 16 : 0u, "masked load", j);
+  }
+}
+
+FASTOPT_TARGET_AVX512 void check_stores(const std::vector<uint32_t>& patterns) {
+  std::mt19937 rng(11);
+  uint32_t keys[2] = {0x12345678u, 0x9abcdef0u};
+  const __m512i weyl_offsets = fastopt::cpu::lanes::lane_weyl_offsets();
+  for (size_t at = 0; at < patterns.size(); at += 16) {
+    float values[16];
+    std::memcpy(values, &patterns[at], sizeof values);
+    const FloatLanes x{_mm512_loadu_ps(values)};
+    const LaneMask lanes{uint16_t(at % 64 == 0 ? kSomeLanes : 0xffff)};
+    uint16_t nearest[16], half[16], stochastic[16], split_param[16];
+    int16_t split_remainder[16];
+    std::memset(nearest, 0xee, sizeof nearest);
+    std::memset(half, 0xee, sizeof half);
+    std::memset(stochastic, 0xee, sizeof stochastic);
+    std::memset(split_param, 0xee, sizeof split_param);
+    std::memset(split_remainder, 0xee, sizeof split_remainder);
+    store_lanes(reinterpret_cast<BFloat16*>(nearest), x, lanes);
+    store_lanes(reinterpret_cast<Half*>(half), x, lanes);
+    const uint32_t weyl = uint32_t(rng());
+    const int slot = int(at / 16 % 2);
+    const __m512i random = fastopt::cpu::lanes::rounding_bits_lanes(keys, slot, weyl, weyl_offsets);
+    store_lanes_stochastic(reinterpret_cast<BFloat16*>(stochastic), x, random, lanes);
+    store_lanes_split(reinterpret_cast<BFloat16*>(split_param), split_remainder, x, lanes);
+    // And back: the param and remainder joined give the master (NaN stays NaN).
+    float joined[16];
+    _mm512_storeu_ps(joined, fastopt::cpu::lanes::load_lanes_joined(
+                                 reinterpret_cast<const BFloat16*>(split_param), split_remainder,
+                                 LaneMask{0xffff})
+                                 .v);
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t in = patterns[at + j];
+      if (!((lanes.bits >> j) & 1)) {
+        expect_equal(nearest[j] | half[j] << 16, 0xeeeeeeeeu, "store outside the mask", in);
+        expect_equal(stochastic[j] | split_param[j] << 16, 0xeeeeeeeeu, "store outside the mask",
+                     in);
+        continue;
+      }
+      expect_equal(nearest[j], BFloat16(values[j]).x, "bfloat16 store", in);
+      expect_equal(half[j], Half(values[j]).x, "Half store", in);
+      const uint32_t want_random =
+          fastopt::rounding_bits_at_weyl(keys, slot, weyl + uint32_t(j) * fastopt::kWeylStep);
+      expect_equal(stochastic[j], fastopt::bf16_round_stochastic(values[j], want_random).x,
+                   "stochastic store", in);
+      const fastopt::Bf16WithRemainder want = fastopt::split_master(values[j]);
+      expect_equal(split_param[j], want.param_bits, "remainder form's param", in);
+      expect_equal(uint16_t(split_remainder[j]), uint16_t(want.remainder), "remainder", in);
+      const float want_joined = fastopt::join_master(want.param_bits, want.remainder);
+      expect_equal(bits_of(joined[j]), bits_of(want_joined), "remainder join", in);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  if (!__builtin_cpu_supports("avx512bw")) {
+    std::printf("no AVX-512 on this CPU\n");
+    return 2;
+  }
+  const std::vector<uint32_t> patterns = float_patterns();
+  const unsigned default_modes = _mm_getcsr();
+  // Default modes, then flush-to-zero and denormals-are-zero (torch.set_flush_denormal(True)).
+  for (const unsigned modes : {default_modes, default_modes | 0x8040u}) {
+    _mm_setcsr(modes);
+    check_loads();
+    check_stores(patterns);
+  }
+  _mm_setcsr(default_modes);
+  std::printf("%zu patterns, %d mismatches\n", patterns.size(), mismatches);
+  return mismatches == 0 ? 0 : 1;
+}

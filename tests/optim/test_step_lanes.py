@@ -1,0 +1,207 @@
+"""On AVX-512 the CPU step runs its element code on 16 float lanes at a time, vectorized by hand
+(csrc/optim/cpu/step_lanes_avx512.h); the narrower levels run the compiler's vectorization of the
+same scalar element code. The two must step alike: every optimizer, every storage layout a user
+can ask for, sizes around the vector and prefetch-block widths (16 and 64), special values,
+GradScaler's unscaling and clipping inside the step. Their arithmetic may differ by the
+multiply-adds each compiles to one fused instruction, so whole steps compare to rounding; the
+lanes' conversions compare bit for bit with the scalar ones (step_lanes_bits.cpp)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.cpu_isa import supported_cpu_isas
+from helpers.optim_cases import RICH
+from helpers.rng import generator
+from helpers.tolerances import FP32 as FP32_CLOSE
+from helpers.tolerances import ulp
+from torch.utils.cpp_extension import include_paths
+
+import fastopt
+from fastopt import _extension
+
+pytestmark = pytest.mark.skipif(
+    "avx512" not in supported_cpu_isas(), reason="the hand-vectorized loop is the avx512 one"
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A lone element, a partial vector, whole vectors, a prefetch block and one past it, and more.
+SIZES = [1, 15, 16, 17, 63, 64, 65, 127, 1100]
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+# Param dtype and precision options: each storage layout of csrc/optim/step_storage.h that the
+# optimizers make, but float64's (which has no 16-lane form).
+PRECISIONS = [
+    pytest.param(FP32, {}, id="fp32"),
+    pytest.param(FP32, dict(state_dtype=BF16), id="fp32-bf16state"),
+    pytest.param(FP16, {}, id="fp16"),
+    pytest.param(FP16, dict(state_dtype=FP32), id="fp16-fp32state"),
+    pytest.param(FP16, dict(master_weights=True), id="fp16-master"),
+    pytest.param(FP16, dict(master_weights=True, state_dtype=BF16), id="fp16-master-bf16state"),
+    pytest.param(BF16, {}, id="bf16"),
+    pytest.param(BF16, dict(state_dtype=FP32), id="bf16-fp32state"),
+    pytest.param(BF16, dict(state_dtype=BF16), id="bf16-bf16state"),
+    pytest.param(BF16, dict(master_weights=True), id="bf16-master"),
+    pytest.param(BF16, dict(master_weights=True, state_dtype=BF16), id="bf16-master-bf16state"),
+    pytest.param(BF16, dict(master_weights="remainder"), id="bf16-remainder"),
+    pytest.param(
+        BF16, dict(master_weights="remainder", state_dtype=BF16), id="bf16-remainder-bf16state"
+    ),
+]
+
+OPTIMIZERS = [
+    pytest.param("Adam", RICH["Adam"], id="Adam-amsgrad"),
+    pytest.param("Adam", dict(lr=0.01, maximize=True), id="Adam-maximize"),
+    pytest.param("AdamW", RICH["AdamW"], id="AdamW-amsgrad"),
+    pytest.param("RMSprop", RICH["RMSprop"], id="RMSprop-centered-momentum"),
+    pytest.param("RMSprop", dict(lr=0.01), id="RMSprop"),
+    pytest.param("Adagrad", RICH["Adagrad"], id="Adagrad"),
+    pytest.param("Adadelta", RICH["Adadelta"], id="Adadelta"),
+]
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    module = _extension.cpu_module()
+    previous = module.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        module.set_cpu_isa(previous)
+
+
+def with_special_values(values: torch.Tensor) -> torch.Tensor:
+    """`values` with zeros of both signs, a subnormal, an infinity and a NaN spread over it."""
+    values = values.clone()
+    specials = [0.0, -0.0, 1e-40, -3e-39, math.inf, math.nan]
+    for k, value in enumerate(specials):
+        values[(k * 37 + 5) % values.numel()] = value
+    return values
+
+
+def starts(dtype: torch.dtype, seed: int, specials: bool) -> list[torch.Tensor]:
+    gen = generator(seed)
+    tensors = [torch.randn(n, generator=gen) for n in SIZES]
+    if specials:
+        tensors = [with_special_values(t) if t.numel() > 64 else t for t in tensors]
+    return [t.to(dtype) for t in tensors]
+
+
+def run_steps(isa, name, options, dtype, precision, steps=3, scaler_scale=None):
+    """Params and optimizer state after `steps` steps under instruction set `isa`. Under a
+    GradScaler, no special values (an inf or NaN grad would skip the step)."""
+    params = [p.requires_grad_() for p in starts(dtype, seed=1, specials=False)]
+    torch.manual_seed(0)  # the stochastic rounding seeds drawn when the state is made
+    opt = getattr(fastopt, f"Fused{name}")(params, **options, **precision)
+    scaler = None if scaler_scale is None else torch.amp.GradScaler("cpu", init_scale=scaler_scale)
+    with cpu_isa(isa):
+        for step in range(steps):
+            # Special values in the grads of the last step only: a NaN grad makes its element's
+            # param and state NaN, which the next steps would carry everywhere it is read.
+            last = step == steps - 1
+            grads = starts(dtype, seed=100 + step, specials=last and scaler_scale is None)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g if scaler is None else g * scaler_scale
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.scale(torch.zeros(()))  # GradScaler makes its scale on first use
+                scaler.step(opt)
+                scaler.update()
+    return params, opt
+
+
+def joined_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The float32 master that a bfloat16 param and its int16 remainder hold."""
+    upper = param.detach().view(torch.int16).to(torch.int32) << 16
+    return (upper + remainder.to(torch.int32)).view(torch.float32)
+
+
+def assert_close_as_loops_round(a: torch.Tensor, b: torch.Tensor, what: str):
+    """The two loops differ only in the multiply-adds the compiler fuses in each (one rounding
+    instead of two): float32 values agree to the suite's float32 tolerance, 16-bit ones to one
+    unit of their last place; NaNs and infinities sit in the same places."""
+    a, b = a.detach(), b.detach()
+    assert torch.equal(a.isnan(), b.isnan()), what
+    assert torch.equal(a.isinf(), b.isinf()) and torch.equal(a[a.isinf()], b[b.isinf()]), what
+    finite = a.isfinite()
+    a, b = a[finite], b[finite]
+    if a.dtype in (torch.float16, torch.bfloat16):
+        assert bool(((a.float() - b.float()).abs() <= ulp(a)).all()), what
+    else:
+        torch.testing.assert_close(a, b, **FP32_CLOSE, msg=what)
+
+
+def assert_steps_agree(a_params, a_opt, b_params, b_opt):
+    for a, b in zip(a_params, b_params, strict=True):
+        assert_close_as_loops_round(a, b, f"param of {a.numel()} elements")
+        a_state, b_state = a_opt.state[a], b_opt.state[b]
+        assert a_state.keys() == b_state.keys()
+        for key, value in a_state.items():
+            other = b_state[key]
+            if key == "master_remainder":
+                value, other = joined_master(a, value), joined_master(b, other)
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                assert_close_as_loops_round(value, other, f"{key} of {a.numel()}")
+            else:
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(other)), key
+
+
+@pytest.mark.parametrize(("name", "options"), OPTIMIZERS)
+@pytest.mark.parametrize(("dtype", "precision"), PRECISIONS)
+def test_lanes_step_as_the_compilers_loop(name, options, dtype, precision):
+    lanes = run_steps("avx512", name, options, dtype, precision)
+    compilers = run_steps("avx2", name, options, dtype, precision)
+    assert_steps_agree(*lanes, *compilers)
+
+
+@pytest.mark.parametrize(("dtype", "precision"), PRECISIONS)
+def test_lanes_unscale_and_clip_as_the_compilers_loop(dtype, precision):
+    """GradScaler's unscaling (the grads stored back unscaled) and clipping inside the step."""
+    options = dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
+    lanes = run_steps("avx512", "AdamW", options, dtype, precision, scaler_scale=256.0)
+    compilers = run_steps("avx2", "AdamW", options, dtype, precision, scaler_scale=256.0)
+    assert_steps_agree(*lanes, *compilers)
+    for a, b in zip(lanes[0], compilers[0], strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_lanes_convert_as_the_scalar_code_bit_for_bit(tmp_path):
+    """The loads, stores, stochastic rounding and remainder form of the 16 lanes against their
+    scalar forms on every upper half of a float's bits (step_lanes_bits.cpp)."""
+    torch_lib = Path(torch.__file__).parent / "lib"
+    binary = tmp_path / "step_lanes_bits"
+    compile_command = [
+        "g++", "-O2", "-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-psabi",
+        f"-I{REPO / 'csrc'}", *(f"-I{p}" for p in include_paths()),
+        str(Path(__file__).with_name("step_lanes_bits.cpp")), "-o", str(binary),
+        f"-L{torch_lib}", "-lc10", f"-Wl,-rpath,{torch_lib}",
+    ]  # fmt: skip
+    built = subprocess.run(compile_command, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0 and "warning" not in built.stderr, built.stderr
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert ran.stdout.strip().endswith(", 0 mismatches"), ran.stdout
+
+
+def test_no_lane_helper_is_left_out_of_line():
+    """The lane type's operators and the lane helpers are plain `inline` (csrc/cpu/vec512.h says
+    why): one the compiler left out of line would pass 64-byte vectors through memory at every
+    call, a slow path nothing else would show."""
+    if shutil.which("nm") is None:
+        pytest.skip("needs nm")
+    library = _extension.cpu_module().__file__
+    symbols = subprocess.run(
+        ["nm", "-C", "--defined-only", library], capture_output=True, text=True, check=True
+    ).stdout
+    left_out = [line for line in symbols.splitlines() if "fastopt::cpu::lanes::" in line]
+    assert left_out == [], left_out[:5]
