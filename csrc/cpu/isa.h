@@ -43,6 +43,10 @@ Isa parse_isa(const std::string& name);
 #define FASTOPT_TARGET_AVX512_VNNI __attribute__((target(FASTOPT_FEATURES_AVX512_VNNI)))
 #define FASTOPT_TARGET_AMX __attribute__((target(FASTOPT_FEATURES_AMX)))
 
+// A function compiled for AVX-512 that its callers may inline without being compiled for it
+// themselves (where an always-inline one could not be: cpu/vec512.h says when that matters).
+#define FASTOPT_AVX512_INLINE inline FASTOPT_TARGET_AVX512
+
 // The one dispatch of the vector kernels. Defines `static void name(const Args& args)`, which runs
 // `avx512_call`, `avx2_call` or `baseline_call` (statements reading `args`), each compiled for its
 // instruction set, by the vector width of the active level.

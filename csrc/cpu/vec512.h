@@ -20,9 +20,14 @@
 #include "common/macros.h"
 #include "cpu/isa.h"
 
-#define FASTOPT_AVX512_INLINE inline FASTOPT_TARGET_AVX512
-
 namespace fastopt::cpu::lanes {
+
+constexpr int kLanes = 16;
+constexpr __mmask16 kAllLanes = 0xffff;
+
+// The plain forms of some AVX-512 intrinsics pass an undefined source, which GCC 12 reports under
+// -Wall as maybe used uninitialized (GCC bug 105593). Their zero-masked forms with kAllLanes are
+// the same instruction, so the lane code uses those (maskz_sqrt, maskz_srli, ...).
 
 // A lane mask: the result of a comparison, or which lanes of a vector are in use.
 struct LaneMask {
@@ -32,10 +37,6 @@ struct LaneMask {
 struct FloatLanes {
   __m512 v;
 };
-
-FASTOPT_AVX512_INLINE LaneMask operator|(LaneMask a, LaneMask b) {
-  return {__mmask16(a.bits | b.bits)};
-}
 
 FASTOPT_AVX512_INLINE FloatLanes broadcast(float x) {
   return {_mm512_set1_ps(x)};
@@ -54,18 +55,9 @@ FASTOPT_AVX512_INLINE FloatLanes operator/(FloatLanes a, FloatLanes b) {
   return {_mm512_div_ps(a.v, b.v)};
 }
 
-// A scalar operand is broadcast to every lane.
+// With a scalar operand (a coefficient), broadcast to every lane: the forms the rules use.
 FASTOPT_AVX512_INLINE FloatLanes operator+(FloatLanes a, float b) {
   return a + broadcast(b);
-}
-FASTOPT_AVX512_INLINE FloatLanes operator+(float a, FloatLanes b) {
-  return broadcast(a) + b;
-}
-FASTOPT_AVX512_INLINE FloatLanes operator-(FloatLanes a, float b) {
-  return a - broadcast(b);
-}
-FASTOPT_AVX512_INLINE FloatLanes operator-(float a, FloatLanes b) {
-  return broadcast(a) - b;
 }
 FASTOPT_AVX512_INLINE FloatLanes operator*(FloatLanes a, float b) {
   return a * broadcast(b);
@@ -76,19 +68,16 @@ FASTOPT_AVX512_INLINE FloatLanes operator*(float a, FloatLanes b) {
 FASTOPT_AVX512_INLINE FloatLanes operator/(FloatLanes a, float b) {
   return a / broadcast(b);
 }
-FASTOPT_AVX512_INLINE FloatLanes operator/(float a, FloatLanes b) {
-  return broadcast(a) / b;
-}
 
 // Comparisons as C++'s on floats: false where either lane is NaN, except for !=.
 FASTOPT_AVX512_INLINE LaneMask operator>(FloatLanes a, FloatLanes b) {
   return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)};
 }
-FASTOPT_AVX512_INLINE LaneMask operator<(FloatLanes a, FloatLanes b) {
-  return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)};
-}
 FASTOPT_AVX512_INLINE LaneMask operator!=(FloatLanes a, FloatLanes b) {
   return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_NEQ_UQ)};
+}
+FASTOPT_AVX512_INLINE LaneMask operator|(LaneMask a, LaneMask b) {
+  return {__mmask16(a.bits | b.bits)};
 }
 
 // Lane by lane, condition ? a : b (the vector form of step_math.h's `where`).
@@ -96,10 +85,8 @@ FASTOPT_AVX512_INLINE FloatLanes where(LaneMask condition, FloatLanes a, FloatLa
   return {_mm512_mask_blend_ps(condition.bits, b.v, a.v)};
 }
 
-// The zero-masked form with every lane set: the plain one trips GCC 12's -Wmaybe-uninitialized
-// (see step_lanes_avx512.h); the instruction is the same.
 FASTOPT_AVX512_INLINE FloatLanes sqrt(FloatLanes a) {
-  return {_mm512_maskz_sqrt_ps(0xffff, a.v)};
+  return {_mm512_maskz_sqrt_ps(kAllLanes, a.v)};
 }
 
 }  // namespace fastopt::cpu::lanes

@@ -12,7 +12,9 @@
 //   Coefficients<C>, coefficients<C>(options, lr, step): what one tensor's update needs beyond
 //       its elements, derived once per tensor and step;
 //   update<VARIANT, TORCH_ROUNDING>(param, grad, state[kStateSlots], coefficients): the math of
-//       one element, with the grad already unscaled; where TORCH_ROUNDING is false (the param or
+//       one element, with the grad already unscaled. The element values are of a type V, the
+//       coefficients' scalar type C or (the AVX-512 loop, cpu/vec512.h) 16 float lanes, so it is
+//       written with operators, sqrt, lerp and where; where TORCH_ROUNDING is false (the param or
 //       its state is stored in 16 bits: Storage::kTorchRounding), it may trade an operation
 //       torch rounds correctly for a cheaper one within about an ulp of float32.
 // The op's signature and kernels follow from it (optim/step_op.h); the CPU driver

@@ -110,12 +110,15 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE float bits_float(uint32_t bits) {
 }
 
 // A 32-bit integer hash with good avalanche (every input bit flips each output bit with
-// probability about 1/2): two multiply-xorshift rounds.
+// probability about 1/2): two multiply-xorshift rounds, with these multipliers.
+constexpr uint32_t kMix32Multiplier1 = 0x21f0aaadu;
+constexpr uint32_t kMix32Multiplier2 = 0x735a2d97u;
+
 FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
-  x *= 0x21f0aaadu;
+  x *= kMix32Multiplier1;
   x ^= x >> 15;
-  x *= 0x735a2d97u;
+  x *= kMix32Multiplier2;
   x ^= x >> 15;
   return x;
 }
@@ -154,6 +157,10 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits(const uint32_t* keys, 
 
 // -- stores -----------------------------------------------------------------------------------
 
+// The bits of bfloat16's quiet NaN, which a float NaN becomes when rounded to nearest (c10) or
+// stochastically.
+constexpr uint16_t kBf16QuietNan = 0x7fc0u;
+
 // v rounded to bfloat16 up or down, up with probability (v - down) / (up - down): adding 16
 // random bits (`random` < 2^16) below the kept ones and truncating. Unbiased: the expected stored
 // value is v. Infinities stay infinite (their low bits are zero, so the sum never carries); NaN
@@ -162,7 +169,7 @@ FASTOPT_HOST_DEVICE FASTOPT_INLINE uint32_t rounding_bits(const uint32_t* keys, 
 FASTOPT_HOST_DEVICE FASTOPT_INLINE c10::BFloat16 bf16_round_stochastic(float v, uint32_t random) {
   // NaN tested as a float comparison (one vector instruction) rather than on the bits.
   const bool is_nan = v != v;
-  const uint16_t rounded = is_nan ? uint16_t(0x7fc0u) : uint16_t((float_bits(v) + random) >> 16);
+  const uint16_t rounded = is_nan ? kBf16QuietNan : uint16_t((float_bits(v) + random) >> 16);
   return c10::BFloat16(rounded, c10::BFloat16::from_bits());
 }
 
@@ -187,7 +194,7 @@ struct Bf16WithRemainder {
 
 FASTOPT_HOST_DEVICE FASTOPT_INLINE Bf16WithRemainder split_master(float master) {
   const uint32_t bits = float_bits(master);
-  if (master != master) return {uint16_t(0x7fc0u | (bits >> 16)), 0};  // NaN
+  if (master != master) return {uint16_t(kBf16QuietNan | (bits >> 16)), 0};  // NaN
   // No overflow: the largest non-NaN bit pattern is -inf, 0xff800000.
   const uint32_t upper = (bits + 0x8000u) >> 16;
   return {uint16_t(upper), int16_t(int32_t(bits - (upper << 16)))};

@@ -13,7 +13,7 @@
 #include <random>
 #include <vector>
 
-#include "optim/cpu/step_lanes_avx512.h"
+#include "optim/cpu/storage_lanes_avx512.h"
 
 namespace {
 
@@ -42,11 +42,12 @@ bool is_nan_bits(uint32_t b) {
 }
 
 // Float bit patterns that reach every case of a conversion: all 2^16 upper halves, each with
-// lower halves around the rounding points of bfloat16 (ties included) and a random one; Half's
-// rounding points come from the upper halves' own spread.
+// lower halves at and around the rounding points of bfloat16 (below the upper half) and of Half
+// (bits 12 and 13 for normal Halves: ties with an even and an odd kept bit), and a random one.
 std::vector<uint32_t> float_patterns() {
   std::mt19937 rng(7);
-  const uint32_t lows[] = {0x0000, 0x0001, 0x1000, 0x7fff, 0x8000, 0x8001, 0xffff};
+  const uint32_t lows[] = {0x0000, 0x0001, 0x0fff, 0x1000, 0x1001, 0x2fff, 0x3000,
+                           0x3001, 0x7fff, 0x8000, 0x8001, 0xf000, 0xffff};
   std::vector<uint32_t> patterns;
   for (uint32_t upper = 0; upper < 0x10000; ++upper) {
     for (uint32_t low : lows) patterns.push_back(upper << 16 | low);
@@ -56,7 +57,7 @@ std::vector<uint32_t> float_patterns() {
   return patterns;
 }
 
-// The lanes of `mask` only are stored: the others keep what was there.
+// A mask of some lanes, for the checks that lanes outside it are neither read nor written.
 constexpr uint16_t kSomeLanes = 0xb5f3;
 
 FASTOPT_TARGET_AVX512 void check_loads() {
@@ -92,6 +93,22 @@ FASTOPT_TARGET_AVX512 void check_loads() {
   }
 }
 
+// What the 16-bit stores of one vector of values wrote, each into a buffer filled with 0xee.
+struct Stored {
+  uint16_t nearest[16], half[16], stochastic[16], split_param[16], split_remainder[16];
+};
+
+FASTOPT_TARGET_AVX512 Stored store_all(FloatLanes x, __m512i random, LaneMask lanes) {
+  Stored out;
+  std::memset(&out, 0xee, sizeof out);
+  store_lanes(reinterpret_cast<BFloat16*>(out.nearest), x, lanes);
+  store_lanes(reinterpret_cast<Half*>(out.half), x, lanes);
+  store_lanes_stochastic(reinterpret_cast<BFloat16*>(out.stochastic), x, random, lanes);
+  store_lanes_split(reinterpret_cast<BFloat16*>(out.split_param),
+                    reinterpret_cast<int16_t*>(out.split_remainder), x, lanes);
+  return out;
+}
+
 FASTOPT_TARGET_AVX512 void check_stores(const std::vector<uint32_t>& patterns) {
   std::mt19937 rng(11);
   uint32_t keys[2] = {0x12345678u, 0x9abcdef0u};
@@ -100,46 +117,45 @@ FASTOPT_TARGET_AVX512 void check_stores(const std::vector<uint32_t>& patterns) {
     float values[16];
     std::memcpy(values, &patterns[at], sizeof values);
     const FloatLanes x{_mm512_loadu_ps(values)};
-    const LaneMask lanes{uint16_t(at % 64 == 0 ? kSomeLanes : 0xffff)};
-    uint16_t nearest[16], half[16], stochastic[16], split_param[16];
-    int16_t split_remainder[16];
-    std::memset(nearest, 0xee, sizeof nearest);
-    std::memset(half, 0xee, sizeof half);
-    std::memset(stochastic, 0xee, sizeof stochastic);
-    std::memset(split_param, 0xee, sizeof split_param);
-    std::memset(split_remainder, 0xee, sizeof split_remainder);
-    store_lanes(reinterpret_cast<BFloat16*>(nearest), x, lanes);
-    store_lanes(reinterpret_cast<Half*>(half), x, lanes);
     const uint32_t weyl = uint32_t(rng());
     const int slot = int(at / 16 % 2);
     const __m512i random = fastopt::cpu::lanes::rounding_bits_lanes(keys, slot, weyl, weyl_offsets);
-    store_lanes_stochastic(reinterpret_cast<BFloat16*>(stochastic), x, random, lanes);
-    store_lanes_split(reinterpret_cast<BFloat16*>(split_param), split_remainder, x, lanes);
+    const Stored all = store_all(x, random, LaneMask{0xffff});
     // And back: the param and remainder joined give the master (NaN stays NaN).
     float joined[16];
-    _mm512_storeu_ps(joined, fastopt::cpu::lanes::load_lanes_joined(
-                                 reinterpret_cast<const BFloat16*>(split_param), split_remainder,
-                                 LaneMask{0xffff})
-                                 .v);
+    _mm512_storeu_ps(joined,
+                     fastopt::cpu::lanes::load_lanes_joined(
+                         reinterpret_cast<const BFloat16*>(all.split_param),
+                         reinterpret_cast<const int16_t*>(all.split_remainder), LaneMask{0xffff})
+                         .v);
     for (int j = 0; j < 16; ++j) {
       const uint32_t in = patterns[at + j];
-      if (!((lanes.bits >> j) & 1)) {
-        expect_equal(nearest[j] | half[j] << 16, 0xeeeeeeeeu, "store outside the mask", in);
-        expect_equal(stochastic[j] | split_param[j] << 16, 0xeeeeeeeeu, "store outside the mask",
-                     in);
-        continue;
-      }
-      expect_equal(nearest[j], BFloat16(values[j]).x, "bfloat16 store", in);
-      expect_equal(half[j], Half(values[j]).x, "Half store", in);
+      expect_equal(all.nearest[j], BFloat16(values[j]).x, "bfloat16 store", in);
+      expect_equal(all.half[j], Half(values[j]).x, "Half store", in);
       const uint32_t want_random =
           fastopt::rounding_bits_at_weyl(keys, slot, weyl + uint32_t(j) * fastopt::kWeylStep);
-      expect_equal(stochastic[j], fastopt::bf16_round_stochastic(values[j], want_random).x,
+      expect_equal(all.stochastic[j], fastopt::bf16_round_stochastic(values[j], want_random).x,
                    "stochastic store", in);
       const fastopt::Bf16WithRemainder want = fastopt::split_master(values[j]);
-      expect_equal(split_param[j], want.param_bits, "remainder form's param", in);
-      expect_equal(uint16_t(split_remainder[j]), uint16_t(want.remainder), "remainder", in);
+      expect_equal(all.split_param[j], want.param_bits, "remainder form's param", in);
+      expect_equal(all.split_remainder[j], uint16_t(want.remainder), "remainder", in);
       const float want_joined = fastopt::join_master(want.param_bits, want.remainder);
       expect_equal(bits_of(joined[j]), bits_of(want_joined), "remainder join", in);
+    }
+    // Stored under a mask: the lanes inside it as above, those outside untouched.
+    if (at % 256 == 0) {
+      const Stored some = store_all(x, random, LaneMask{kSomeLanes});
+      const uint16_t* const written[] = {all.nearest, all.half, all.stochastic, all.split_param,
+                                         all.split_remainder};
+      const uint16_t* const masked[] = {some.nearest, some.half, some.stochastic, some.split_param,
+                                        some.split_remainder};
+      for (int store = 0; store < 5; ++store) {
+        for (int j = 0; j < 16; ++j) {
+          const bool inside = (kSomeLanes >> j) & 1;
+          expect_equal(masked[store][j], inside ? written[store][j] : 0xeeeeu,
+                       inside ? "masked store" : "store outside the mask", patterns[at + j]);
+        }
+      }
     }
   }
 }
@@ -147,7 +163,8 @@ FASTOPT_TARGET_AVX512 void check_stores(const std::vector<uint32_t>& patterns) {
 }  // namespace
 
 int main() {
-  if (!__builtin_cpu_supports("avx512bw")) {
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
     std::printf("no AVX-512 on this CPU\n");
     return 2;
   }

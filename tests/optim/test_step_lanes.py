@@ -32,8 +32,10 @@ pytestmark = pytest.mark.skipif(
 
 REPO = Path(__file__).resolve().parents[2]
 
-# A lone element, a partial vector, whole vectors, a prefetch block and one past it, and more.
-SIZES = [1, 15, 16, 17, 63, 64, 65, 127, 1100]
+# Empty, a lone element, a partial vector, whole vectors, a prefetch block and one past it, more;
+# and enough in all for two threads, which split the last tensor at an element that is no
+# multiple of a vector or block of it (a piece that starts inside a tensor).
+SIZES = [0, 1, 15, 16, 17, 63, 64, 65, 127, 1100, 70001]
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -78,12 +80,23 @@ def cpu_isa(name: str):
         module.set_cpu_isa(previous)
 
 
+@contextlib.contextmanager
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def with_special_values(values: torch.Tensor) -> torch.Tensor:
     """`values` with zeros of both signs, a subnormal, an infinity and a NaN spread over it."""
     values = values.clone()
     specials = [0.0, -0.0, 1e-40, -3e-39, math.inf, math.nan]
     for k, value in enumerate(specials):
         values[(k * 37 + 5) % values.numel()] = value
+    values[-1] = math.nan  # in the last, masked vector
     return values
 
 
@@ -95,28 +108,51 @@ def starts(dtype: torch.dtype, seed: int, specials: bool) -> list[torch.Tensor]:
     return [t.to(dtype) for t in tensors]
 
 
-def run_steps(isa, name, options, dtype, precision, steps=3, scaler_scale=None):
-    """Params and optimizer state after `steps` steps under instruction set `isa`. Under a
-    GradScaler, no special values (an inf or NaN grad would skip the step)."""
+def state_tensors(opt, params):
+    """Every tensor of the optimizer's state (step counts, moments, master copies, seeds)."""
+    return [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+
+
+def step_under_each_isa(name, options, dtype, precision, check, steps=3, scaler_scale=None):
+    """Takes `steps` steps; each one from the same params, state and grads under the AVX-512 lanes
+    and under the AVX2 loop, calling check(lanes, compilers) with (params, grads, optimizer
+    state) after each, then going on from the AVX2 loop's result. Under a GradScaler, no special
+    values (an inf or NaN grad would skip the step)."""
     params = [p.requires_grad_() for p in starts(dtype, seed=1, specials=False)]
     torch.manual_seed(0)  # the stochastic rounding seeds drawn when the state is made
     opt = getattr(fastopt, f"Fused{name}")(params, **options, **precision)
-    scaler = None if scaler_scale is None else torch.amp.GradScaler("cpu", init_scale=scaler_scale)
-    with cpu_isa(isa):
-        for step in range(steps):
-            # Special values in the grads of the last step only: a NaN grad makes its element's
-            # param and state NaN, which the next steps would carry everywhere it is read.
-            last = step == steps - 1
-            grads = starts(dtype, seed=100 + step, specials=last and scaler_scale is None)
+    for p in params:  # a first step, with zero grads, makes the state to save and restore
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for step in range(steps):
+        # Special values in the last step's grads only: a NaN grad makes its element's param and
+        # state NaN, which the next steps would carry everywhere it is read.
+        last = step == steps - 1
+        grads = starts(dtype, seed=100 + step, specials=last and scaler_scale is None)
+        before = [t.clone() for t in params + state_tensors(opt, params)]
+        after = {}
+        for isa in ("avx512", "avx2"):
+            for t, saved in zip(params + state_tensors(opt, params), before, strict=True):
+                t.data.copy_(saved)
             for p, g in zip(params, grads, strict=True):
-                p.grad = g if scaler is None else g * scaler_scale
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.scale(torch.zeros(()))  # GradScaler makes its scale on first use
-                scaler.step(opt)
-                scaler.update()
-    return params, opt
+                p.grad = g.clone() if scaler_scale is None else g * scaler_scale
+            with cpu_isa(isa), two_threads():
+                if scaler_scale is None:
+                    opt.step()
+                else:
+                    scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale)
+                    scaler.scale(torch.zeros(()))  # GradScaler makes its scale on first use
+                    scaler.step(opt)
+            after[isa] = (
+                [p.detach().clone() for p in params],
+                [p.grad.clone() for p in params],
+                [{k: _clone(v) for k, v in opt.state[p].items()} for p in params],
+            )
+        check(after["avx512"], after["avx2"])
+
+
+def _clone(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def joined_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
@@ -127,23 +163,26 @@ def joined_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
 
 def assert_close_as_loops_round(a: torch.Tensor, b: torch.Tensor, what: str):
     """The two loops differ only in the multiply-adds the compiler fuses in each (one rounding
-    instead of two): float32 values agree to the suite's float32 tolerance, 16-bit ones to one
-    unit of their last place; NaNs and infinities sit in the same places."""
+    instead of two), which moves a float32 result by about an ulp, more where it cancels (centered
+    RMSprop's variance): float32 values agree to the suite's float32 tolerance, 16-bit ones to
+    an ulp of their own, rarely two; NaNs and infinities sit in the same places."""
     a, b = a.detach(), b.detach()
     assert torch.equal(a.isnan(), b.isnan()), what
     assert torch.equal(a.isinf(), b.isinf()) and torch.equal(a[a.isinf()], b[b.isinf()]), what
     finite = a.isfinite()
     a, b = a[finite], b[finite]
     if a.dtype in (torch.float16, torch.bfloat16):
-        assert bool(((a.float() - b.float()).abs() <= ulp(a)).all()), what
+        assert bool(((a.float() - b.float()).abs() <= 2 * ulp(a)).all()), what
+        # Rarely an ulp apart: a wrong random stream would move half of the stochastic roundings.
+        if a.numel() >= 1000:
+            assert (a == b).float().mean() > 0.99, what
     else:
         torch.testing.assert_close(a, b, **FP32_CLOSE, msg=what)
 
 
-def assert_steps_agree(a_params, a_opt, b_params, b_opt):
-    for a, b in zip(a_params, b_params, strict=True):
+def assert_steps_agree(lanes, compilers):
+    for a, b, a_state, b_state in zip(lanes[0], compilers[0], lanes[2], compilers[2], strict=True):
         assert_close_as_loops_round(a, b, f"param of {a.numel()} elements")
-        a_state, b_state = a_opt.state[a], b_opt.state[b]
         assert a_state.keys() == b_state.keys()
         for key, value in a_state.items():
             other = b_state[key]
@@ -158,20 +197,27 @@ def assert_steps_agree(a_params, a_opt, b_params, b_opt):
 @pytest.mark.parametrize(("name", "options"), OPTIMIZERS)
 @pytest.mark.parametrize(("dtype", "precision"), PRECISIONS)
 def test_lanes_step_as_the_compilers_loop(name, options, dtype, precision):
-    lanes = run_steps("avx512", name, options, dtype, precision)
-    compilers = run_steps("avx2", name, options, dtype, precision)
-    assert_steps_agree(*lanes, *compilers)
+    step_under_each_isa(name, options, dtype, precision, assert_steps_agree)
+
+
+def assert_steps_and_unscaled_grads_agree(lanes, compilers):
+    assert_steps_agree(lanes, compilers)
+    for a, b in zip(lanes[1], compilers[1], strict=True):
+        assert torch.equal(a, b), "grads stored back unscaled"
 
 
 @pytest.mark.parametrize(("dtype", "precision"), PRECISIONS)
 def test_lanes_unscale_and_clip_as_the_compilers_loop(dtype, precision):
     """GradScaler's unscaling (the grads stored back unscaled) and clipping inside the step."""
     options = dict(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0)
-    lanes = run_steps("avx512", "AdamW", options, dtype, precision, scaler_scale=256.0)
-    compilers = run_steps("avx2", "AdamW", options, dtype, precision, scaler_scale=256.0)
-    assert_steps_agree(*lanes, *compilers)
-    for a, b in zip(lanes[0], compilers[0], strict=True):
-        assert torch.equal(a.grad, b.grad)
+    step_under_each_isa(
+        "AdamW",
+        options,
+        dtype,
+        precision,
+        assert_steps_and_unscaled_grads_agree,
+        scaler_scale=256.0,
+    )
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -205,3 +251,6 @@ def test_no_lane_helper_is_left_out_of_line():
     ).stdout
     left_out = [line for line in symbols.splitlines() if "fastopt::cpu::lanes::" in line]
     assert left_out == [], left_out[:5]
+    # And the loop is there, for every rule: the steps above did run it.
+    for rule in ("AdamRule", "RmspropRule", "AdagradRule", "AdadeltaRule"):
+        assert f"prefetched_lanes_loop<fastopt::cpu::StepLoop<fastopt::{rule}," in symbols, rule

@@ -15,11 +15,9 @@
 #include "common/macros.h"
 #include "cpu/isa.h"
 
-// The tile helpers below take and return vector types without a target attribute of their own:
-// GCC warns that their ABI differs between instruction sets, which cannot matter because they are
-// always inlined into a variant compiled for one instruction set. (Not popped: GCC reports it
-// where the templates are instantiated, at the end of the including file.)
-#pragma GCC diagnostic ignored "-Wpsabi"
+// The tile helpers below take and return vector types without a target attribute of their own;
+// GCC's note that their ABI differs between instruction sets is off for the whole build
+// (-Wno-psabi in setup.py): they are always inlined into a variant of one instruction set.
 
 namespace fastopt::cpu::blocksparse {
 

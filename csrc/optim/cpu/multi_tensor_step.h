@@ -116,6 +116,13 @@ struct ElementAt {
 template <typename Rule, int VARIANT, bool UNSCALE, bool LANES>
 struct StepLoop {
   static constexpr int kSlots = Rule::kStateSlots;
+#if defined(__x86_64__)
+  template <typename C>
+  static constexpr bool kRunsOnLanes = LANES && std::is_same_v<C, float>;
+#else
+  template <typename C>
+  static constexpr bool kRunsOnLanes = false;
+#endif
 
   template <typename St>
   FASTOPT_INLINE static void run(const StepPiece<Rule>& a) {
@@ -156,24 +163,22 @@ struct StepLoop {
         }
       }
     };
-#if defined(__x86_64__)
-    if constexpr (LANES && std::is_same_v<C, float>) {
+    if constexpr (kRunsOnLanes<C>) {
       with_streams(
           [&](const auto*... streams) FASTOPT_INLINE_LAMBDA {
             prefetched_lanes_loop(a.begin, a.end, elements, streams...);
           },
           param, grad, master, state, std::make_index_sequence<kSlots>());
-      return;
+    } else {
+      const auto element = [&](int64_t block, int32_t j) FASTOPT_INLINE_LAMBDA {
+        // The Weyl term as the block's plus the offset's (kBlockOffsetWeyl).
+        elements(ElementAt{block + j, uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j]});
+      };
+      with_streams(
+          [&](const auto*... streams)
+              FASTOPT_INLINE_LAMBDA { prefetched_loop(a.begin, a.end, element, streams...); },
+          param, grad, master, state, std::make_index_sequence<kSlots>());
     }
-#endif
-    const auto element = [&](int64_t block, int32_t j) FASTOPT_INLINE_LAMBDA {
-      // The Weyl term as the block's plus the offset's (kBlockOffsetWeyl).
-      elements(ElementAt{block + j, uint32_t(block) * kWeylStep + kBlockOffsetWeyl[j]});
-    };
-    with_streams(
-        [&](const auto*... streams)
-            FASTOPT_INLINE_LAMBDA { prefetched_loop(a.begin, a.end, element, streams...); },
-        param, grad, master, state, std::make_index_sequence<kSlots>());
   }
 
   // loop(streams...) with every stream the loop prefetches. Unused state slots are null (as is a
