@@ -76,9 +76,9 @@ template <typename S, typename T, MasterKind M, bool STOCHASTIC>
 void report(const char* name, int64_t n) {
   using St = Storage<S, T, M, STOCHASTIC>;
   std::printf("| %s | %.3f | %.3f | %.3f | %.3f |\n", name,
-              ns_per_param<St>(run_piece_avx512<St, StepLanes::kCompilers>, n, 5),
+              ns_per_param<St>(run_piece_avx512<St, StepLanes::kCompilerVectorized>, n, 5),
               ns_per_param<St>(run_piece_avx512<St, StepLanes::kAvx512>, n, 5),
-              ns_per_param<St>(run_piece_avx2<St, StepLanes::kCompilers>, n, 5),
+              ns_per_param<St>(run_piece_avx2<St, StepLanes::kCompilerVectorized>, n, 5),
               ns_per_param<St>(run_piece_avx2<St, StepLanes::kAvx2>, n, 5));
 }
 

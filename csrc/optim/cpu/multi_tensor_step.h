@@ -70,9 +70,9 @@ inline constexpr std::array<uint32_t, kPrefetchBlock> kBlockOffsetWeyl =
 
 // How a step loop runs its element body (optim/cpu/step_lanes.h for the hand-vectorized ones).
 enum class StepLanes {
-  kCompilers,  // the compiler vectorizes the scalar element body (every instruction set)
-  kAvx2,       // 8 float lanes at a time (AVX2 variants only)
-  kAvx512,     // 16 float lanes at a time (AVX-512 variants only)
+  kCompilerVectorized,  // the compiler vectorizes the scalar element body (every instruction set)
+  kAvx2,                // 8 float lanes at a time (AVX2 variants only)
+  kAvx512,              // 16 float lanes at a time (AVX-512 variants only)
 };
 
 // The element loop of one piece, run as LANES says; float64 layouts always take the compiler's
@@ -82,7 +82,8 @@ struct StepLoop {
   static constexpr int kSlots = Rule::kStateSlots;
 #if defined(__x86_64__)
   template <typename C>
-  static constexpr bool kRunsOnLanes = LANES != StepLanes::kCompilers && std::is_same_v<C, float>;
+  static constexpr bool kRunsOnLanes =
+      LANES != StepLanes::kCompilerVectorized && std::is_same_v<C, float>;
 #else
   template <typename C>
   static constexpr bool kRunsOnLanes = false;

@@ -20,7 +20,7 @@ struct StepPieces {
   FASTOPT_DISPATCH_BY_VECTOR_WIDTH(piece, StepPiece<Rule>,
                                    (step_piece_body<Rule, StepLanes::kAvx512>(args)),
                                    (step_piece_body<Rule, StepLanes::kAvx2>(args)),
-                                   (step_piece_body<Rule, StepLanes::kCompilers>(args)))
+                                   (step_piece_body<Rule, StepLanes::kCompilerVectorized>(args)))
 };
 
 extern template struct StepPieces<AdamRule>;
