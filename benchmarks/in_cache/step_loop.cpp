@@ -6,9 +6,9 @@
 // Build and run with run.sh (it compiles this file against the checkout's csrc/ and torch's
 // headers): `benchmarks/in_cache/run.sh [params]`, 4096 params by default (4 streams of them
 // stay in the L1 and L2 caches). It prints ns per param, the fastest of 5 rounds, for AdamW, of
-// both loops compiled for AVX-512 (the machine must have it): the compiler's vectorization of the
-// scalar element code (what the AVX2 and baseline levels run) and the 16-lane loop the extension
-// runs on AVX-512.
+// the compiler's vectorization of the scalar element code (what the baseline level runs) and the
+// hand-vectorized loop, each compiled for AVX-512 (16 lanes; the machine must have it) and for
+// AVX2 (8 lanes).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,18 +24,27 @@ namespace {
 using fastopt::AdamRule;
 using fastopt::MasterKind;
 using fastopt::Storage;
+using fastopt::cpu::StepLanes;
 using fastopt::cpu::StepLoop;
 using fastopt::cpu::StepPiece;
 using fastopt::cpu::StepTensor;
 
-template <typename St, bool LANES>
-FASTOPT_TARGET_AVX512 __attribute__((noinline)) void run_piece(const StepPiece<AdamRule>& piece) {
+template <typename St, StepLanes LANES>
+FASTOPT_TARGET_AVX512 __attribute__((noinline)) void run_piece_avx512(
+    const StepPiece<AdamRule>& piece) {
+  StepLoop<AdamRule, 0, false, LANES>::template run<St>(piece);
+}
+
+template <typename St, StepLanes LANES>
+FASTOPT_TARGET_AVX2 __attribute__((noinline)) void run_piece_avx2(
+    const StepPiece<AdamRule>& piece) {
   StepLoop<AdamRule, 0, false, LANES>::template run<St>(piece);
 }
 
 // ns per param of the loop over n params of layout St: the fastest of `rounds` rounds.
-template <typename St, bool LANES>
-double ns_per_param(int64_t n, int rounds) {
+// `run_piece` runs the loop of layout St on a piece.
+template <typename St>
+double ns_per_param(void (*run_piece)(const StepPiece<AdamRule>&), int64_t n, int rounds) {
   using S = typename St::Param;
   using T = typename St::State;
   std::vector<S> param(n, S(0.5f)), grad(n, S(0.001f));
@@ -54,9 +63,9 @@ double ns_per_param(int64_t n, int rounds) {
   const int calls = int(std::max<int64_t>(1, int64_t(2e8) / n));
   double best = 1e30;
   for (int round = 0; round < rounds; ++round) {
-    run_piece<St, LANES>(piece);  // warm the caches
+    run_piece(piece);  // warm the caches
     const auto start = std::chrono::steady_clock::now();
-    for (int c = 0; c < calls; ++c) run_piece<St, LANES>(piece);
+    for (int c = 0; c < calls; ++c) run_piece(piece);
     const std::chrono::duration<double, std::nano> took = std::chrono::steady_clock::now() - start;
     best = std::min(best, took.count() / calls / double(n));
   }
@@ -66,8 +75,11 @@ double ns_per_param(int64_t n, int rounds) {
 template <typename S, typename T, MasterKind M, bool STOCHASTIC>
 void report(const char* name, int64_t n) {
   using St = Storage<S, T, M, STOCHASTIC>;
-  std::printf("| %s | %.3f | %.3f |\n", name, ns_per_param<St, false>(n, 5),
-              ns_per_param<St, true>(n, 5));
+  std::printf("| %s | %.3f | %.3f | %.3f | %.3f |\n", name,
+              ns_per_param<St>(run_piece_avx512<St, StepLanes::kCompilerVectorized>, n, 5),
+              ns_per_param<St>(run_piece_avx512<St, StepLanes::kAvx512>, n, 5),
+              ns_per_param<St>(run_piece_avx2<St, StepLanes::kCompilerVectorized>, n, 5),
+              ns_per_param<St>(run_piece_avx2<St, StepLanes::kAvx2>, n, 5));
 }
 
 }  // namespace
@@ -76,7 +88,9 @@ int main(int argc, char** argv) {
   const int64_t n = argc > 1 ? std::atol(argv[1]) : 4096;
   using BF16 = c10::BFloat16;
   std::printf("AdamW element loop in cache, %ld params, one core, ns per param\n", long(n));
-  std::printf("| layout | compiler-vectorized | 16 float lanes |\n|---|---:|---:|\n");
+  std::printf(
+      "| layout | AVX-512 compiler-vectorized | 16 float lanes | AVX2 compiler-vectorized | 8 "
+      "float lanes |\n|---|---:|---:|---:|---:|\n");
   report<float, float, MasterKind::kNone, false>("fp32", n);
   report<float, BF16, MasterKind::kNone, false>("fp32 + bf16 state (nearest)", n);
   report<float, BF16, MasterKind::kNone, true>("fp32 + bf16 state", n);

@@ -44,8 +44,10 @@ Isa parse_isa(const std::string& name);
 #define FASTOPT_TARGET_AMX __attribute__((target(FASTOPT_FEATURES_AMX)))
 
 // A function compiled for AVX-512 that its callers may inline without being compiled for it
-// themselves (where an always-inline one could not be: cpu/vec512.h says when that matters).
+// themselves (where an always-inline one could not be: cpu/vec512.h says when that matters), and
+// the same for AVX2.
 #define FASTOPT_AVX512_INLINE inline FASTOPT_TARGET_AVX512
+#define FASTOPT_AVX2_INLINE inline FASTOPT_TARGET_AVX2
 
 // The one dispatch of the vector kernels. Defines `static void name(const Args& args)`, which runs
 // `avx512_call`, `avx2_call` or `baseline_call` (statements reading `args`), each compiled for its

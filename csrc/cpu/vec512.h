@@ -1,6 +1,6 @@
 // Sixteen float lanes in one AVX-512 register, with the arithmetic the optimizer rules use
 // (optim/*_rule.h), so that a rule written once for one scalar element also runs on 16 elements
-// in the hand-vectorized CPU loop (optim/cpu/step_lanes_avx512.h). Each operation is its scalar
+// in the hand-vectorized CPU loop (optim/cpu/step_lanes.h). Each operation is its scalar
 // form's IEEE operation, lane by lane. As in the compiler-vectorized loops, GCC may fuse a
 // multiplication and an addition into one multiply-add (the build allows contraction), and where
 // it fuses differently the results differ in the last bit: the two loops agree to rounding.

@@ -13,10 +13,11 @@
 //       its elements, derived once per tensor and step;
 //   update<VARIANT, TORCH_ROUNDING>(param, grad, state[kStateSlots], coefficients): the math of
 //       one element, with the grad already unscaled. The element values are of a type V, the
-//       coefficients' scalar type C or (the AVX-512 loop, cpu/vec512.h) 16 float lanes, so it is
-//       written with operators, sqrt, lerp and where; where TORCH_ROUNDING is false (the param or
-//       its state is stored in 16 bits: Storage::kTorchRounding), it may trade an operation
-//       torch rounds correctly for a cheaper one within about an ulp of float32.
+//       coefficients' scalar type C or (the AVX-512 and AVX2 loops, cpu/vec512.h and vec256.h) 16
+//       or 8 float lanes, so it is written with operators, sqrt, lerp and where; where
+//       TORCH_ROUNDING is false (the param or its state is stored in 16 bits:
+//       Storage::kTorchRounding), it may trade an operation torch rounds correctly for a cheaper
+//       one within about an ulp of float32.
 // The op's signature and kernels follow from it (optim/step_op.h); the CPU driver
 // (optim/cpu/multi_tensor_step.h) and the CUDA one (optim/cuda/multi_tensor_step.cuh) do
 // everything else: checks, scheduling, unscaling, clipping, found_inf, step counts, a tensor lr,

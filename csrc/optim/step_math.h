@@ -1,6 +1,6 @@
 // Element helpers every optimizer's step math uses, with torch's exact semantics. Each takes the
-// element values as V: the compute type C itself, or (cpu/vec512.h) a vector of C's lanes, which
-// brings its own operators and `where`; scalar operands (weights, coefficients) stay C.
+// element values as V: the compute type C itself, or (cpu/vec512.h, vec256.h) a vector of float
+// lanes, which brings its own operators and `where`; scalar operands (coefficients) stay C.
 #pragma once
 
 #include <cmath>

@@ -14,7 +14,8 @@
 #include "common/macros.h"
 #include "optim/cpu/multi_tensor.h"
 #include "optim/cpu/prefetched_loop.h"
-#include "optim/cpu/step_lanes_avx512.h"
+#include "optim/cpu/step_element.h"
+#include "optim/cpu/step_lanes.h"
 #include "optim/step_call.h"
 
 namespace fastopt::cpu {
@@ -67,58 +68,22 @@ constexpr std::array<uint32_t, kPrefetchBlock> weyl_terms_of_block_offsets() {
 inline constexpr std::array<uint32_t, kPrefetchBlock> kBlockOffsetWeyl =
     weyl_terms_of_block_offsets();
 
-// One element, index i, as the scalar loop's element body sees it (LanesAt in
-// optim/cpu/step_lanes_avx512.h is 16 of them).
-struct ElementAt {
-  int64_t i;
-  uint32_t weyl;  // the element's Weyl term (step_storage.h)
-
-  template <typename C>
-  using Value = C;
-
-  template <typename C, typename T>
-  FASTOPT_INLINE C load(const T* stream) const {
-    return C(stream[i]);
-  }
-
-  template <typename T, typename C>
-  FASTOPT_INLINE void store(T* stream, C x) const {
-    stream[i] = T(x);
-  }
-
-  template <typename St>
-  FASTOPT_INLINE typename St::Compute load_param(const typename St::Param* param,
-                                                 const MasterElement<St>* master) const {
-    MasterElement<St> master_value{};
-    if constexpr (St::kMaster != MasterKind::kNone) master_value = master[i];
-    return fastopt::load_param<St>(param[i], master_value);
-  }
-
-  template <typename St>
-  FASTOPT_INLINE void store_param(typename St::Compute p, typename St::Param* param,
-                                  MasterElement<St>* master) const {
-    MasterElement<St> master_value{};
-    fastopt::store_param<St>(p, param[i], master_value);
-    if constexpr (St::kMaster != MasterKind::kNone) master[i] = master_value;
-  }
-
-  template <typename St>
-  FASTOPT_INLINE void store_state(typename St::State* stream, typename St::Compute x,
-                                  const uint32_t* keys, int slot) const {
-    const uint32_t random = St::kStochastic ? rounding_bits_at_weyl(keys, slot, weyl) : 0;
-    stream[i] = fastopt::store_state<St>(x, random);
-  }
+// How a step loop runs its element body (optim/cpu/step_lanes.h for the hand-vectorized ones).
+enum class StepLanes {
+  kCompilerVectorized,  // the compiler vectorizes the scalar element body (every instruction set)
+  kAvx2,                // 8 float lanes at a time (AVX2 variants only)
+  kAvx512,              // 16 float lanes at a time (AVX-512 variants only)
 };
 
-// The element loop of one piece. LANES picks how it runs: false, the compiler vectorizes the
-// scalar element body (every instruction set); true, the body runs on 16 float lanes at a time
-// (optim/cpu/step_lanes_avx512.h; AVX-512 variants only, float compute types only).
-template <typename Rule, int VARIANT, bool UNSCALE, bool LANES>
+// The element loop of one piece, run as LANES says; float64 layouts always take the compiler's
+// loop (the lanes are float).
+template <typename Rule, int VARIANT, bool UNSCALE, StepLanes LANES>
 struct StepLoop {
   static constexpr int kSlots = Rule::kStateSlots;
 #if defined(__x86_64__)
   template <typename C>
-  static constexpr bool kRunsOnLanes = LANES && std::is_same_v<C, float>;
+  static constexpr bool kRunsOnLanes =
+      LANES != StepLanes::kCompilerVectorized && std::is_same_v<C, float>;
 #else
   template <typename C>
   static constexpr bool kRunsOnLanes = false;
@@ -140,8 +105,8 @@ struct StepLoop {
     std::array<T*, kSlots> state;
     for (int s = 0; s < kSlots; ++s) state[s] = static_cast<T*>(t.state[s]);
     const auto rounding_keys = t.rounding_keys;
-    // The elements `at` (one, or 16 lanes): every stream is read and written at those only.
-    // Captured by value, so that a loop may keep its own copy (prefetched_lanes_loop).
+    // The elements `at` (one, or a vector of lanes): every stream is read and written at those
+    // only. Captured by value, so that a loop may keep its own copy (lanes_loop).
     const auto elements = [=](const auto& at) FASTOPT_INLINE_LAMBDA {
       using V = typename std::decay_t<decltype(at)>::template Value<C>;
       V p = at.template load_param<St>(param, master);
@@ -166,7 +131,11 @@ struct StepLoop {
     if constexpr (kRunsOnLanes<C>) {
       with_streams(
           [&](const auto*... streams) FASTOPT_INLINE_LAMBDA {
-            prefetched_lanes_loop(a.begin, a.end, elements, streams...);
+            if constexpr (LANES == StepLanes::kAvx512) {
+              prefetched_lanes_loop_avx512(a.begin, a.end, elements, streams...);
+            } else {
+              prefetched_lanes_loop_avx2(a.begin, a.end, elements, streams...);
+            }
           },
           param, grad, master, state, std::make_index_sequence<kSlots>());
     } else {
@@ -203,7 +172,7 @@ inline double clip_coefficient_on_cpu(const std::optional<at::Tensor>& grad_norm
 
 // Turns the run-time variant and unscale flag into template arguments, then the dtype. LANES as
 // in StepLoop.
-template <typename Rule, bool LANES, int VARIANT = 0>
+template <typename Rule, StepLanes LANES, int VARIANT = 0>
 FASTOPT_INLINE void step_piece_body(const StepPiece<Rule>& a) {
   if constexpr (VARIANT < Rule::kVariants) {
     if (a.variant != VARIANT) return step_piece_body<Rule, LANES, VARIANT + 1>(a);

@@ -15,10 +15,12 @@ namespace fastopt::cpu {
 
 template <typename Rule>
 struct StepPieces {
-  // AVX-512 runs the hand-vectorized loop (16 float lanes), the others the compiler's.
-  FASTOPT_DISPATCH_BY_VECTOR_WIDTH(piece, StepPiece<Rule>, (step_piece_body<Rule, true>(args)),
-                                   (step_piece_body<Rule, false>(args)),
-                                   (step_piece_body<Rule, false>(args)))
+  // AVX-512 and AVX2 run the hand-vectorized loops (16 and 8 float lanes), the baseline level
+  // the compiler's.
+  FASTOPT_DISPATCH_BY_VECTOR_WIDTH(piece, StepPiece<Rule>,
+                                   (step_piece_body<Rule, StepLanes::kAvx512>(args)),
+                                   (step_piece_body<Rule, StepLanes::kAvx2>(args)),
+                                   (step_piece_body<Rule, StepLanes::kCompilerVectorized>(args)))
 };
 
 extern template struct StepPieces<AdamRule>;

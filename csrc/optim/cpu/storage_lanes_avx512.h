@@ -1,5 +1,5 @@
 // The storage of optim/step_storage.h, 16 elements at a time, for the hand-vectorized AVX-512
-// step loop (optim/cpu/step_lanes_avx512.h). The low-precision steps are bound by vector
+// step loop (optim/cpu/step_lanes.h). The low-precision steps are bound by vector
 // instructions rather than by memory on the CPU, and the compiler's vectorization of the scalar
 // conversions takes more of them than these: here a bfloat16 is widened, and a rounded float
 // packed back to 16 bits, by one permutation each (instead of a widening and a shift, or a shift
@@ -181,6 +181,21 @@ FASTOPT_AVX512_INLINE void store_lanes_split(c10::BFloat16* param, int16_t* rema
   store_word_halves<1>(param, rounded, lanes);
   store_word_halves<0>(remainder, difference, lanes);
 }
+
+// The 16-lane form of the hand-vectorized step loop (optim/cpu/step_lanes.h): its types, and
+// the last vector masked to the elements left.
+struct Avx512Lanes {
+  using Float = FloatLanes;
+  using Mask = LaneMask;
+  using Bits = __m512i;
+  static constexpr int kWidth = kLanes;
+  static constexpr bool kMasksLastVector = true;
+  static constexpr LaneMask kAll{kAllLanes};
+  static FASTOPT_AVX512_INLINE LaneMask first(int64_t count) {
+    return {__mmask16((1u << count) - 1)};
+  }
+  static FASTOPT_AVX512_INLINE __m512i weyl_offsets() { return lane_weyl_offsets(); }
+};
 
 }  // namespace fastopt::cpu::lanes
 
