@@ -31,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/denormal_modes.h"
 #include "layers/cpu/blocksparse_pack.h"
 #include "layers/cpu/blocksparse_tile.h"
 #include "layers/cpu/blocksparse_transpose.h"
@@ -524,7 +525,7 @@ at::Tensor dsd(const at::Tensor& dense, const at::Tensor& values, const at::Tens
                       stream,
                       0,
                       0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_in_callers_denormal_modes(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       DsdShare share = base;
       share.first = cuts[t];
@@ -653,7 +654,7 @@ at::Tensor blocksparse_linear_grad_values_cpu(const at::Tensor& grad_output,
                       block,
                       0,
                       0};
-  at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_in_callers_denormal_modes(0, nnz, 1, [&](int64_t begin, int64_t end) {
     SddShare share = base;
     share.first = begin;
     share.last = end;

@@ -9,7 +9,6 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
@@ -25,6 +24,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/denormal_modes.h"
 #include "cpu/dtype_switch.h"
 #include "cpu/isa.h"
 #include "layers/cpu/activation.h"
@@ -192,7 +192,7 @@ void stage_rows_in_parallel(const at::Tensor& x, const float* input_scale, int64
   args.k = k;
   args.padded_k = padded_k;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_in_callers_denormal_modes(0, rows, grain, [&](int64_t begin, int64_t end) {
     StageArgs part = args;
     part.begin = begin;
     part.end = end;
@@ -242,16 +242,17 @@ void for_each_tile_in_parallel(int64_t rows_total, int64_t blocks_total, int64_t
   // About a million multiply-adds per task before forking pays off.
   const int64_t work_per_tile = kTileRows * kPanelCols * std::max<int64_t>(padded_k, 1);
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / work_per_tile);
-  at::parallel_for(0, row_tiles * panels, grain, [&](int64_t begin, int64_t end) {
-    start();
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t panel = i / row_tiles, row_tile = i % row_tiles;
-      const int64_t row0 = row_tile * kTileRows, block0 = panel * kPanelBlocks;
-      tile(row0, int(std::min<int64_t>(kTileRows, rows_total - row0)), block0,
-           int(std::min<int64_t>(kPanelBlocks, blocks_total - block0)));
-    }
-    finish();
-  });
+  parallel_for_in_callers_denormal_modes(
+      0, row_tiles * panels, grain, [&](int64_t begin, int64_t end) {
+        start();
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t panel = i / row_tiles, row_tile = i % row_tiles;
+          const int64_t row0 = row_tile * kTileRows, block0 = panel * kPanelBlocks;
+          tile(row0, int(std::min<int64_t>(kTileRows, rows_total - row0)), block0,
+               int(std::min<int64_t>(kPanelBlocks, blocks_total - block0)));
+        }
+        finish();
+      });
 }
 
 // The fused epilogue of one tile: out[row][col] = S(act(acc * row_scale * weight_scale + bias)),
