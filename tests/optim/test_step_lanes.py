@@ -278,3 +278,90 @@ def test_no_lane_helper_is_left_out_of_line():
         for rule in ("AdamRule", "RmspropRule", "AdagradRule", "AdadeltaRule"):
             loop = f"prefetched_lanes_loop_{form}<fastopt::cpu::StepLoop<fastopt::{rule},"
             assert loop in symbols, loop
+
+
+# The layouts with bfloat16 state rounded to nearest: the optimizer classes round their bfloat16
+# state stochastically, so only the functional ops make these (called without rounding seeds).
+# Each op with the range of each of its state lists' starting values (in schema order; None: an
+# unused slot, passed as []), chosen as a run would make them (second moments above the squared
+# first ones: centered RMSprop's variance is their difference), and its hyperparameters.
+SECOND_MOMENT, FIRST_MOMENT = (0.5, 1.5), (-0.1, 0.1)
+FUNCTIONAL_STEPS = {
+    "adam": (
+        (FIRST_MOMENT, SECOND_MOMENT, None),
+        dict(
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            weight_decay=0.01,
+            decoupled_weight_decay=True,
+        ),
+    ),
+    "rmsprop": (
+        (SECOND_MOMENT, FIRST_MOMENT, FIRST_MOMENT),
+        dict(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.9, centered=True),
+    ),
+    "adagrad": ((SECOND_MOMENT,), dict(lr=1e-2, weight_decay=0.01)),
+    "adadelta": ((SECOND_MOMENT, SECOND_MOMENT), dict(lr=1.0, rho=0.9, eps=1e-6)),
+}
+
+NEAREST_STATE_LAYOUTS = [
+    pytest.param(FP32, None, id="fp32-bf16state"),
+    pytest.param(FP16, FP32, id="fp16-master-bf16state"),
+    pytest.param(BF16, FP32, id="bf16-master-bf16state"),
+    pytest.param(BF16, torch.int16, id="bf16-remainder-bf16state"),
+]
+
+
+def uniform(shape, value_range, gen) -> torch.Tensor:
+    low, high = value_range
+    return low + (high - low) * torch.rand(shape, generator=gen)
+
+
+def functional_step_under_each_isa(levels, op, dtype, master_dtype):
+    """One functional step from the same params, grads, bfloat16 state and masters under each
+    level; returns, per level, the params, every state tensor and the masters (float32, a
+    remainder joined with its param)."""
+    slot_ranges, hyperparameters = FUNCTIONAL_STEPS[op]
+    params = starts(dtype, seed=1, specials=False)
+    grads = starts(dtype, seed=2, specials=True)
+    gen = generator(3)
+    states = [
+        [uniform(p.shape, value_range, gen).to(BF16) for p in params] if value_range else []
+        for value_range in slot_ranges
+    ]
+    masters = []
+    if master_dtype == FP32:
+        masters = [p.float() + 1e-3 * torch.randn(p.shape, generator=gen) for p in params]
+    elif master_dtype == torch.int16:
+        masters = [
+            torch.randint(-(2**15), 2**15, p.shape, generator=gen).to(torch.int16) for p in params
+        ]
+    after = {}
+    for isa in levels:
+        level_params, level_states, level_masters = (
+            [t.clone() for t in params],
+            [[t.clone() for t in slot] for slot in states],
+            [t.clone() for t in masters],
+        )
+        steps = [torch.zeros(()) for _ in params]
+        with cpu_isa(isa), two_threads():
+            getattr(fastopt.functional, f"{op}_step_")(
+                level_params, grads, *level_states, steps, masters=level_masters, **hyperparameters
+            )
+        if master_dtype == torch.int16:
+            level_masters = [
+                joined_master(p, r) for p, r in zip(level_params, level_masters, strict=True)
+            ]
+        after[isa] = level_params + [t for slot in level_states for t in slot] + level_masters
+    return after[levels[0]], after[levels[1]]
+
+
+@pytest.mark.parametrize("op", list(FUNCTIONAL_STEPS))
+@pytest.mark.parametrize(("dtype", "master_dtype"), NEAREST_STATE_LAYOUTS)
+@pytest.mark.parametrize("levels", LEVEL_PAIRS)
+def test_lanes_step_nearest_rounded_state_as_the_compilers_loop(levels, op, dtype, master_dtype):
+    lanes, compilers = functional_step_under_each_isa(levels, op, dtype, master_dtype)
+    for a, b in zip(lanes, compilers, strict=True):
+        assert_close_as_loops_round(a, b, f"{op}: a tensor of {a.numel()} elements")
