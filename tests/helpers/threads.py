@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
+import pytest
 import torch
 
 T = TypeVar("T")
@@ -29,3 +30,15 @@ def at_thread_counts(fn: Callable[[], T], counts: Sequence[int] = (1, 2, 3)) -> 
         with num_threads(n):
             results.append(fn())
     return results
+
+
+@contextmanager
+def flushing_denormals() -> Iterator[None]:
+    """torch.set_flush_denormal(True) inside the block, set in the calling thread only (as torch
+    sets it), cleared after; the test is skipped where the CPU cannot flush subnormals."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)

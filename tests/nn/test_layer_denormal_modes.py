@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers.threads import num_threads
+from helpers.threads import flushing_denormals, num_threads
 from torch import nn
 
 import fastopt
@@ -29,12 +29,8 @@ def _flushing_denormals(fn: Callable[[], list[torch.Tensor]]) -> list[torch.Tens
     that started the pool's threads (with the flag cleared)."""
     torch.set_flush_denormal(False)
     fn()
-    if not torch.set_flush_denormal(True):
-        pytest.skip("this CPU cannot flush subnormals")
-    try:
+    with flushing_denormals():
         return fn()
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def _all_subnormal(t: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.threads import num_threads
+from helpers.threads import flushing_denormals, num_threads
 
 import fastopt
 
@@ -34,12 +34,8 @@ def _adam_over_subnormal_moments():
 def _step_flushing_denormals(optimizer) -> None:
     """One step with torch.set_flush_denormal(True) set in this thread only (after the pool's
     threads started), cleared after."""
-    if not torch.set_flush_denormal(True):
-        pytest.skip("this CPU cannot flush subnormals")
-    try:
+    with flushing_denormals():
         optimizer.step()
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def test_flush_denormal_set_after_the_pool_started_holds_in_every_thread(two_threads):
